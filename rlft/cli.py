@@ -1,0 +1,88 @@
+"""The ``rlft`` command.
+
+    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT for now)
+    rlft config show CONFIG [key.sub=value ...] print the resolved config
+    rlft tiny build --out DIR                  build the embedded tiny model, tokenizer and task data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlft.config import ConfigError, load_config, to_yaml
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.algorithm == "sft":
+        from rlft.controller.sft import sft
+
+        result = sft(cfg)
+        print(f"final model: {result.final_model_dir}")
+        if result.eval_accuracy_end is not None:
+            print(
+                f"held-out accuracy: {result.eval_accuracy_start if result.eval_accuracy_start is not None else float('nan'):.3f}"
+                f" -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)"
+            )
+        return 0
+    raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller")
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _tiny_build(args: argparse.Namespace) -> int:
+    from rlft.tiny import build
+
+    path = build(args.out, seed=args.seed, preset=args.preset)
+    print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rlft", description="Fine-tune language models: SFT, RL with graders, DPO.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run the job a config describes")
+    train.add_argument("config", help="YAML config file, e.g. configs/sft_tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-4")
+    train.set_defaults(run=_train)
+
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config (defaults, file, overrides)")
+    show.add_argument("config", nargs="?", default=None, help="YAML config file (omit for the defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted overrides")
+    show.set_defaults(run=_config_show)
+
+    tiny = commands.add_parser("tiny", help="the embedded tiny model and tasks")
+    tiny_commands = tiny.add_subparsers(dest="tiny_command", required=True)
+    tiny_build = tiny_commands.add_parser("build", help="build the tiny model, tokenizer and task data")
+    tiny_build.add_argument("--out", required=True, help="output directory")
+    tiny_build.add_argument("--seed", type=int, default=0)
+    tiny_build.add_argument("--preset", default="tiny", help="model size preset (tiny, small)")
+    tiny_build.set_defaults(run=_tiny_build)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"rlft: config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from rlft.data.formats import DataError
+
+        if isinstance(exc, DataError):
+            print(f"rlft: data error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

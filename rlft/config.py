@@ -1,0 +1,353 @@
+"""Typed configuration: nested dataclasses, YAML files, dotted command-line overrides.
+
+Every default lives here and nowhere else. A YAML file names only what it changes; ``key.sub=value`` overrides
+are applied on top. Unknown keys and wrongly typed values are rejected with the dotted path of the field, and the
+batch arithmetic is checked before any actor starts::
+
+    cfg = load_config("configs/sft_tiny.yaml", ["trainer.lr=1e-4", "learner.zero_stage=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted path of the offending field."""
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory, or ``tiny://model`` for the embedded default (built on first use).
+    path: str = "tiny://model"
+    # Tokenizer directory; empty means the model directory.
+    tokenizer_path: str = ""
+    # Training dtype of the learner's parameters.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # JSONL file, Parquet file, or a directory written by ``datasets.Dataset.save_to_disk``.
+    train_path: str = "tiny://arithmetic/sft_train.jsonl"
+    # ``auto`` picks the format from each row's keys (``messages`` or ``prompt``/``completion``).
+    format: Literal["auto", "chat", "prompt_completion"] = "auto"
+    max_seq_len: int = 64
+    # Concatenate several examples into one row of ``max_seq_len`` tokens (attention stays within each example).
+    packing: bool = False
+    # ``error`` stops before training at the first malformed row (``file:line: field: problem``);
+    # ``skip`` drops malformed rows and counts them.
+    on_bad_row: Literal["error", "skip"] = "error"
+    # Rows longer than ``max_seq_len`` tokens: ``truncate`` keeps the head, ``drop`` removes them (counted).
+    on_long_row: Literal["truncate", "drop"] = "truncate"
+    shuffle: bool = True
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 2
+    num_cpus_per_learner: float = 1.0
+    num_gpus_per_learner: float = 0.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_size_per_learner: int = 8
+    # Communication backend: ``auto`` is NCCL when learners have GPUs, gloo otherwise.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    # Sequences per optimizer step, summed over all learners.
+    global_batch_size: int = 64
+    num_epochs: int = 1
+    # Stop after this many optimizer steps; 0 means ``num_epochs`` full passes over the data.
+    max_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    # Held-out prompts with an ``answer`` field (RFT prompt format); empty disables evaluation.
+    path: str = "tiny://arithmetic/test.jsonl"
+    num_examples: int = 200
+    max_new_tokens: int = 8
+    batch_size: int = 64
+    # Also evaluate every N steps during training; 0 means only at the start and the end.
+    every_n_steps: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    # Empty means ``<logging.output_dir>/checkpoints``.
+    dir: str = ""
+    # Save every N optimizer steps; 0 saves only the final step.
+    every_n_steps: int = 0
+    # ``none`` starts fresh, ``auto`` continues from the latest checkpoint in ``dir`` if there is one,
+    # anything else is the path of a checkpoint directory to continue from.
+    resume: str = "none"
+    # Keep at most this many checkpoints (oldest removed first); 0 keeps all.
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/sft_tiny"
+    # Print a metrics line every N steps (the progress bar updates every step).
+    console_every_n_steps: int = 10
+    wandb: bool = True
+    # ``offline`` writes under ``output_dir`` and opens no connection.
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "rlft"
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class RayConfig:
+    # Empty starts a local Ray cluster; otherwise an address such as ``ray://head:10001`` or ``auto``.
+    address: str = ""
+    # Logical CPUs of the local cluster; 0 means the machine's core count (raised to what the job needs).
+    num_cpus: int = 0
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+
+@dataclass
+class Config:
+    algorithm: Literal["sft"] = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        per_pass = self.learner.micro_batch_size_per_learner * self.learner.num_learners
+        return self.trainer.global_batch_size // per_pass
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.logging.output_dir) / "checkpoints")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks that name the dotted path.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (ints widen to floats, lists to tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} matches none of {typing.get_args(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"trainer.lr=1e-5"`` -> ``{"trainer": {"lr": 1e-5}}``; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) or value is None:
+        # YAML reads "1e-5" as a string; numbers in that form are meant as floats.
+        try:
+            value = float(raw) if value is not None and any(c in raw.lower() for c in "e.") else value
+        except ValueError:
+            pass
+    node: dict = {}
+    out = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    """Read a YAML config; a top-level ``defaults: [other.yaml]`` list is merged underneath, relative to the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    merged: dict = {}
+    for parent in data.pop("defaults", []) or []:
+        merged = _merge(merged, _read_yaml(path.parent / parent))
+    return _merge(merged, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each ``key.sub=value`` override; validated."""
+    data = _read_yaml(Path(path)) if path else {}
+    return config_from_dict(data, list(overrides))
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, done before any actor starts."""
+
+    def positive(path: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{path}: must be positive, got {value}")
+
+    def non_negative(path: str, value: float) -> None:
+        if value < 0:
+            raise ConfigError(f"{path}: must not be negative, got {value}")
+
+    positive("learner.num_learners", cfg.learner.num_learners)
+    positive("learner.micro_batch_size_per_learner", cfg.learner.micro_batch_size_per_learner)
+    non_negative("learner.num_cpus_per_learner", cfg.learner.num_cpus_per_learner)
+    non_negative("learner.num_gpus_per_learner", cfg.learner.num_gpus_per_learner)
+    positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
+    positive("trainer.lr", cfg.trainer.lr)
+    non_negative("trainer.max_steps", cfg.trainer.max_steps)
+    non_negative("trainer.warmup_steps", cfg.trainer.warmup_steps)
+    positive("trainer.num_epochs", cfg.trainer.num_epochs)
+    non_negative("trainer.max_grad_norm", cfg.trainer.max_grad_norm)
+    positive("data.max_seq_len", cfg.data.max_seq_len)
+    non_negative("eval.num_examples", cfg.eval.num_examples)
+    positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    non_negative("eval.every_n_steps", cfg.eval.every_n_steps)
+    non_negative("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
+    non_negative("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)
+    non_negative("ray.num_cpus", cfg.ray.num_cpus)
+
+    micro = cfg.learner.micro_batch_size_per_learner
+    learners = cfg.learner.num_learners
+    per_pass = micro * learners
+    if cfg.trainer.global_batch_size % per_pass:
+        raise ConfigError(
+            f"trainer.global_batch_size: {cfg.trainer.global_batch_size} is not a multiple of "
+            f"learner.micro_batch_size_per_learner × learner.num_learners = {micro} × {learners} = {per_pass}; "
+            f"gradient accumulation needs global = micro × learners × accumulation steps"
+        )
+    if cfg.learner.backend == "nccl" and cfg.learner.num_gpus_per_learner == 0:
+        raise ConfigError("learner.backend: nccl needs learner.num_gpus_per_learner > 0")
+    if cfg.model.dtype == "float16" and cfg.learner.num_gpus_per_learner == 0:
+        raise ConfigError("model.dtype: float16 training is not supported on CPU learners; use float32 or bfloat16")

@@ -1,0 +1,105 @@
+"""Held-out exact-match accuracy by greedy generation.
+
+The controller keeps one Hugging Face copy of the policy in the driver, loads the learners' exported weights into
+it and generates answers for held-out prompts (RFT prompt rows with an ``answer`` field). A completion is correct
+when, stripped of whitespace, it equals the stripped answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from rlft.data.formats import RFTPrompt, DataError
+from rlft.data.tokenize import tokenize_prompt
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    num_examples: int
+    mean_completion_tokens: float
+    samples: list[dict]
+
+
+def check_eval_items(items: list[RFTPrompt]) -> None:
+    """Every held-out prompt needs a string ``answer``; checked before training starts."""
+    for item in items:
+        answer = item.extra.get("answer")
+        if not isinstance(answer, str):
+            raise DataError(item.where, "answer", "held-out prompts need a string 'answer' field")
+
+
+class Evaluator:
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        items: list[RFTPrompt],
+        max_new_tokens: int,
+        batch_size: int,
+    ):
+        check_eval_items(items)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.tokenizer = tokenizer
+        self.items = items
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.prompt_ids = [tokenize_prompt(item.messages, tokenizer) for item in items]
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"exported weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+    @torch.no_grad()
+    def run(self) -> EvalResult:
+        pad_id = self.tokenizer.pad_token_id
+        eos_id = self.tokenizer.eos_token_id
+        samples = []
+        for start in range(0, len(self.items), self.batch_size):
+            chunk = self.prompt_ids[start : start + self.batch_size]
+            width = max(len(ids) for ids in chunk)
+            # Left padding, so every prompt ends where generation starts.
+            input_ids_BT = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk])
+            attention_mask_BT = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+            out_BT = self.model.generate(
+                input_ids=input_ids_BT,
+                attention_mask=attention_mask_BT,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+            )
+            for item, new_ids in zip(self.items[start:], out_BT[:, width:].tolist()):
+                if eos_id in new_ids:
+                    new_ids = new_ids[: new_ids.index(eos_id)]
+                completion = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                answer = item.extra["answer"]
+                samples.append(
+                    {
+                        "prompt": item.messages[-1]["content"],
+                        "completion": completion,
+                        "answer": answer,
+                        "correct": completion.strip() == answer.strip(),
+                        "num_tokens": len(new_ids),
+                    }
+                )
+        num = max(len(samples), 1)
+        return EvalResult(
+            accuracy=sum(s["correct"] for s in samples) / num,
+            num_examples=len(samples),
+            mean_completion_tokens=sum(s["num_tokens"] for s in samples) / num,
+            samples=samples,
+        )
+
+
+def write_samples(path: Path, result: EvalResult) -> None:
+    with path.open("w") as f:
+        for sample in result.samples:
+            f.write(json.dumps(sample) + "\n")

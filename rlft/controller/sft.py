@@ -1,0 +1,260 @@
+"""Supervised fine-tuning: one function, phases named and timed.
+
+```
+rows (JSONL / Parquet / datasets dir) ──► validate + tokenize (driver, before any actor starts)
+                                             │  loss weights on assistant tokens only
+                                             ▼
+             sampler (epoch permutation, position saved in checkpoints) ──► global batch of rows
+                                             ▼
+             LearnerGroup.train_step(batch, SFTLoss)  (N DeepSpeed ranks, micro-batches, accumulation)
+                                             ▼
+             metrics ─► console / metrics.jsonl / wandb;  checkpoints;  held-out eval by generation
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rlft.algorithms.sft import SFTLoss
+from rlft.config import Config, ConfigError, to_yaml
+from rlft.controller.evaluation import Evaluator, write_samples
+from rlft.data import formats
+from rlft.data.batch import TokenBatch
+from rlft.data.packing import collate, normalize_loss_weights, pack
+from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
+from rlft.distributed.cluster import init_ray
+from rlft.learner.group import LearnerGroup
+from rlft.metrics import MetricsLogger
+from rlft.tiny import resolve
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    final_model_dir: Path
+    num_steps: int
+    eval_accuracy_start: float | None
+    eval_accuracy_end: float | None
+    seconds: float
+
+
+class EpochSampler:
+    """Rows in a seeded permutation per epoch, a global batch at a time; the last partial batch is dropped.
+
+    Its whole state is ``(epoch, index)``, saved in checkpoints, so a resumed run sees exactly the rows it would
+    have seen without stopping.
+    """
+
+    def __init__(self, num_rows: int, batch_rows: int, seed: int, shuffle: bool):
+        self.num_rows, self.batch_rows, self.seed, self.shuffle = num_rows, batch_rows, seed, shuffle
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.batch_rows
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+
+    def next_batch(self) -> list[int]:
+        if self.index + self.batch_rows > self.num_rows:
+            self.epoch, self.index = self.epoch + 1, 0
+        picked = self._order()[self.index : self.index + self.batch_rows]
+        self.index += self.batch_rows
+        return picked.tolist()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Replace ``tiny://`` paths (the embedded default, built on first use) with local ones."""
+    model = dataclasses.replace(
+        cfg.model,
+        path=resolve(cfg.model.path),
+        tokenizer_path=resolve(cfg.model.tokenizer_path or cfg.model.path),
+    )
+    data = dataclasses.replace(cfg.data, train_path=resolve(cfg.data.train_path))
+    evaluation = dataclasses.replace(cfg.eval, path=resolve(cfg.eval.path) if cfg.eval.path else "")
+    return dataclasses.replace(cfg, model=model, data=data, eval=evaluation)
+
+
+def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[str, int]]:
+    """Read, validate and tokenize the training data; malformed rows stop here (or are skipped and counted)."""
+    loaded = formats.load_examples(
+        cfg.data.train_path,
+        lambda row: formats.parse_sft(row, cfg.data.format),
+        on_bad_row=cfg.data.on_bad_row,
+    )
+    examples, num_dropped, num_truncated = tokenize_sft_examples(
+        loaded.examples, tokenizer, cfg.data.max_seq_len, on_long_row=cfg.data.on_long_row
+    )
+    if cfg.data.packing:
+        examples = pack(examples, cfg.data.max_seq_len)
+    counts = {
+        "data/rows_read": loaded.num_rows,
+        "data/rows_skipped_malformed": loaded.num_skipped,
+        "data/rows_dropped_long_or_empty": num_dropped,
+        "data/rows_truncated": num_truncated,
+        "data/train_rows": len(examples),
+    }
+    for error in loaded.errors[:5]:
+        tqdm.write(f"skipped malformed row: {error}")
+    return examples, counts
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def _prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    if keep_last:
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sft(cfg: Config) -> SFTResult:
+    started = time.perf_counter()
+    cfg = resolve_paths(cfg)
+    out_dir = Path(cfg.logging.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt_root = Path(cfg.checkpoint_dir)
+
+    # ---- data: everything validated before any actor starts
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+    rows, data_counts = load_sft_rows(cfg, tokenizer)
+    eval_items = []
+    if cfg.eval.path and cfg.eval.num_examples:
+        eval_items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
+    batch_rows = cfg.trainer.global_batch_size
+    sampler = EpochSampler(len(rows), batch_rows, cfg.trainer.seed, cfg.data.shuffle)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"trainer.global_batch_size: {batch_rows} rows per step but {cfg.data.train_path} gives only "
+            f"{len(rows)} training rows"
+        )
+    total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+    resume_from = _resume_path(cfg, ckpt_root)
+    evaluator = (
+        Evaluator(cfg.model.path, tokenizer, eval_items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        if eval_items
+        else None
+    )
+
+    # ---- actors
+    init_ray(cfg.ray, cfg.learner.num_learners * cfg.learner.num_cpus_per_learner)
+    learners = LearnerGroup(cfg, total_steps)
+    logger = None
+    try:
+        start_step = 0
+        if resume_from:
+            trainer_state = learners.load_checkpoint(resume_from)
+            sampler.load_state(trainer_state["data"])
+            start_step = trainer_state["step"]
+            tqdm.write(f"resumed from {resume_from} at step {start_step}")
+        logger = MetricsLogger(cfg, resume=resume_from is not None)
+        logger.log(start_step, {**data_counts, "model/num_parameters": learners.num_parameters}, console=False)
+
+        def evaluate(step: int, tag: str) -> float:
+            t0 = time.perf_counter()
+            evaluator.load_weights(learners.export_weights())
+            result = evaluator.run()
+            write_samples(out_dir / f"eval_samples_{tag}.jsonl", result)
+            logger.log(
+                step,
+                {
+                    "eval/accuracy": result.accuracy,
+                    "eval/num_examples": result.num_examples,
+                    "eval/mean_completion_tokens": result.mean_completion_tokens,
+                    "eval/seconds": time.perf_counter() - t0,
+                },
+                console=True,
+            )
+            return result.accuracy
+
+        accuracy_start = evaluate(start_step, f"step{start_step}") if evaluator and start_step == 0 else None
+
+        loss = SFTLoss()
+        progress = tqdm(
+            total=total_steps, initial=start_step, desc="sft", disable=not cfg.logging.progress_bar, dynamic_ncols=True
+        )
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
+            t_data = time.perf_counter() - t0
+            result = learners.train_step(batch, loss)
+            step_seconds = time.perf_counter() - t0
+            metrics = {
+                "train/loss": result.metrics["loss"],
+                "train/grad_norm": result.metrics["grad_norm"],
+                "train/lr": result.metrics["lr"],
+                "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
+                "train/num_tokens": result.metrics["num_tokens"],
+                "perf/tokens_per_second": result.metrics["num_tokens"] / step_seconds,
+                "perf/step_seconds": step_seconds,
+                "perf/data_seconds": t_data,
+                "perf/learner_seconds": result.seconds_slowest_rank,
+            }
+            logger.log(step, metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and step < total_steps:
+                learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
+                _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+            if evaluator and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
+                evaluate(step, f"step{step}")
+        progress.close()
+
+        learners.save_checkpoint(ckpt_root / f"step_{total_steps:06d}", {"step": total_steps, "data": sampler.state()})
+        _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        final_dir = learners.save_pretrained(out_dir / "final_model")
+        accuracy_end = evaluate(total_steps, "final") if evaluator else None
+        summary = SFTResult(
+            output_dir=out_dir,
+            final_model_dir=final_dir,
+            num_steps=total_steps,
+            eval_accuracy_start=accuracy_start,
+            eval_accuracy_end=accuracy_end,
+            seconds=time.perf_counter() - started,
+        )
+        (out_dir / "summary.json").write_text(
+            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(summary).items()}, indent=1)
+        )
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()
+        learners.shutdown()
+
+
+def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise ConfigError(f"checkpoint.resume: {resume} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def _make_batch(rows: list[TokenizedExample], indices: list[int], pad_id: int) -> TokenBatch:
+    return normalize_loss_weights(collate([rows[i] for i in indices], pad_id))

@@ -1,0 +1,142 @@
+"""``LearnerGroup``: the typed facade over N learner ranks (Ray actors) that train one model together.
+
+The controller hands it the step's whole batch; the group splits it evenly over ranks, calls every rank at once
+and adds up the ranks' metrics. SFT uses it now; the RL and preference controllers use the same ``train_step``
+with their own losses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlft.config import Config
+from rlft.data.batch import TokenBatch
+from rlft.distributed.actors import LocalActor, Resources, spawn, wait
+from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
+
+# Metrics every rank reports the same value of (the rest are summed over ranks).
+_SHARED_METRICS = ("grad_norm", "lr")
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    seconds_slowest_rank: float
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, total_steps: int, local: bool = False):
+        learner = cfg.learner
+        world_size = learner.num_learners
+        if local and world_size != 1:
+            raise ValueError("learner.num_learners: the in-process (no Ray) backend runs exactly one learner")
+        backend = learner.backend
+        if backend == "auto":
+            backend = "nccl" if learner.num_gpus_per_learner > 0 else "gloo"
+        self.spec = LearnerSpec(
+            model_path=cfg.model.path,
+            dtype=cfg.model.dtype,
+            zero_stage=learner.zero_stage,
+            micro_batch_size=learner.micro_batch_size_per_learner,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            world_size=world_size,
+            lr=cfg.trainer.lr,
+            weight_decay=cfg.trainer.weight_decay,
+            adam_betas=cfg.trainer.adam_betas,
+            lr_scheduler=cfg.trainer.lr_scheduler,
+            warmup_steps=cfg.trainer.warmup_steps,
+            total_steps=total_steps,
+            max_grad_norm=cfg.trainer.max_grad_norm,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            backend=backend,
+            seed=cfg.trainer.seed,
+        )
+        self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
+        resources = Resources(num_cpus=learner.num_cpus_per_learner, num_gpus=learner.num_gpus_per_learner)
+        self.workers = [
+            spawn(LearnerWorker, rank, resources=resources, local=local) for rank in range(world_size)
+        ]
+        master_addr, master_port = wait(self.workers[0].address.remote())
+        counts = wait([w.setup.remote(self.spec, master_addr, master_port) for w in self.workers])
+        self.num_parameters = counts[0]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.spec.micro_batch_size * self.spec.gradient_accumulation_steps * self.world_size
+
+    def _shards(self, batch: TokenBatch) -> list[TokenBatch]:
+        if batch.num_rows != self.rows_per_step:
+            raise ValueError(
+                f"a step's batch must hold {self.rows_per_step} rows "
+                f"(micro batch × accumulation × learners), got {batch.num_rows}"
+            )
+        return batch.split(self.world_size)
+
+    def train_step(self, batch: TokenBatch, loss: Loss) -> StepResult:
+        """One optimizer step over the global ``batch`` with ``loss``; metrics summed over ranks."""
+        results = wait([w.train_step.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
+        return StepResult(_combine(results), max(r["seconds"] for r in results))
+
+    def evaluate_loss(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        results = wait([w.evaluate_loss.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
+        return _combine(results)
+
+    def export_weights(self) -> dict:
+        """Full parameters by name (ZeRO-3 shards gathered), for syncing rollout engines or comparing runs."""
+        return wait([w.export_weights.remote() for w in self.workers])[0]
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """A Hugging Face model directory (config, safetensors, tokenizer) loadable by transformers and vLLM."""
+        out_dir = Path(out_dir).resolve()
+        wait([w.save_pretrained.remote(str(out_dir), self.tokenizer_path) for w in self.workers])
+        return out_dir
+
+    def save_checkpoint(self, ckpt_dir: str | Path, trainer_state: dict) -> Path:
+        """Weights, optimizer state and RNG of every rank, plus the controller's ``trainer_state`` (data position,
+        step, its RNG). Written to a temporary directory first, so a crash never leaves a half checkpoint."""
+        final = Path(ckpt_dir).resolve()
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        wait([w.save_checkpoint.remote(str(partial)) for w in self.workers])
+        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        return final
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
+        """Restore every rank from ``ckpt_dir``; returns the controller's saved ``trainer_state``."""
+        path = Path(ckpt_dir)
+        state_file = path / "trainer_state.json"
+        if not state_file.exists():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.json)")
+        wait([w.load_checkpoint.remote(str(path)) for w in self.workers])
+        return json.loads(state_file.read_text())
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            wait([w.shutdown.remote() for w in self.workers])
+        finally:
+            for worker in self.workers:
+                if not isinstance(worker, LocalActor):
+                    ray.kill(worker)
+
+
+def _combine(results: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in results[0]:
+        if key in _SHARED_METRICS:
+            out[key] = results[0][key]
+        elif key == "seconds":
+            out[key] = max(r[key] for r in results)
+        else:
+            out[key] = sum(r[key] for r in results)
+    return out

@@ -1,0 +1,250 @@
+"""One learner rank: a DeepSpeed ZeRO engine over a causal LM, driven by ``LearnerGroup``.
+
+All ranks of a group form one torch.distributed group (gloo on CPU, NCCL on GPU). Each ``train_step`` call is one
+optimizer step: the rank's share of the global batch is cut into micro-batches and DeepSpeed accumulates their
+gradients, reduces them across ranks and steps the optimizer at the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rlft.data.batch import TokenBatch
+
+# A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
+# (so the shares of all micro-batches on all ranks add up to the step's loss) and additive metrics.
+Loss = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, float]]]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What every rank needs to build its engine; made by ``LearnerGroup`` from the config."""
+
+    model_path: str
+    dtype: str
+    zero_stage: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    lr: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    lr_scheduler: str
+    warmup_steps: int
+    total_steps: int
+    max_grad_norm: float
+    gradient_checkpointing: bool
+    backend: str
+    seed: int
+
+    def deepspeed_config(self) -> dict:
+        zero: dict = {"stage": self.zero_stage}
+        if self.zero_stage == 3:
+            # Small models: gather every parameter up front rather than tuning prefetch buckets.
+            zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "train_batch_size": self.micro_batch_size * self.gradient_accumulation_steps * self.world_size,
+            "gradient_clipping": self.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "fp16": {"enabled": self.dtype == "float16"},
+            # torch's AdamW as the client optimizer: no compiled op, works on CPU and GPU alike.
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+
+def _forward_logits(model, batch: TokenBatch) -> torch.Tensor:
+    """Logits for a right-padded (optionally packed) batch.
+
+    No attention mask is passed: with right padding no real token attends to a later pad, and the position ids,
+    which restart at each packed example, make transformers build a block-diagonal causal mask.
+    """
+    return model(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False).logits
+
+
+class LearnerWorker:
+    """One rank. Created by ``LearnerGroup``; its methods are called on every rank at once."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.engine = None
+        self.spec: LearnerSpec | None = None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process group (called on rank 0 only)."""
+        from rlft.distributed.actors import free_port, node_ip
+
+        return node_ip(), free_port()
+
+    def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> int:
+        """Join the process group, load the model and build the DeepSpeed engine; returns the parameter count."""
+        import torch._dynamo  # noqa: F401  (must precede deepspeed.zero.Init; see ENVIRONMENT.md)
+        import transformers
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.spec = spec
+        os.environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.rank if spec.backend == "nccl" else 0),
+            WORLD_SIZE=str(spec.world_size),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        _seed_everything(spec.seed)
+        deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)
+
+        ds_config = spec.deepspeed_config()
+        # Under ZeRO-3 this object must stay alive while from_pretrained runs, so parameters are partitioned as
+        # they are created instead of materialised whole on every rank.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if spec.zero_stage == 3 else None
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_DTYPES[spec.dtype])
+        if spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=spec.lr, betas=spec.adam_betas, weight_decay=spec.weight_decay
+        )
+        scheduler = transformers.get_scheduler(
+            spec.lr_scheduler, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.total_steps
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.engine.train()
+        return sum(_numel(p) for p in self.engine.module.parameters())
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch; returns additive metrics and step info."""
+        spec = self.spec
+        start = time.perf_counter()
+        micro_batches = batch.split(spec.gradient_accumulation_steps)
+        # DeepSpeed divides each micro-batch's gradient by the accumulation steps and averages across ranks; the
+        # loss shares already sum to the step's loss, so undo both.
+        scale = spec.gradient_accumulation_steps * spec.world_size
+        metrics: dict[str, float] = {}
+        for micro in micro_batches:
+            micro = micro.trimmed()
+            logits_BTV = _forward_logits(self.engine, micro)
+            loss, micro_metrics = loss_fn(logits_BTV, micro)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        assert self.engine.is_gradient_accumulation_boundary() or spec.gradient_accumulation_steps == 1
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            **metrics,
+            "num_tokens": float(batch.num_tokens),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.engine.get_lr()[0]),
+            "seconds": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def evaluate_loss(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
+        """The loss of this rank's share without updating anything (the same micro-batching as training)."""
+        self.engine.eval()
+        metrics: dict[str, float] = {}
+        for micro in batch.split(self.spec.gradient_accumulation_steps):
+            micro = micro.trimmed()
+            _, micro_metrics = loss_fn(_forward_logits(self.engine, micro), micro)
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        self.engine.train()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ weights
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full (gathered) parameters by name on rank 0, None on the others. Every rank must call it."""
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            if self.spec.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = param.data.detach().to("cpu", copy=True)
+            elif self.rank == 0:
+                out[name] = param.data.detach().to("cpu", copy=True)
+        return out if self.rank == 0 else None
+
+    def save_pretrained(self, out_dir: str, tokenizer_path: str) -> None:
+        """Write a Hugging Face model directory (config, safetensors weights, tokenizer) from rank 0."""
+        from transformers import AutoTokenizer
+
+        weights = self.export_weights()
+        if self.rank != 0:
+            return
+        self.engine.module.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out_dir)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """Weights (safetensors, rank 0), DeepSpeed optimizer/scheduler state (every rank) and this rank's RNG."""
+        from safetensors.torch import save_file
+
+        path = Path(ckpt_dir)
+        weights = self.export_weights()
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
+        torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        path = Path(ckpt_dir)
+        load_path, _ = self.engine.load_checkpoint(
+            str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"{path / 'deepspeed'}: no DeepSpeed checkpoint to resume from")
+        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _numel(param: torch.Tensor) -> int:
+    # Under ZeRO-3 a parameter's local tensor is a shard; ds_numel is the full size.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,82 @@
+"""Metrics sinks: a JSONL file (always), a console line every N steps, and Weights & Biases (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rlft.config import Config, to_dict
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.output_dir = Path(cfg.logging.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / "metrics.jsonl"
+        self.console_every_n_steps = cfg.logging.console_every_n_steps
+        self._file = self.path.open("a" if resume else "w")
+        self._wandb = None
+        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+            self._wandb = _start_wandb(cfg, self.output_dir, resume)
+
+    def log(self, step: int, metrics: dict[str, float], console: bool | None = None) -> None:
+        record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+        if console if console is not None else step % self.console_every_n_steps == 0:
+            shown = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
+            tqdm.write(f"step {step}: {shown}")
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(cfg: Config, output_dir: Path, resume: bool):
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        name=cfg.logging.run_name or output_dir.name,
+        dir=str(output_dir),
+        mode=cfg.logging.wandb_mode,
+        config=to_dict(cfg),
+        resume="allow" if resume else None,
+        id=_wandb_run_id(output_dir),
+    )
+
+
+def _wandb_run_id(output_dir: Path) -> str:
+    """One wandb run per output directory, kept across resumes."""
+    id_file = output_dir / "wandb_run_id"
+    if not id_file.exists():
+        import wandb
+
+        id_file.write_text(wandb.util.generate_id())
+    return id_file.read_text().strip()
+
+
+def _plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

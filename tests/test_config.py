@@ -1,0 +1,129 @@
+"""Config: defaults, YAML, dotted overrides, rejection of unknown keys / wrong types, batch arithmetic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlft.config import Config, ConfigError, load_config, parse_override, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.gradient_accumulation_steps == cfg.trainer.global_batch_size // (
+        cfg.learner.micro_batch_size_per_learner * cfg.learner.num_learners
+    )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  lr: 0.01\n  global_batch_size: 32\nlearner:\n  micro_batch_size_per_learner: 4\n")
+    cfg = load_config(f, ["trainer.lr=1e-5", "learner.zero_stage=3", "data.packing=true", "trainer.adam_betas=[0.8, 0.9]"])
+    assert cfg.trainer.lr == 1e-5
+    assert cfg.trainer.global_batch_size == 32
+    assert cfg.learner.zero_stage == 3
+    assert cfg.data.packing is True
+    assert cfg.trainer.adam_betas == (0.8, 0.9)
+    assert cfg.gradient_accumulation_steps == 4
+    # Round trip: the printed config loads back to the same config.
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+def test_defaults_list_merges_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text("trainer:\n  lr: 0.5\n  seed: 7\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\ntrainer:\n  lr: 0.25\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.trainer.lr, cfg.trainer.seed) == (0.25, 7)
+
+
+def test_int_widens_to_float():
+    assert load_config(None, ["trainer.lr=1"]).trainer.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.lrr=1e-5", "trainer.lrr: unknown key"),
+        ("trainr.lr=1e-5", "trainr: unknown key"),
+        ("trainer.lr=fast", "trainer.lr: expected a number"),
+        ("trainer.max_steps=1.5", "trainer.max_steps: expected an integer"),
+        ("trainer.max_steps=true", "trainer.max_steps: expected an integer"),
+        ("data.packing=yes please", "data.packing: expected true or false"),
+        ("learner.zero_stage=4", "learner.zero_stage: expected one of 0, 1, 2, 3"),
+        ("data.on_bad_row=ignore", "data.on_bad_row: expected one of 'error', 'skip'"),
+        ("trainer=3", "trainer: expected a mapping"),
+        ("trainer.adam_betas=[0.9]", "trainer.adam_betas: expected a list of 2 values"),
+        ("trainer.lr=-1", "trainer.lr: must be positive"),
+        ("learner.num_learners=0", "learner.num_learners: must be positive"),
+        ("learner.backend=nccl", "learner.backend: nccl needs learner.num_gpus_per_learner > 0"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_batch_arithmetic_checked():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            ["trainer.global_batch_size=30", "learner.micro_batch_size_per_learner=4", "learner.num_learners=2"],
+        )
+    text = str(err.value)
+    assert text.startswith("trainer.global_batch_size: 30 is not a multiple of")
+    assert "4 × 2 = 8" in text
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_override("trainer.lr")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("trainer..lr=1")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+def test_cli_config_show():
+    out = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", "config", "show", str(ROOT / "configs/sft_tiny.yaml"), "trainer.lr=0.125"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "lr: 0.125" in out
+    assert "zero_stage: 2" in out
+
+
+def test_cli_reports_config_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", "config", "show", str(ROOT / "configs/sft_tiny.yaml"), "learner.zero=3"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "learner.zero: unknown key" in proc.stderr
