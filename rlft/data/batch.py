@@ -30,6 +30,21 @@ class TokenBatch:
     def num_tokens(self) -> int:
         return int(self.attention_mask_BT.sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor | bool | None]:
+        """Keyword arguments for a Hugging Face causal LM's forward that keep packed examples apart.
+
+        Without a 2D attention mask and without a KV cache, transformers reads the restarting ``position_ids`` and
+        builds a block-diagonal causal mask (padding has position 0, so each padding token is a sequence of its own).
+        Both are needed: with an attention mask, or with ``use_cache=True`` (most configs' default, in training mode
+        too), transformers skips that detection and attention silently crosses example boundaries.
+        """
+        return {
+            "input_ids": self.input_ids_BT,
+            "position_ids": self.position_ids_BT,
+            "attention_mask": None,
+            "use_cache": False,
+        }
+
     def rows(self, start: int, stop: int) -> TokenBatch:
         return dataclasses.replace(
             self, **{f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)}

@@ -69,12 +69,8 @@ class LearnerSpec:
 
 
 def _forward_logits(model, batch: TokenBatch) -> torch.Tensor:
-    """Logits for a right-padded (optionally packed) batch.
-
-    No attention mask is passed: with right padding no real token attends to a later pad, and the position ids,
-    which restart at each packed example, make transformers build a block-diagonal causal mask.
-    """
-    return model(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False).logits
+    """Logits for a right-padded, optionally packed, batch (``TokenBatch.model_inputs`` says why no mask)."""
+    return model(**batch.model_inputs()).logits
 
 
 class LearnerWorker:
@@ -84,6 +80,7 @@ class LearnerWorker:
         self.rank = rank
         self.engine = None
         self.spec: LearnerSpec | None = None
+        self._last_grad_norm = float("nan")
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -147,11 +144,13 @@ class LearnerWorker:
             logits_BTV = _forward_logits(self.engine, micro)
             loss, micro_metrics = loss_fn(logits_BTV, micro)
             self.engine.backward(loss * scale)
+            if spec.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                # Without ZeRO, DeepSpeed clips but does not report the norm; gradients are reduced by now.
+                self._last_grad_norm = _grad_norm(self.engine.module.parameters())
             self.engine.step()
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        assert self.engine.is_gradient_accumulation_boundary() or spec.gradient_accumulation_steps == 1
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._last_grad_norm if spec.zero_stage == 0 else self.engine.get_global_grad_norm()
         return {
             **metrics,
             "num_tokens": float(batch.num_tokens),
@@ -227,6 +226,11 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _numel(param: torch.Tensor) -> int:

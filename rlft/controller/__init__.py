@@ -1,0 +1,1 @@
+"""Controllers: one readable function per algorithm, phases named and timed."""

@@ -1,0 +1,1 @@
+"""Role-free distributed plumbing: starting actors (on Ray or in-process) and the Ray cluster."""
