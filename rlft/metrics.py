@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -60,9 +61,7 @@ def _wandb_run_id(output_dir: Path) -> str:
     """One wandb run per output directory, kept across resumes."""
     id_file = output_dir / "wandb_run_id"
     if not id_file.exists():
-        import wandb
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])
     return id_file.read_text().strip()
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  
 from rlft.tiny import TASKS, build, check_answer, make_examples, resolve  # noqa: E402
 from rlft.tiny.build import BUILD_INFO_NAME, FORMAT_VERSION, cache_dir  # noqa: E402
 from rlft.tiny.model import PRESETS, build_model, count_parameters, make_config  # noqa: E402
-from rlft.tiny.tasks import preference_row, prompt_text, sft_row  # noqa: E402
+from rlft.tiny.tasks import OPERAND_DIGIT_WEIGHTS, preference_row, prompt_text, sft_row  # noqa: E402
 from rlft.tiny.tokenizer import IM_END, IM_START, build_tokenizer  # noqa: E402
 
 ARITHMETIC_PROMPT = re.compile(r"What is (\d+)\+(\d+)\?")
@@ -76,7 +76,7 @@ def test_arithmetic_answers_are_sums_of_mostly_two_digit_operands():
         assert row["answer"] == str(int(a) + int(b))
         assert row["task"] == "arithmetic"
         operand_lengths += [len(a), len(b)]
-    assert set(operand_lengths) == {1, 2, 3}
+    assert set(operand_lengths) == set(OPERAND_DIGIT_WEIGHTS)
     assert operand_lengths.count(2) > len(operand_lengths) / 2
 
 

@@ -31,7 +31,7 @@ from filelock import FileLock
 from rlft.tiny.tasks import TASKS, make_examples, preference_row, prompt_text, sft_row
 
 # Bump when the files a build writes change, so stale caches are rebuilt rather than reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUILD_INFO_NAME = "BUILD_INFO.json"
 DEFAULT_CACHE_DIR = "~/.cache/rlft"
 URL_PREFIX = "tiny://"
@@ -40,7 +40,7 @@ PRESET_ALIASES: dict[str, tuple[str, str]] = {"small-model": ("small", "model")}
 # A build takes seconds; waiting this long for another process's build means it is stuck.
 BUILD_LOCK_TIMEOUT_S = 600
 
-NUM_SFT_TRAIN_BY_TASK: dict[str, int] = {"arithmetic": 20_000, "reverse": 4_000}
+NUM_SFT_TRAIN_BY_TASK: dict[str, int] = {"arithmetic": 8_000, "reverse": 4_000}
 NUM_RFT_TRAIN = 2_000
 NUM_TEST = 500
 NUM_PREFERENCE_TRAIN = 2_000
