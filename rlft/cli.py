@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlft.config import ConfigError, load_config, to_yaml
+from rlft.data.sources import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -68,20 +70,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _name_the_cpu_accelerator() -> None:
+    """DeepSpeed (imported by transformers when a model loads) prints a warning on stdout when it has to guess
+    the accelerator; on a machine without a GPU, say it is the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _name_the_cpu_accelerator()
     try:
         return args.run(args)
     except ConfigError as exc:
         print(f"rlft: config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from rlft.data.formats import DataError
-
-        if isinstance(exc, DataError):
-            print(f"rlft: data error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except DataError as exc:
+        print(f"rlft: data error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

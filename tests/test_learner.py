@@ -149,3 +149,51 @@ def test_save_pretrained_loads_in_transformers(runs, stage):
 
 def test_wrong_batch_size_is_rejected(runs):
     assert "must hold 16 rows" in runs[1].wrong_size_error
+
+
+LOCAL_SCRIPT = """
+import json, sys
+from rlft.algorithms import SFTLoss
+from rlft.config import load_config
+from rlft.data import formats
+from rlft.data.packing import collate, normalize_loss_weights
+from rlft.data.tokenize import tokenize_sft_examples
+from rlft.learner import LearnerGroup
+from rlft.tiny import resolve
+from transformers import AutoTokenizer
+
+model_dir = resolve("tiny://model")
+cfg = load_config(None, [f"model.path={model_dir}", "learner.num_learners=1", "learner.micro_batch_size_per_learner=8",
+                         "trainer.global_batch_size=16", "trainer.lr=3e-3", "trainer.warmup_steps=0"])
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+loaded = formats.load_examples(resolve("tiny://arithmetic/sft_train.jsonl"), formats.parse_sft, limit=16)
+rows, _, _ = tokenize_sft_examples(loaded.examples, tokenizer, max_seq_len=64)
+batch = normalize_loss_weights(collate(rows, tokenizer.pad_token_id))
+group = LearnerGroup(cfg, total_steps=5, local=True)
+losses = [group.train_step(batch, SFTLoss()).metrics["loss"] for _ in range(5)]
+group.shutdown()
+import ray
+print(json.dumps({"losses": losses, "ray_started": ray.is_initialized()}))
+"""
+
+
+def test_in_process_learner_without_ray(tiny_model_dir):
+    """The debugging backend: the same worker class in the driver's process, no Ray started."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", LOCAL_SCRIPT], capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ray_started"] is False
+    assert result["losses"][-1] < result["losses"][0] * 0.7, result
+
+
+def test_in_process_backend_needs_one_learner(tiny_model_dir):
+    cfg = _config(tiny_model_dir, 0)
+    with pytest.raises(ValueError, match="learner.num_learners: the in-process"):
+        LearnerGroup(cfg, total_steps=1, local=True)

@@ -352,3 +352,20 @@ def test_concurrent_resolve_builds_once_into_place(tmp_path, monkeypatch):
     assert json.loads((target / BUILD_INFO_NAME).read_text())["preset"] == "small"
     leftovers = [p.name for p in target.parent.iterdir() if p.name != target.name and not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_cli_tiny_build(tmp_path):
+    """`rlft tiny build --out DIR` writes a model directory transformers loads offline, and the task data."""
+    out = tmp_path / "tiny"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", "tiny", "build", "--out", str(out), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template
+    assert AutoModelForCausalLM.from_pretrained(out / "model").num_parameters() > 0
+    assert (out / "data/arithmetic/test.jsonl").read_text().count("\n") == 500
+    assert json.loads((out / "BUILD_INFO.json").read_text())["seed"] == 3

@@ -1,5 +1,41 @@
 """Pure tensor math shared by every role: no Ray, no I/O."""
 
+from rlft.algorithms.advantages import (
+    gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    sequence_to_token,
+)
+from rlft.algorithms.aggregation import AggregationMode, aggregate, aggregation_weights
+from rlft.algorithms.kl import KLKind, kl_estimate
+from rlft.algorithms.policy_loss import (
+    PolicyBatch,
+    PolicyLoss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+)
 from rlft.algorithms.sft import SFTLoss, token_logprobs
 
-__all__ = ["SFTLoss", "token_logprobs"]
+__all__ = [
+    "AggregationMode",
+    "KLKind",
+    "PolicyBatch",
+    "PolicyLoss",
+    "SFTLoss",
+    "aggregate",
+    "aggregation_weights",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "entropy_from_logits",
+    "gae",
+    "grpo_advantages",
+    "kl_estimate",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
+    "sequence_to_token",
+    "token_logprobs",
+]

@@ -64,14 +64,15 @@ class TokenBatch:
             self, **{f.name: getattr(self, f.name)[:, :used] for f in dataclasses.fields(self)}
         )
 
-    @staticmethod
-    def concat(batches: list[TokenBatch]) -> TokenBatch:
+    @classmethod
+    def concat(cls, batches: list[TokenBatch]) -> TokenBatch:
+        """Stack rows, right-padding narrower batches with zeros; builds ``cls`` from its fields (subclasses too)."""
         width = max(b.input_ids_BT.shape[1] for b in batches)
         out = {}
-        for f in dataclasses.fields(TokenBatch):
+        for f in dataclasses.fields(cls):
             parts = []
             for b in batches:
                 t = getattr(b, f.name)
                 parts.append(torch.nn.functional.pad(t, (0, width - t.shape[1])))
             out[f.name] = torch.cat(parts)
-        return TokenBatch(**out)
+        return cls(**out)

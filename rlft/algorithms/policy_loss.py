@@ -1,0 +1,227 @@
+"""PPO-family losses: the clipped policy surrogate, the clipped value loss, the entropy, and the learner's loss.
+
+Public API:
+
+- ``clipped_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, clip_low=0.2, clip_high=0.2,
+  dual_clip=None, aggregation="token_mean", aggregation_constant=None) -> (loss, stats)``
+- ``clipped_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip, aggregation="token_mean",
+  aggregation_constant=None) -> (loss, stats)``
+- ``entropy_from_logits(logits_BTV) -> entropy_BT``
+- ``PolicyBatch(TokenBatch)``: adds ``old_logprobs_BT``, ``advantages_BT``, ``ref_logprobs_BT``
+- ``PolicyLoss(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0)``:
+  ``__call__(logits_BTV, batch: PolicyBatch) -> (loss, metrics)``, a learner ``Loss``
+
+The pure functions take a mask and an aggregation mode (``rlft.algorithms.aggregation``) and return stats as
+detached 0-dim tensors. ``PolicyLoss`` runs inside the learner on one micro-batch: it aggregates with the batch's
+``loss_weights_BT``, which the batch producer made with ``aggregation_weights`` over the whole step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
+
+from rlft.algorithms.aggregation import AggregationMode, aggregate
+from rlft.algorithms.kl import KLKind, kl_estimate
+from rlft.algorithms.sft import token_logprobs
+from rlft.data.batch import TokenBatch
+
+
+def clipped_policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    aggregation: AggregationMode = "token_mean",
+    aggregation_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, as a loss to minimise, with asymmetric clipping and optional dual clipping.
+
+        ρ_t = exp(log π(a_t) − log π_old(a_t))
+        l_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − clip_low, 1 + clip_high))
+        l_t = min(l_t, −A_t · dual_clip)   where A_t < 0, if ``dual_clip`` is set
+
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347 (one ε for both sides).
+    Separate ``clip_low`` / ``clip_high``: DAPO's clip-higher (Yu et al. 2025, "DAPO: An Open-Source LLM
+    Reinforcement Learning System at Scale", arXiv:2503.14476; e.g. 0.2 / 0.28), which lets unlikely tokens with
+    positive advantage grow further. Dual clip: Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep
+    Reinforcement Learning", arXiv:1912.09729; for a negative advantage it bounds the loss at ρ = ``dual_clip``
+    (> 1), so a token whose probability already rose far cannot produce an unbounded update.
+
+    The gradient flows through ``logprobs_BT`` only. ``stats``: ``clip_fraction``, the fraction of valid tokens
+    where a clip is active (the gradient is cut), and ``approx_kl``, the k3 estimate of KL(π_old ‖ π) from the
+    samples of π_old; both are token means whatever ``aggregation`` is.
+    """
+    _check_clip(clip_low, clip_high, dual_clip)
+    valid_BT = mask_BT != 0
+    loss_BT, clipped_BT = _clipped_surrogate(
+        logprobs_BT, old_logprobs_BT, advantages_BT, valid_BT, clip_low, clip_high, dual_clip
+    )
+    approx_kl_BT = kl_estimate(old_logprobs_BT.detach(), logprobs_BT.detach(), "k3")
+    stats = {
+        "clip_fraction": aggregate(clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean"),
+        "approx_kl": aggregate(approx_kl_BT, valid_BT, "token_mean"),
+    }
+    return aggregate(loss_BT, valid_BT, aggregation, aggregation_constant), stats
+
+
+def clipped_value_loss(
+    values_BT: torch.Tensor,
+    old_values_BT: torch.Tensor,
+    returns_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip: float,
+    aggregation: AggregationMode = "token_mean",
+    aggregation_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO2's clipped value loss: the new value may not move more than ``clip`` from the old one to help the fit.
+
+        V^clip_t = V_old,t + clip(V_t − V_old,t, −clip, clip)
+        l_t = ½ max((V_t − R_t)², (V^clip_t − R_t)²)
+
+    From the PPO2 baselines implementation that accompanies Schulman et al. 2017, "Proximal Policy Optimization
+    Algorithms", arXiv:1707.06347 (the paper itself uses an unclipped squared error). The gradient flows through
+    ``values_BT`` only. ``stats``: ``clip_fraction``, the fraction of valid tokens where the clipped term is the
+    larger (its gradient is then 0), a token mean.
+    """
+    if clip <= 0:
+        raise ValueError(f"value clip must be positive, got {clip}")
+    valid_BT = mask_BT != 0
+    old_values_BT, returns_BT = old_values_BT.detach(), returns_BT.detach()
+    clipped_values_BT = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
+    unclipped_BT = (values_BT - returns_BT) ** 2
+    clipped_BT = (clipped_values_BT - returns_BT) ** 2
+    is_clipped_BT = clipped_BT > unclipped_BT
+    loss_BT = 0.5 * torch.where(is_clipped_BT, clipped_BT, unclipped_BT)
+    stats = {"clip_fraction": aggregate(is_clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean")}
+    return aggregate(loss_BT, valid_BT, aggregation, aggregation_constant), stats
+
+
+def entropy_from_logits(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at each position, in float32: H = logsumexp(z) − Σ_v softmax(z)_v z_v.
+
+    Equal to −Σ_v p_v log p_v, written with logsumexp so that large logits do not overflow. Position t is the
+    distribution over token t+1; ``PolicyLoss`` shifts it to line up with the tokens, like ``token_logprobs``.
+    As a bonus in a loss: ``-coef * aggregate(entropy_BT, mask_BT, mode)``.
+    """
+    logits_BTV = logits_BTV.float()
+    probs_BTV = torch.softmax(logits_BTV, dim=-1)
+    return torch.logsumexp(logits_BTV, dim=-1) - (probs_BTV * logits_BTV).sum(dim=-1)
+
+
+@dataclass
+class PolicyBatch(TokenBatch):
+    """A ``TokenBatch`` with the per-token inputs of a policy-gradient loss, all float32 and aligned with
+    ``input_ids_BT`` (0 off the response). ``loss_weights_BT`` holds ``aggregation_weights`` of the whole step."""
+
+    old_logprobs_BT: torch.Tensor  # log π_old of each token: the policy that sampled it, before this update
+    advantages_BT: torch.Tensor
+    ref_logprobs_BT: torch.Tensor  # log π_ref of each token; zeros when the KL coefficient is 0
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The learner's policy-gradient loss on one micro-batch of a ``PolicyBatch``:
+
+        L = Σ_t w_t l_t + kl_coef · Σ_t w_t k_t − entropy_coef · Σ_t w_t H_t
+
+    with w = ``loss_weights_BT``, l the clipped surrogate (``clipped_policy_loss``), k the ``kl_kind`` estimate of
+    KL(π ‖ π_ref) used as a loss term (GRPO's placement, arXiv:2402.03300, which uses k3), and H the entropy of
+    the policy's next-token distribution at each token. Summed over the step's micro-batches this is
+    ``clipped_policy_loss(..., aggregation=mode)`` plus the KL and entropy terms aggregated the same way, where
+    mode is the one the weights were made with.
+
+    Metrics are weighted by w too, so their sums over the step's micro-batches are the step's values (means under
+    the two mean modes, whose weights sum to 1; scaled like the loss under the token-sum modes): ``policy_loss``,
+    ``clip_fraction``, ``approx_kl`` (k3 of KL(π_old ‖ π)), ``entropy``, and ``kl`` when ``kl_coef`` is not 0.
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: KLKind = "k3"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        _check_clip(self.clip_low, self.clip_high, self.dual_clip)
+        if self.kl_kind not in get_args(KLKind):
+            raise ValueError(f"unknown KL estimator {self.kl_kind!r}; expected one of {get_args(KLKind)}")
+
+    def __call__(self, logits_BTV: torch.Tensor, batch: PolicyBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        weights_BT = batch.loss_weights_BT
+        logprobs_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
+        surrogate_BT, clipped_BT = _clipped_surrogate(
+            logprobs_BT,
+            batch.old_logprobs_BT,
+            batch.advantages_BT,
+            weights_BT != 0,
+            self.clip_low,
+            self.clip_high,
+            self.dual_clip,
+        )
+        policy_loss = _weighted_sum(surrogate_BT, weights_BT)
+        # Without an entropy bonus the entropy is only a metric: no graph through the logits for it.
+        entropy = _weighted_sum(_token_entropy(logits_BTV if self.entropy_coef else logits_BTV.detach()), weights_BT)
+        approx_kl_BT = kl_estimate(batch.old_logprobs_BT, logprobs_BT.detach(), "k3")
+        loss = policy_loss - self.entropy_coef * entropy
+        metrics = {
+            "policy_loss": policy_loss.item(),
+            "clip_fraction": _weighted_sum(clipped_BT.to(weights_BT.dtype), weights_BT).item(),
+            "approx_kl": _weighted_sum(approx_kl_BT, weights_BT).item(),
+            "entropy": entropy.item(),
+        }
+        if self.kl_coef:
+            kl = _weighted_sum(kl_estimate(logprobs_BT, batch.ref_logprobs_BT, self.kl_kind), weights_BT)
+            loss = loss + self.kl_coef * kl
+            metrics["kl"] = kl.item()
+        return loss, metrics
+
+
+def _clipped_surrogate(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    valid_BT: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss and where a clip is active; both 0 / False off ``valid_BT``.
+
+    Invalid tokens are zeroed before the exponential, so garbage there can reach neither the loss nor a gradient.
+    """
+    log_ratio_BT = torch.where(valid_BT, logprobs_BT - old_logprobs_BT.detach(), 0.0)
+    advantages_BT = torch.where(valid_BT, advantages_BT.detach(), 0.0)
+    ratio_BT = torch.exp(log_ratio_BT)
+    unclipped_BT = -advantages_BT * ratio_BT
+    clipped_BT = -advantages_BT * ratio_BT.clamp(1 - clip_low, 1 + clip_high)
+    is_clipped_BT = clipped_BT > unclipped_BT
+    loss_BT = torch.where(is_clipped_BT, clipped_BT, unclipped_BT)
+    if dual_clip is not None:
+        bound_BT = -advantages_BT * dual_clip
+        is_dual_clipped_BT = (advantages_BT < 0) & (loss_BT > bound_BT)
+        loss_BT = torch.where(is_dual_clipped_BT, bound_BT, loss_BT)
+        is_clipped_BT = is_clipped_BT | is_dual_clipped_BT
+    return loss_BT, is_clipped_BT
+
+
+def _token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Entropy of the policy's distribution over token t, aligned with ``input_ids`` (column 0 is 0)."""
+    return torch.nn.functional.pad(entropy_from_logits(logits_BTV[:, :-1]), (1, 0))
+
+
+def _weighted_sum(x_BT: torch.Tensor, weights_BT: torch.Tensor) -> torch.Tensor:
+    return torch.where(weights_BT != 0, x_BT * weights_BT, 0.0).sum()
+
+
+def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    if not 0 <= clip_low < 1 or clip_high < 0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (a bound on the ratio for negative advantages), got {dual_clip}")
