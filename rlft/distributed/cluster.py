@@ -23,6 +23,8 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         return
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     ray.init(
+        # "local" starts a fresh cluster even when `ray start` already runs one on this machine.
+        address="local",
         num_cpus=max(num_cpus, int(num_cpus_needed + 0.999)),
         include_dashboard=cfg.include_dashboard,
         dashboard_host=cfg.dashboard_host,
