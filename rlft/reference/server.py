@@ -1,0 +1,82 @@
+"""Reference log-probabilities: the frozen starting policy scores the sampled sequences for the KL term.
+
+``ReferenceGroup.logprobs(batch)`` splits the rows of a ``TokenBatch`` into contiguous chunks, one per replica,
+scores them concurrently and returns ``logprobs_BT`` in the batch's row order, aligned with ``input_ids_BT`` (column
+0 is 0, see ``rlft.algorithms.token_logprobs``). The controller starts no reference server when the KL
+coefficient is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlft.algorithms.sft import token_logprobs
+from rlft.data.batch import TokenBatch
+from rlft.distributed.actors import LocalActor, Resources, spawn, wait
+from rlft.reference.config import ReferenceConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ReferenceWorker:
+    """One replica: a frozen Hugging Face causal LM in eval mode."""
+
+    def __init__(self, model_path: str, dtype: str, micro_batch_size: int):
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device = device
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
+        out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+        for start in range(0, batch.num_rows, self.micro_batch_size):
+            micro = batch.rows(start, start + self.micro_batch_size).trimmed()
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in micro.model_inputs().items()}
+            logits_BTV = self.model(**inputs).logits
+            width = micro.input_ids_BT.shape[1]
+            out_BT[start : start + micro.num_rows, :width] = token_logprobs(logits_BTV, inputs["input_ids"]).float().cpu()
+        return out_BT * batch.attention_mask_BT
+
+
+class ReferenceGroup:
+    """Typed facade over ``num_replicas`` reference workers."""
+
+    def __init__(self, cfg: ReferenceConfig, model_path: str, local: bool = False):
+        resources = Resources(num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
+        self.workers = [
+            spawn(ReferenceWorker, model_path, cfg.dtype, cfg.micro_batch_size, resources=resources, local=local)
+            for _ in range(cfg.num_replicas)
+        ]
+
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        bounds = _chunk_bounds(batch.num_rows, len(self.workers))
+        parts = wait(
+            [w.logprobs.remote(batch.rows(lo, hi)) for w, (lo, hi) in zip(self.workers, bounds) if hi > lo]
+        )
+        return torch.cat(parts)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            if not isinstance(worker, LocalActor):
+                ray.kill(worker)
+
+
+def _chunk_bounds(num_rows: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced ``[lo, hi)`` row ranges (sizes differ by at most one)."""
+    base, extra = divmod(num_rows, num_parts)
+    bounds, lo = [], 0
+    for i in range(num_parts):
+        hi = lo + base + (1 if i < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
