@@ -1,6 +1,6 @@
 """The ``rlft`` command.
 
-    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT for now)
+    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT or GRPO)
     rlft config show CONFIG [key.sub=value ...] print the resolved config
     rlft tiny build --out DIR                  build the embedded tiny model, tokenizer and task data
 """
@@ -18,17 +18,17 @@ from rlft.data.sources import DataError
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.algorithm == "sft":
-        from rlft.controller.sft import sft
-
-        result = sft(cfg)
-        print(f"final model: {result.final_model_dir}")
-        if result.eval_accuracy_end is not None:
-            print(
-                f"held-out accuracy: {result.eval_accuracy_start if result.eval_accuracy_start is not None else float('nan'):.3f}"
-                f" -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)"
-            )
-        return 0
-    raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller")
+        from rlft.controller.sft import sft as run
+    elif cfg.algorithm == "grpo":
+        from rlft.controller.grpo import grpo as run
+    else:
+        raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
+    result = run(cfg)
+    print(f"final model: {result.final_model_dir}")
+    if result.eval_accuracy_end is not None:
+        start = "n/a" if result.eval_accuracy_start is None else f"{result.eval_accuracy_start:.3f}"
+        print(f"held-out accuracy: {start} -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)")
+    return 0
 
 
 def _config_show(args: argparse.Namespace) -> int:

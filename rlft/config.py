@@ -18,9 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
+from rlft.algorithms.aggregation import AggregationMode
+from rlft.errors import ConfigError
+from rlft.graders.config import GraderConfig, validate_graders
+from rlft.reference.config import ReferenceConfig
+from rlft.rollout.config import RolloutConfig, validate_rollout_config
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the dotted path of the offending field."""
+__all__ = ["Config", "ConfigError", "load_config", "to_yaml"]
 
 
 @dataclass
@@ -123,11 +127,50 @@ class RayConfig:
     num_cpus: int = 0
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
+    # (one learner only).
+    local_mode: bool = False
+
+
+@dataclass
+class RLConfig:
+    """The reinforcement-learning step (GRPO and PPO): how many samples, how they become advantages and losses."""
+
+    # A step samples ``num_samples_per_prompt`` responses for each of ``num_prompts_per_step`` prompts.
+    num_prompts_per_step: int = 16
+    num_samples_per_prompt: int = 8
+    # Optimizer steps per RL step: the step's samples are cut into this many mini-batches of
+    # ``trainer.global_batch_size`` rows each (so prompts × samples = global batch × mini-batches).
+    num_mini_batches: int = 1
+    # Passes over the step's samples (PPO epochs); > 1 makes later passes off-policy, which the clip handles.
+    num_epochs_per_step: int = 1
+    # GRPO: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO).
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    # PPO: GAE discount and lambda.
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_low: float = 0.2
+    # DAPO's clip-higher: a larger upper clip keeps exploring tokens alive.
+    clip_high: float = 0.2
+    # Dual-clip bound (> 1) for negative advantages; null disables it.
+    dual_clip: float | None = None
+    # KL to the reference policy; 0 starts no reference server.
+    kl_coef: float = 0.0
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    # ``loss``: a KL term in the policy loss (GRPO); ``reward``: a per-token penalty on the reward (PPO).
+    kl_mode: Literal["loss", "reward"] = "loss"
+    entropy_coef: float = 0.0
+    loss_aggregation: AggregationMode = "token_mean"
+    # ``seq_mean_token_sum_norm`` divides each sequence's summed loss by this (0 means rollout max_new_tokens).
+    loss_aggregation_constant: float = 0.0
+    # PPO critic: value-loss clip and its learning rate (the critic shares the learner settings otherwise).
+    value_clip: float = 0.2
+    critic_lr: float = 1e-3
 
 
 @dataclass
 class Config:
-    algorithm: Literal["sft"] = "sft"
+    algorithm: Literal["sft", "grpo", "ppo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -136,6 +179,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    graders: GraderConfig = field(default_factory=GraderConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -351,3 +398,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError("learner.backend: nccl needs learner.num_gpus_per_learner > 0")
     if cfg.model.dtype == "float16" and cfg.learner.num_gpus_per_learner == 0:
         raise ConfigError("model.dtype: float16 training is not supported on CPU learners; use float32 or bfloat16")
+    if cfg.ray.local_mode and cfg.learner.num_learners != 1:
+        raise ConfigError(
+            f"ray.local_mode: runs every role in one process, so learner.num_learners must be 1, "
+            f"got {cfg.learner.num_learners}"
+        )
+    if cfg.algorithm in ("grpo", "ppo"):
+        _validate_rl(cfg)
+
+
+def _validate_rl(cfg: Config) -> None:
+    rl = cfg.rl
+    for name in ("num_prompts_per_step", "num_samples_per_prompt", "num_mini_batches", "num_epochs_per_step"):
+        if getattr(rl, name) <= 0:
+            raise ConfigError(f"rl.{name}: must be positive, got {getattr(rl, name)}")
+    if cfg.algorithm == "grpo" and rl.num_samples_per_prompt < 2:
+        raise ConfigError("rl.num_samples_per_prompt: GRPO compares samples of a prompt, so it needs at least 2")
+    rows = rl.num_prompts_per_step * rl.num_samples_per_prompt
+    if rows != cfg.trainer.global_batch_size * rl.num_mini_batches:
+        raise ConfigError(
+            f"trainer.global_batch_size: rl.num_prompts_per_step × rl.num_samples_per_prompt = "
+            f"{rl.num_prompts_per_step} × {rl.num_samples_per_prompt} = {rows} samples per step must equal "
+            f"trainer.global_batch_size × rl.num_mini_batches = {cfg.trainer.global_batch_size} × {rl.num_mini_batches}"
+        )
+    if rl.clip_low <= 0 or rl.clip_high <= 0:
+        raise ConfigError("rl.clip_low / rl.clip_high: must be positive")
+    if rl.dual_clip is not None and rl.dual_clip <= 1:
+        raise ConfigError(f"rl.dual_clip: must be greater than 1 (or null), got {rl.dual_clip}")
+    if rl.kl_coef < 0:
+        raise ConfigError(f"rl.kl_coef: must not be negative, got {rl.kl_coef}")
+    validate_rollout_config(cfg.rollout)
+    validate_graders(cfg.graders)

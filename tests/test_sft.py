@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlft.config import load_config
-from rlft.controller.sft import load_sft_rows, resolve_paths, sft
+from rlft.controller.common import resolve_paths
+from rlft.controller.sft import load_sft_rows, sft
 from rlft.metrics import read_metrics
 from rlft.tiny import resolve
 

@@ -183,6 +183,47 @@ class PolicyLoss:
         return loss, metrics
 
 
+def token_values(outputs_BT1: torch.Tensor) -> torch.Tensor:
+    """A value head's outputs aligned with ``input_ids`` like ``token_logprobs``: ``values_BT[:, t]`` is V of the
+    prefix before token t (the state in which token t was chosen), read at position t−1; column 0 is 0."""
+    return torch.nn.functional.pad(outputs_BT1[:, :-1, 0].float(), (1, 0))
+
+
+@dataclass
+class ValueBatch(TokenBatch):
+    """A ``TokenBatch`` for the critic: ``old_values_BT`` (values before this update) and ``returns_BT`` (GAE
+    targets), float32, aligned with ``input_ids_BT``; ``loss_weights_BT`` holds the step's aggregation weights."""
+
+    old_values_BT: torch.Tensor
+    returns_BT: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ValueLoss:
+    """The critic's loss on one micro-batch: L = Σ_t w_t · ½ max((V_t − R_t)², (V^clip_t − R_t)²), the clipped value
+    loss of ``clipped_value_loss`` with the step's aggregation weights w. Its input is the value head's output
+    (B, T, 1), not vocabulary logits. Metrics (additive over micro-batches): ``value_loss``,
+    ``value_clip_fraction``, ``value_mean``."""
+
+    clip: float = 0.2
+
+    def __call__(self, outputs_BT1: torch.Tensor, batch: ValueBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        weights_BT = batch.loss_weights_BT
+        values_BT = token_values(outputs_BT1)
+        old_BT, returns_BT = batch.old_values_BT, batch.returns_BT
+        clipped_values_BT = old_BT + (values_BT - old_BT).clamp(-self.clip, self.clip)
+        unclipped_BT = (values_BT - returns_BT) ** 2
+        clipped_BT = (clipped_values_BT - returns_BT) ** 2
+        is_clipped_BT = clipped_BT > unclipped_BT
+        loss = _weighted_sum(0.5 * torch.where(is_clipped_BT, clipped_BT, unclipped_BT), weights_BT)
+        metrics = {
+            "value_loss": loss.item(),
+            "value_clip_fraction": _weighted_sum(is_clipped_BT.float(), weights_BT).item(),
+            "value_mean": _weighted_sum(values_BT.detach(), weights_BT).item(),
+        }
+        return loss, metrics
+
+
 def _clipped_surrogate(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,

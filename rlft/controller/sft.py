@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config, ConfigError, to_yaml
+from rlft.controller.common import EpochSampler, prune_checkpoints, resolve_paths, resume_path
 from rlft.controller.evaluation import Evaluator, write_samples
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
@@ -35,7 +34,6 @@ from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
 from rlft.distributed.cluster import init_ray
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
-from rlft.tiny import resolve
 
 
 @dataclass
@@ -46,52 +44,6 @@ class SFTResult:
     eval_accuracy_start: float | None
     eval_accuracy_end: float | None
     seconds: float
-
-
-class EpochSampler:
-    """Rows in a seeded permutation per epoch, a global batch at a time; the last partial batch is dropped.
-
-    Its whole state is ``(epoch, index)``, saved in checkpoints, so a resumed run sees exactly the rows it would
-    have seen without stopping.
-    """
-
-    def __init__(self, num_rows: int, batch_rows: int, seed: int, shuffle: bool):
-        self.num_rows, self.batch_rows, self.seed, self.shuffle = num_rows, batch_rows, seed, shuffle
-        self.epoch, self.index = 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_rows // self.batch_rows
-
-    def _order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_rows)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-
-    def next_batch(self) -> list[int]:
-        if self.index + self.batch_rows > self.num_rows:
-            self.epoch, self.index = self.epoch + 1, 0
-        picked = self._order()[self.index : self.index + self.batch_rows]
-        self.index += self.batch_rows
-        return picked.tolist()
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """Replace ``tiny://`` paths (the embedded default, built on first use) with local ones."""
-    model = dataclasses.replace(
-        cfg.model,
-        path=resolve(cfg.model.path),
-        tokenizer_path=resolve(cfg.model.tokenizer_path or cfg.model.path),
-    )
-    data = dataclasses.replace(cfg.data, train_path=resolve(cfg.data.train_path))
-    evaluation = dataclasses.replace(cfg.eval, path=resolve(cfg.eval.path) if cfg.eval.path else "")
-    return dataclasses.replace(cfg, model=model, data=data, eval=evaluation)
 
 
 def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[str, int]]:
@@ -118,17 +70,6 @@ def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[
     return examples, counts
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "trainer_state.json").exists())
-    return done[-1] if done else None
-
-
-def _prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
-    if keep_last:
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def sft(cfg: Config) -> SFTResult:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
@@ -151,7 +92,7 @@ def sft(cfg: Config) -> SFTResult:
             f"{len(rows)} training rows"
         )
     total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
-    resume_from = _resume_path(cfg, ckpt_root)
+    resume_from = resume_path(cfg, ckpt_root)
     evaluator = (
         Evaluator(cfg.model.path, tokenizer, eval_items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         if eval_items
@@ -217,13 +158,13 @@ def sft(cfg: Config) -> SFTResult:
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and step < total_steps:
                 learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
-                _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+                prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
             if evaluator and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
                 evaluate(step, f"step{step}")
         progress.close()
 
         learners.save_checkpoint(ckpt_root / f"step_{total_steps:06d}", {"step": total_steps, "data": sampler.state()})
-        _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         final_dir = learners.save_pretrained(out_dir / "final_model")
         accuracy_end = evaluate(total_steps, "final") if evaluator else None
         summary = SFTResult(
@@ -242,18 +183,6 @@ def sft(cfg: Config) -> SFTResult:
         if logger is not None:
             logger.close()
         learners.shutdown()
-
-
-def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_root)
-    path = Path(resume)
-    if not (path / "trainer_state.json").exists():
-        raise ConfigError(f"checkpoint.resume: {resume} is not a checkpoint directory (no trainer_state.json)")
-    return path
 
 
 def _make_batch(rows: list[TokenizedExample], indices: list[int], pad_id: int) -> TokenBatch:

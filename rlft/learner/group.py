@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import LocalActor, Resources, spawn, wait
@@ -28,7 +30,11 @@ class StepResult:
 
 
 class LearnerGroup:
-    def __init__(self, cfg: Config, total_steps: int, local: bool = False):
+    def __init__(
+        self, cfg: Config, total_steps: int, local: bool = False, head: str = "lm", lr: float | None = None
+    ):
+        """``head="value"`` makes a critic (scalar per token) from the same checkpoint; ``lr`` overrides
+        ``trainer.lr`` (the critic's own learning rate)."""
         learner = cfg.learner
         world_size = learner.num_learners
         if local and world_size != 1:
@@ -43,7 +49,7 @@ class LearnerGroup:
             micro_batch_size=learner.micro_batch_size_per_learner,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             world_size=world_size,
-            lr=cfg.trainer.lr,
+            lr=cfg.trainer.lr if lr is None else lr,
             weight_decay=cfg.trainer.weight_decay,
             adam_betas=cfg.trainer.adam_betas,
             lr_scheduler=cfg.trainer.lr_scheduler,
@@ -53,6 +59,7 @@ class LearnerGroup:
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             backend=backend,
             seed=cfg.trainer.seed,
+            head=head,
         )
         self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
         resources = Resources(num_cpus=learner.num_cpus_per_learner, num_gpus=learner.num_gpus_per_learner)
@@ -87,6 +94,24 @@ class LearnerGroup:
     def evaluate_loss(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
         results = wait([w.evaluate_loss.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
         return _combine(results)
+
+    def compute_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``logprobs_BT`` of every row under the current policy weights, in row order."""
+        if self.spec.head != "lm":
+            raise TypeError("compute_logprobs needs a causal-LM learner group; this one is a critic")
+        return self._per_token_outputs(batch)
+
+    def compute_values(self, batch: TokenBatch) -> torch.Tensor:
+        """``values_BT`` of every row under the current critic weights, in row order."""
+        if self.spec.head != "value":
+            raise TypeError("compute_values needs a critic (head='value') learner group")
+        return self._per_token_outputs(batch)
+
+    def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
+        if batch.num_rows % self.world_size:
+            raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
+        shards = batch.split(self.world_size)
+        return torch.cat(wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
 
     def export_weights(self) -> dict:
         """Full parameters by name (ZeRO-3 shards gathered), for syncing rollout engines or comparing runs."""

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlft.algorithms.policy_loss import token_values
+from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 
 # A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
@@ -46,6 +48,8 @@ class LearnerSpec:
     gradient_checkpointing: bool
     backend: str
     seed: int
+    # ``lm``: a causal LM (the policy); ``value``: the same backbone with a scalar head per token (PPO's critic).
+    head: str = "lm"
 
     def deepspeed_config(self) -> dict:
         zero: dict = {"stage": self.zero_stage}
@@ -113,7 +117,13 @@ class LearnerWorker:
         # Under ZeRO-3 this object must stay alive while from_pretrained runs, so parameters are partitioned as
         # they are created instead of materialised whole on every rank.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if spec.zero_stage == 3 else None
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_DTYPES[spec.dtype])
+        if spec.head == "value":
+            # The critic starts from the policy's backbone with a fresh one-output head.
+            model = transformers.AutoModelForTokenClassification.from_pretrained(
+                spec.model_path, num_labels=1, dtype=_DTYPES[spec.dtype]
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_DTYPES[spec.dtype])
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(
@@ -171,6 +181,24 @@ class LearnerWorker:
                 metrics[key] = metrics.get(key, 0.0) + value
         self.engine.train()
         return metrics
+
+    @torch.no_grad()
+    def per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
+        """This rank's share under the current weights, no gradient: ``logprobs_BT`` for a causal LM (the RL
+        step's "old" log-probabilities), ``values_BT`` for a value head (see ``rlft.algorithms.token_values``)."""
+        self.engine.eval()
+        out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+        size = self.spec.micro_batch_size
+        for start in range(0, batch.num_rows, size):
+            micro = batch.rows(start, start + size).trimmed()
+            outputs = _forward_logits(self.engine, micro)
+            if self.spec.head == "value":
+                per_token_BT = token_values(outputs)
+            else:
+                per_token_BT = token_logprobs(outputs, micro.input_ids_BT)
+            out_BT[start : start + micro.num_rows, : micro.input_ids_BT.shape[1]] = per_token_BT.float()
+        self.engine.train()
+        return out_BT * batch.attention_mask_BT
 
     # ------------------------------------------------------------------------------------------------ weights
 

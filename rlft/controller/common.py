@@ -1,0 +1,102 @@
+"""Helpers every controller shares: embedded-default paths, checkpoint discovery, phase timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from rlft.config import Config, ConfigError
+from rlft.tiny import resolve
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Replace ``tiny://`` paths (the embedded default, built on first use) with local ones."""
+    model = dataclasses.replace(
+        cfg.model,
+        path=resolve(cfg.model.path),
+        tokenizer_path=resolve(cfg.model.tokenizer_path or cfg.model.path),
+    )
+    data = dataclasses.replace(cfg.data, train_path=resolve(cfg.data.train_path))
+    evaluation = dataclasses.replace(cfg.eval, path=resolve(cfg.eval.path) if cfg.eval.path else "")
+    return dataclasses.replace(cfg, model=model, data=data, eval=evaluation)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    if keep_last:
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` asks for: none, the latest in ``ckpt_root`` (auto), or a given one."""
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise ConfigError(f"checkpoint.resume: {resume} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+class EpochSampler:
+    """Rows in a seeded permutation per epoch, a global batch at a time; the last partial batch is dropped.
+
+    Its whole state is ``(epoch, index)``, saved in checkpoints, so a resumed run sees exactly the rows it would
+    have seen without stopping.
+    """
+
+    def __init__(self, num_rows: int, batch_rows: int, seed: int, shuffle: bool):
+        self.num_rows, self.batch_rows, self.seed, self.shuffle = num_rows, batch_rows, seed, shuffle
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.batch_rows
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+
+    def next_batch(self) -> list[int]:
+        if self.index + self.batch_rows > self.num_rows:
+            self.epoch, self.index = self.epoch + 1, 0
+        picked = self._order()[self.index : self.index + self.batch_rows]
+        self.index += self.batch_rows
+        return picked.tolist()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class PhaseTimer:
+    """Wall seconds of each named phase of a step: ``with timer.phase("generate"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}_seconds": value for name, value in self.seconds.items()}

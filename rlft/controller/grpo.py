@@ -1,0 +1,126 @@
+"""GRPO: one readable loop, every phase named and timed.
+
+```
+prompts ──► rollout workers ──► samples(token ids, sampler logprobs, policy_version)
+                                   │
+              ┌────────────────────┼─────────────────────┐
+              ▼                    ▼                     ▼
+        grader pool          reference server      learner (old logprobs)
+        rewards              ref logprobs          (no critic in GRPO)
+              └────────────────────┬─────────────────────┘
+                                   ▼
+             advantages: group-normalised rewards (rlft.algorithms.grpo_advantages)
+                                   ▼
+             learner update: rl.num_mini_batches optimizer steps × rl.num_epochs_per_step, PolicyLoss
+                                   ▼
+             weight sync learner ──► every rollout worker (bucketed, versioned)
+```
+
+| phase | waits for |
+|---|---|
+| generate | the weights synced at the end of the previous step |
+| grade, reference, old logprobs | the samples |
+| advantages | the rewards |
+| update | advantages, old logprobs, reference logprobs |
+| sync | the update |
+
+Departures from the paper (Shao et al. 2024, arXiv:2402.03300) are options: the loss aggregation
+(``rl.loss_aggregation``; the paper's is ``seq_mean_token_mean``), the advantage scale (``rl.advantage_scale``;
+``none`` is Dr. GRPO) and asymmetric clipping (``rl.clip_high``, DAPO). The KL term is in the loss, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from rlft.algorithms.advantages import grpo_advantages
+from rlft.algorithms.policy_loss import PolicyLoss
+from rlft.config import Config
+from rlft.controller.common import PhaseTimer
+from rlft.controller.rl_steps import (
+    RLResult,
+    end_step,
+    finish,
+    grade_requests,
+    mean_metrics,
+    policy_batch,
+    rollout_metrics,
+    start_rl_run,
+    sync_metrics,
+    with_aggregation_weights,
+)
+
+
+def grpo(cfg: Config) -> RLResult:
+    rl = cfg.rl
+    run = start_rl_run(cfg, with_critic=False)
+    cfg, prompts = run.cfg, run.prompts
+    loss = PolicyLoss(
+        clip_low=rl.clip_low,
+        clip_high=rl.clip_high,
+        dual_clip=rl.dual_clip,
+        kl_coef=rl.kl_coef,
+        kl_kind=rl.kl_kind,
+        entropy_coef=rl.entropy_coef,
+    )
+    try:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            indices = run.sampler.next_batch()
+
+            with timer.phase("generate"):
+                samples = run.rollout.generate(
+                    [prompts.token_ids[i] for i in indices],
+                    cfg.rollout.sampling,
+                    rl.num_samples_per_prompt,
+                    prompt_indices=indices,
+                )
+            with timer.phase("grade"):
+                graded = run.graders.grade(grade_requests(samples, prompts))
+            rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
+
+            with timer.phase("advantages"):
+                advantages_S = grpo_advantages(rewards_PG, rl.advantage_scale).flatten()
+                batch, sampler_logprobs_BT = policy_batch(
+                    samples, advantages_S, run.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                )
+                batch = batch.trimmed()
+                sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+            with timer.phase("old_logprobs"):
+                batch = dataclasses.replace(batch, old_logprobs_BT=run.learners.compute_logprobs(batch))
+            if run.reference is not None:
+                with timer.phase("reference"):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.logprobs(batch))
+
+            with timer.phase("update"):
+                results = [
+                    run.learners.train_step(with_aggregation_weights(mini, cfg), loss).metrics
+                    for _ in range(rl.num_epochs_per_step)
+                    for mini in batch.split(rl.num_mini_batches)
+                ]
+            with timer.phase("sync"):
+                sync = run.rollout.sync_weights(step, run.learners.export_weights())
+
+            response_BT = batch.loss_weights_BT != 0
+            end_step(
+                run,
+                step,
+                {
+                    **rollout_metrics(samples, prompts, rewards_PG.flatten(), step),
+                    "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
+                    **sync_metrics(sync, batch.old_logprobs_BT, sampler_logprobs_BT, response_BT),
+                    **mean_metrics(results, "train/"),
+                    **graded.metrics(),
+                    **timer.metrics(),
+                    "time/step_seconds": time.perf_counter() - step_start,
+                    "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                    "perf/update_tokens_per_second": batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
+                },
+            )
+        return finish(run)
+    finally:
+        run.shutdown()

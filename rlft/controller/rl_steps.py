@@ -1,0 +1,337 @@
+"""What GRPO and PPO share: prompts in, typed batches out, set-up, evaluation, checkpoints, the end of a run.
+
+Kept as plain functions so each controller stays one readable loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rlft.algorithms.aggregation import aggregation_weights
+from rlft.algorithms.policy_loss import PolicyBatch
+from rlft.config import Config, ConfigError, to_yaml
+from rlft.controller.common import EpochSampler, prune_checkpoints, resolve_paths, resume_path
+from rlft.data import formats
+from rlft.data.formats import RFTPrompt
+from rlft.data.sources import DataError
+from rlft.data.tokenize import tokenize_prompt
+from rlft.distributed.cluster import init_ray
+from rlft.graders import GradeRequest, GraderPool
+from rlft.learner.group import LearnerGroup
+from rlft.metrics import MetricsLogger
+from rlft.reference import ReferenceGroup
+from rlft.rollout import Sample, SamplingConfig
+from rlft.rollout.group import RolloutGroup
+
+
+@dataclass
+class PromptSet:
+    items: list[RFTPrompt]
+    token_ids: list[list[int]]
+
+
+def load_prompts(path: str, tokenizer, cfg: Config, limit: int | None = None) -> PromptSet:
+    """Read RFT prompt rows and tokenize them with the chat template; a prompt too long for the rollout engine's
+    ``max_model_len`` (with ``max_new_tokens`` room) is an error naming its row, before any actor starts."""
+    loaded = formats.load_examples(path, formats.parse_rft, on_bad_row=cfg.data.on_bad_row, limit=limit)
+    room = cfg.rollout.max_model_len - cfg.rollout.sampling.max_new_tokens
+    token_ids = []
+    for item in loaded.examples:
+        ids = tokenize_prompt(item.messages, tokenizer)
+        if len(ids) > room:
+            raise DataError(
+                item.where,
+                "messages",
+                f"prompt of {len(ids)} tokens leaves no room for rollout.sampling.max_new_tokens = "
+                f"{cfg.rollout.sampling.max_new_tokens} within rollout.max_model_len = {cfg.rollout.max_model_len}",
+            )
+        token_ids.append(ids)
+    return PromptSet(loaded.examples, token_ids)
+
+
+def grade_requests(samples: list[Sample], prompts: PromptSet) -> list[GradeRequest]:
+    return [
+        GradeRequest(prompts.items[s.prompt_index].messages, s.response_text, prompts.items[s.prompt_index].extra)
+        for s in samples
+    ]
+
+
+def policy_batch(
+    samples: list[Sample], advantages_S: torch.Tensor, pad_id: int, width: int
+) -> tuple[PolicyBatch, torch.Tensor]:
+    """Prompt + response rows, right-padded to ``width``, each response token carrying its sample's advantage.
+
+    Returns the batch (``old_logprobs_BT`` and ``ref_logprobs_BT`` still zero, ``loss_weights_BT`` the response
+    mask) and the sampler's log-probabilities of the response tokens, aligned the same way.
+    """
+    num = len(samples)
+    input_ids_BT = torch.full((num, width), pad_id, dtype=torch.long)
+    attention_BT = torch.zeros((num, width), dtype=torch.long)
+    response_BT = torch.zeros((num, width), dtype=torch.float32)
+    sampler_logprobs_BT = torch.zeros((num, width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        start, stop = len(s.prompt_token_ids), len(s.prompt_token_ids) + len(s.response_token_ids)
+        input_ids_BT[row, :stop] = torch.tensor(s.prompt_token_ids + s.response_token_ids)
+        attention_BT[row, :stop] = 1
+        response_BT[row, start:stop] = 1.0
+        sampler_logprobs_BT[row, start:stop] = torch.tensor(s.response_logprobs, dtype=torch.float32)
+    zeros_BT = torch.zeros((num, width), dtype=torch.float32)
+    batch = PolicyBatch(
+        input_ids_BT=input_ids_BT,
+        attention_mask_BT=attention_BT,
+        position_ids_BT=torch.arange(width).expand(num, width).clone(),
+        loss_weights_BT=response_BT,
+        old_logprobs_BT=zeros_BT,
+        advantages_BT=advantages_S[:, None] * response_BT,
+        ref_logprobs_BT=zeros_BT.clone(),
+    )
+    return batch, sampler_logprobs_BT
+
+
+def with_aggregation_weights(batch, cfg: Config):
+    """Turn the response mask in ``loss_weights_BT`` into the step's aggregation weights (``rl.loss_aggregation``)."""
+    mode = cfg.rl.loss_aggregation
+    constant = None
+    if mode == "seq_mean_token_sum_norm":
+        constant = cfg.rl.loss_aggregation_constant or float(cfg.rollout.sampling.max_new_tokens)
+    weights_BT = aggregation_weights(batch.loss_weights_BT != 0, mode, constant)
+    return dataclasses.replace(batch, loss_weights_BT=weights_BT)
+
+
+def greedy_accuracy(rollout, prompts: PromptSet, max_new_tokens: int) -> tuple[float, float, list[dict]]:
+    """Exact match of greedy completions with each item's ``answer``: (accuracy, mean tokens, samples)."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    samples = rollout.generate(prompts.token_ids, greedy, 1)
+    records = []
+    for s in samples:
+        answer = prompts.items[s.prompt_index].extra.get("answer")
+        records.append(
+            {
+                "prompt": prompts.items[s.prompt_index].messages[-1]["content"],
+                "completion": s.response_text,
+                "answer": answer,
+                "correct": isinstance(answer, str) and s.response_text.strip() == answer.strip(),
+            }
+        )
+    num = max(len(samples), 1)
+    mean_tokens = sum(len(s.response_token_ids) for s in samples) / num
+    return sum(r["correct"] for r in records) / num, mean_tokens, records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parts of a run around the step loop: set-up (data checked before actors start), evaluation, checkpoints,
+# the end. GRPO and PPO call these; the step itself stays in each controller.
+
+
+@dataclass
+class RLResult:
+    output_dir: Path
+    final_model_dir: Path
+    num_steps: int
+    eval_accuracy_start: float | None
+    eval_accuracy_end: float | None
+    seconds: float
+
+
+@dataclass
+class RLRun:
+    cfg: Config
+    tokenizer: object
+    prompts: PromptSet
+    eval_prompts: PromptSet | None
+    sampler: EpochSampler
+    total_steps: int
+    out_dir: Path
+    ckpt_root: Path
+    learners: LearnerGroup
+    rollout: RolloutGroup
+    graders: GraderPool
+    reference: ReferenceGroup | None
+    critic: LearnerGroup | None
+    logger: MetricsLogger | None = None
+    start_step: int = 0
+    started: float = 0.0
+    eval_accuracy_start: float | None = None
+    progress: tqdm | None = None
+
+    def shutdown(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.logger is not None:
+            self.logger.close()
+        for role in (self.learners, self.rollout, self.graders, self.reference, self.critic):
+            if role is not None:
+                role.shutdown()
+
+
+def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
+    """Validate data, start every role, resume if asked, evaluate the starting policy."""
+    started = time.perf_counter()
+    cfg = resolve_paths(cfg)
+    rl = cfg.rl
+    out_dir = Path(cfg.logging.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+    prompts = load_prompts(cfg.data.train_path, tokenizer, cfg)
+    eval_prompts = None
+    if cfg.eval.path and cfg.eval.num_examples:
+        eval_prompts = load_prompts(cfg.eval.path, tokenizer, cfg, limit=cfg.eval.num_examples)
+    sampler = EpochSampler(len(prompts.items), rl.num_prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"rl.num_prompts_per_step: {rl.num_prompts_per_step} prompts per step but {cfg.data.train_path} "
+            f"holds only {len(prompts.items)}"
+        )
+    total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+    ckpt_root = Path(cfg.checkpoint_dir)
+    resume_from = resume_path(cfg, ckpt_root)
+
+    use_reference = rl.kl_coef > 0
+    local = cfg.ray.local_mode
+    if not local:
+        init_ray(cfg.ray, _num_cpus_needed(cfg, use_reference, with_critic))
+    optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
+    run = RLRun(
+        cfg=cfg,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        eval_prompts=eval_prompts,
+        sampler=sampler,
+        total_steps=total_steps,
+        out_dir=out_dir,
+        ckpt_root=ckpt_root,
+        learners=LearnerGroup(cfg, optimizer_steps, local=local),
+        rollout=RolloutGroup(cfg.model.path, cfg.rollout, local=local),
+        graders=GraderPool(cfg.graders, local=local),
+        reference=ReferenceGroup(cfg.reference, cfg.model.path, local=local) if use_reference else None,
+        critic=LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr) if with_critic else None,
+        started=started,
+    )
+    try:
+        if resume_from:
+            state = run.learners.load_checkpoint(resume_from)
+            if run.critic is not None:
+                run.critic.load_checkpoint(resume_from / "critic")
+            sampler.load_state(state["data"])
+            run.start_step = state["step"]
+            run.rollout.sync_weights(run.start_step, run.learners.export_weights())
+            tqdm.write(f"resumed from {resume_from} at step {run.start_step}")
+        run.logger = MetricsLogger(cfg, resume=resume_from is not None)
+        if eval_prompts and run.start_step == 0:
+            run.eval_accuracy_start = evaluate(run, 0, "step0")
+        run.progress = tqdm(
+            total=total_steps, initial=run.start_step, desc=cfg.algorithm, disable=not cfg.logging.progress_bar
+        )
+    except BaseException:
+        run.shutdown()
+        raise
+    return run
+
+
+def evaluate(run: RLRun, step: int, tag: str) -> float:
+    """Greedy held-out accuracy with the rollout workers' current weights; samples saved beside the metrics."""
+    t0 = time.perf_counter()
+    accuracy, mean_tokens, records = greedy_accuracy(run.rollout, run.eval_prompts, run.cfg.eval.max_new_tokens)
+    with (run.out_dir / f"eval_samples_{tag}.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    run.logger.log(
+        step,
+        {
+            "eval/accuracy": accuracy,
+            "eval/num_examples": len(records),
+            "eval/mean_completion_tokens": mean_tokens,
+            "eval/seconds": time.perf_counter() - t0,
+        },
+        console=True,
+    )
+    return accuracy
+
+
+def save_checkpoint(run: RLRun, step: int) -> None:
+    path = run.ckpt_root / f"step_{step:06d}"
+    run.learners.save_checkpoint(path, {"step": step, "data": run.sampler.state()})
+    if run.critic is not None:
+        run.critic.save_checkpoint(path / "critic", {"step": step})
+    prune_checkpoints(run.ckpt_root, run.cfg.checkpoint.keep_last)
+
+
+def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
+    """Log the step, then checkpoint and evaluate when due."""
+    cfg = run.cfg
+    run.logger.log(step, metrics)
+    run.progress.update(1)
+    run.progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+    if step < run.total_steps:
+        if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+            save_checkpoint(run, step)
+        if run.eval_prompts and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+            evaluate(run, step, f"step{step}")
+
+
+def finish(run: RLRun) -> RLResult:
+    """Final checkpoint, the Hugging Face model directory, the final evaluation and ``summary.json``."""
+    run.progress.close()
+    save_checkpoint(run, run.total_steps)
+    final_dir = run.learners.save_pretrained(run.out_dir / "final_model")
+    accuracy_end = evaluate(run, run.total_steps, "final") if run.eval_prompts else None
+    result = RLResult(
+        output_dir=run.out_dir,
+        final_model_dir=final_dir,
+        num_steps=run.total_steps,
+        eval_accuracy_start=run.eval_accuracy_start,
+        eval_accuracy_end=accuracy_end,
+        seconds=time.perf_counter() - run.started,
+    )
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return result
+
+
+def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.Tensor, step: int) -> dict[str, float]:
+    correct = [
+        s.response_text.strip() == str(prompts.items[s.prompt_index].extra.get("answer", "")).strip() for s in samples
+    ]
+    return {
+        "reward/mean": rewards_S.mean().item(),
+        "reward/std": rewards_S.std().item(),
+        "rollout/accuracy": sum(correct) / max(len(correct), 1),
+        "rollout/response_tokens_mean": statistics.mean(len(s.response_token_ids) for s in samples),
+        "rollout/truncated_fraction": statistics.mean(s.finish_reason == "length" for s in samples),
+        # Samples come from the weights synced after the previous step: a lag above 0 means stale weights.
+        "rollout/policy_version_lag": step - 1 - min(s.policy_version for s in samples),
+    }
+
+
+def sync_metrics(sync, old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT) -> dict[str, float]:
+    """The learner recomputes the log-probabilities the sampler reported; after a correct weight sync they agree up
+    to numerics, so their largest gap is the check that rollout workers run the learner's weights."""
+    return {
+        "sync/logprob_max_abs_diff": (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item(),
+        "sync/seconds": sync.seconds,
+        "sync/bytes": sync.num_bytes,
+        "sync/gb_per_s": sync.gb_per_s,
+    }
+
+
+def mean_metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    keys = [k for k in results[0] if k != "seconds"]
+    return {prefix + k: sum(r[k] for r in results) / len(results) for k in keys}
+
+
+def _num_cpus_needed(cfg: Config, use_reference: bool, with_critic: bool) -> float:
+    needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner * (2 if with_critic else 1)
+    needed += cfg.rollout.num_rollout_workers * cfg.rollout.num_cpus_per_worker
+    needed += cfg.graders.num_grader_workers * cfg.graders.num_cpus_per_worker
+    if use_reference:
+        needed += cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica
+    return needed

@@ -1,0 +1,111 @@
+"""Grader configuration: which graders score each sample, their weights, and the pool of workers that runs them.
+
+The ``graders:`` section of a run's config. Every grader default lives here. ``validate_graders`` checks a config
+before any actor starts, with errors that name the dotted field and the grader::
+
+    graders.items[1].pattern: invalid regex in grader 'format': missing ), unterminated subpattern at position 0
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn
+
+from rlft.errors import ConfigError
+from rlft.graders.graders import load_function
+
+GraderType = Literal["exact_match", "math", "regex", "python_function"]
+
+
+@dataclass
+class GraderItemConfig:
+    """One grader. Fields after ``weight`` belong to the types named in their comments; other types ignore them."""
+
+    # Keys the grader's scores in results and metrics (``graders/<name>/mean``); unique within ``graders.items``.
+    name: str = ""
+    type: GraderType = "exact_match"
+    # A sample's reward is the sum over graders of weight × score.
+    weight: float = 1.0
+    # exact_match, math: the item field (a key of the prompt row besides ``messages``) holding the reference answer.
+    answer_field: str = "answer"
+    # exact_match: compare case-sensitively. Both sides are always stripped of surrounding whitespace.
+    case_sensitive: bool = True
+    # regex: a Python regular expression; inline flags such as ``(?s)`` let ``.`` cross newlines.
+    pattern: str = ""
+    # regex: ``search`` finds the pattern anywhere in the completion; ``fullmatch`` needs it to match all of it.
+    regex_mode: Literal["search", "fullmatch"] = "search"
+    # python_function: ``"module:function"``, called TRL-style once per worker batch as
+    # ``fn(prompts, completions, **extra_columns) -> list of numbers`` (prompts are message lists, each extra
+    # field a list with one value per sample, None where a row lacks it).
+    function: str = ""
+
+
+@dataclass
+class GraderConfig:
+    items: list[GraderItemConfig] = field(default_factory=lambda: [GraderItemConfig(name="exact_match")])
+    # Grader actors, sized independently of rollout workers; each scores its share of a batch.
+    num_grader_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    # Seconds one grader may spend on one worker's share of a batch (a user function: its one call; a built-in
+    # grader: all the share's samples). Samples not scored by then get ``fallback_score`` and count as timeouts.
+    timeout_s: float = 10.0
+    # The score a grader gives a sample when it raises, times out, or returns something other than a finite number.
+    fallback_score: float = 0.0
+
+
+def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
+    """Check ``cfg`` (found at ``path`` in the run config) before any actor starts; raises ``ConfigError``.
+
+    Compiles every regex and imports every user function, so a typo stops the run here, not mid-training.
+    """
+    if not cfg.items:
+        _fail(f"{path}.items", "at least one grader is needed")
+    if cfg.num_grader_workers < 1:
+        _fail(f"{path}.num_grader_workers", f"must be at least 1, got {cfg.num_grader_workers}")
+    if cfg.num_cpus_per_worker < 0:
+        _fail(f"{path}.num_cpus_per_worker", f"must not be negative, got {cfg.num_cpus_per_worker}")
+    if not (math.isfinite(cfg.timeout_s) and cfg.timeout_s > 0):
+        _fail(f"{path}.timeout_s", f"must be a positive number of seconds, got {cfg.timeout_s}")
+    if not math.isfinite(cfg.fallback_score):
+        _fail(f"{path}.fallback_score", f"must be a finite number, got {cfg.fallback_score}")
+    first_with_name: dict[str, int] = {}
+    for i, item in enumerate(cfg.items):
+        where = f"{path}.items[{i}]"
+        if item.name in first_with_name:
+            _fail(f"{where}.name", f"{item.name!r} is already the name of {path}.items[{first_with_name[item.name]}]")
+        first_with_name[item.name] = i
+        _validate_item(item, where)
+
+
+def _validate_item(item: GraderItemConfig, where: str) -> None:
+    if not item.name:
+        _fail(f"{where}.name", "every grader needs a name (it keys the grader's scores and metrics)")
+    grader = f"grader {item.name!r}"
+    if not math.isfinite(item.weight):
+        _fail(f"{where}.weight", f"{grader}: must be a finite number, got {item.weight}")
+    if item.pattern and item.type != "regex":
+        _fail(f"{where}.pattern", f"{grader}: only regex graders use a pattern (type is {item.type!r})")
+    if item.function and item.type != "python_function":
+        _fail(f"{where}.function", f"{grader}: only python_function graders use a function (type is {item.type!r})")
+    if item.type in ("exact_match", "math") and not item.answer_field:
+        _fail(f"{where}.answer_field", f"{grader}: empty; name the item field holding the reference answer")
+    if item.type == "regex":
+        if not item.pattern:
+            _fail(f"{where}.pattern", f"{grader}: a regex grader needs a pattern")
+        try:
+            re.compile(item.pattern)
+        except re.error as exc:
+            _fail(f"{where}.pattern", f"invalid regex in {grader}: {exc}")
+    if item.type == "python_function":
+        if not item.function:
+            _fail(f"{where}.function", f"{grader}: a python_function grader needs 'module:function'")
+        try:
+            load_function(item.function)
+        except Exception as exc:  # importing user code can raise anything; all of it is a config error here
+            _fail(f"{where}.function", f"{grader} cannot load {item.function!r}: {type(exc).__name__}: {exc}")
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise ConfigError(f"{path}: {message}")

@@ -1,0 +1,333 @@
+"""The grader pool: ``GraderPool``, a typed facade over ``num_grader_workers`` actors that score samples.
+
+    pool = GraderPool(cfg.graders)
+    result = pool.grade([GradeRequest(prompt.messages, completion, prompt.extra), ...])
+    result.rewards                      # per sample: sum over graders of weight × score
+    result.scores["math"]               # per sample, one grader
+    result.metrics()                    # graders/errors, graders/timeouts, graders/invalid, graders/<name>/mean
+
+    handle = pool.submit(requests)      # streaming: grade while the rollout workers generate the next batch
+    result = pool.collect(handle)
+
+A grader that raises, hangs or returns something other than a finite number costs the samples it was scoring
+``fallback_score`` for that grader, and is counted; it never crashes or stalls the job. Two lines of defence:
+
+1. Inside a worker (``GraderWorker``), each grader runs in a thread that the worker waits on for ``timeout_s``.
+   A thread still running then is abandoned; samples it has not scored are timeouts.
+2. The pool gives each worker's share a deadline (every grader's ``timeout_s`` plus a margin). A worker past it
+   (e.g. stuck in C code that holds the GIL, where line 1 cannot act) is killed and replaced; its share counts as
+   timeouts. A worker that abandoned a thread is replaced too, so stuck threads never pile up. A worker that died
+   has its share sent once more to its replacement; a second death counts the share as errors.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import numbers
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from rlft.distributed.actors import Resources, spawn, wait
+from rlft.graders.config import GraderConfig, validate_graders
+from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
+
+logger = logging.getLogger(__name__)
+
+# Added to a worker's deadline for the Ray round trip, so that only a worker that is really stuck gets killed.
+STUCK_MARGIN_S = 5.0
+# The longest a replacement worker may take to start (a process, imports); a share's deadline is pushed back by
+# the time spent waiting for its worker to start.
+RESTART_ALLOWANCE_S = 30.0
+
+
+class Failure(enum.Enum):
+    """Why a grader gave a sample no score."""
+
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    INVALID = "invalid"
+
+
+# One grader's verdict on one sample: a finite score, or why there is none.
+Outcome = float | Failure
+
+
+@dataclass
+class WorkerResult:
+    outcomes: dict[str, list[Outcome]]  # grader name -> one outcome per request of the share
+    num_stuck_threads: int  # abandoned grader threads still running in the worker
+
+
+class GraderWorker:
+    """Scores shares of a batch with every configured grader, each grader under a deadline of ``timeout_s``."""
+
+    def __init__(self, cfg: GraderConfig):
+        self.graders: list[Grader] = [build_grader(item) for item in cfg.items]
+        self.timeout_s = cfg.timeout_s
+        self._stuck: list[threading.Thread] = []
+
+    def ready(self) -> bool:
+        """Answers once the worker is built (user functions imported), so start-up is never charged to a deadline."""
+        return True
+
+    def grade(self, requests: list[GradeRequest], extra_fields: list[str]) -> WorkerResult:
+        """Every grader's outcome on every request; graders run one after another, each in its own thread.
+        ``extra_fields`` are the extra columns user functions get (those of the whole batch, not just this share)."""
+        outcomes = {grader.name: self._run(grader, requests, extra_fields) for grader in self.graders}
+        self._stuck = [thread for thread in self._stuck if thread.is_alive()]
+        return WorkerResult(outcomes, len(self._stuck))
+
+    def _run(self, grader: Grader, requests: list[GradeRequest], extra_fields: list[str]) -> list[Outcome]:
+        """Run ``grader`` in a daemon thread for at most ``timeout_s``; unscored requests are timeouts."""
+        outcomes: list[Outcome] = [Failure.TIMEOUT] * len(requests)
+        if isinstance(grader, SampleGrader):
+            fill, args = _fill_per_sample, (grader, requests, outcomes)
+        else:
+            fill, args = _fill_batch, (grader, requests, extra_fields, outcomes)
+        thread = threading.Thread(target=fill, args=args, daemon=True, name=grader.name)
+        thread.start()
+        thread.join(self.timeout_s)
+        # A copy: an abandoned thread may still write into ``outcomes`` later.
+        settled = list(outcomes)
+        if thread.is_alive():
+            self._stuck.append(thread)
+            num_late = sum(o is Failure.TIMEOUT for o in settled)
+            logger.warning("grader %r: %d of %d samples unscored after %ss", grader.name, num_late, len(settled),
+                           self.timeout_s)
+        return settled
+
+
+def _fill_per_sample(grader: SampleGrader, requests: list[GradeRequest], outcomes: list[Outcome]) -> None:
+    """Score requests one by one into ``outcomes``; an exception costs only its own sample."""
+    logged = False
+    for i, request in enumerate(requests):
+        try:
+            outcomes[i] = _checked(grader.score(request))
+        except Exception:
+            outcomes[i] = Failure.ERROR
+            if not logged:
+                logger.warning("grader %r raised on a sample (first in this share)", grader.name, exc_info=True)
+                logged = True
+
+
+def _fill_batch(
+    grader: BatchGrader, requests: list[GradeRequest], extra_fields: list[str], outcomes: list[Outcome]
+) -> None:
+    """Score all requests in one call; an exception or a result of the wrong length costs every sample."""
+    try:
+        values = list(grader.score(requests, extra_fields))
+    except Exception:
+        logger.warning("grader %r raised", grader.name, exc_info=True)
+        outcomes[:] = [Failure.ERROR] * len(requests)
+        return
+    if len(values) != len(requests):
+        logger.warning("grader %r returned %d values for %d samples", grader.name, len(values), len(requests))
+        outcomes[:] = [Failure.INVALID] * len(requests)
+        return
+    checked = [_checked(value) for value in values]
+    if Failure.INVALID in checked:
+        bad = values[checked.index(Failure.INVALID)]
+        logger.warning("grader %r returned %.80r, not a finite number (first in this share)", grader.name, bad)
+    outcomes[:] = checked
+
+
+def _checked(value: Any) -> Outcome:
+    """``value`` as a float if it is a finite real number (bools count as 1 and 0), else ``Failure.INVALID``."""
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    return Failure.INVALID
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pool
+
+
+@dataclass
+class GradeResult:
+    """Scores of a batch, in request order. Counters count (sample, grader) pairs that got ``fallback_score``."""
+
+    rewards: list[float]  # per sample: sum over graders of weight × score
+    scores: dict[str, list[float]]  # grader name -> per-sample score (fallbacks included)
+    num_errors: int  # the grader raised (or its worker died twice)
+    num_timeouts: int  # the grader ran past ``timeout_s`` (or its worker was stuck and killed)
+    num_invalid: int  # the grader returned something other than a finite number
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "graders/errors": self.num_errors,
+            "graders/timeouts": self.num_timeouts,
+            "graders/invalid": self.num_invalid,
+        }
+        for name, scores in self.scores.items():
+            if scores:
+                out[f"graders/{name}/mean"] = sum(scores) / len(scores)
+        return out
+
+
+@dataclass
+class _Share:
+    """The requests ``requests[first:first + len(requests)]`` of a batch, sent to one worker."""
+
+    first: int
+    requests: list[GradeRequest]
+    extra_fields: list[str]  # of the whole batch
+    worker: int  # index into the pool's workers
+    generation: int  # which incarnation of that worker got it (a replacement has a higher one)
+    starting: Any  # the worker's pending ``ready()`` if it was a replacement still starting, else None
+    ref: Any  # the pending ``WorkerResult``
+    deadline: float  # ``time.monotonic()`` by which the worker must have answered, start-up aside
+    resent: bool = False
+
+
+@dataclass
+class GradeHandle:
+    """A batch being graded: returned by ``GraderPool.submit``, redeemed with ``GraderPool.collect``."""
+
+    num_requests: int
+    shares: list[_Share]
+
+
+class GraderPool:
+    """``num_grader_workers`` grader actors (or in-process objects when ``local``) behind one typed facade."""
+
+    def __init__(self, cfg: GraderConfig, local: bool = False):
+        validate_graders(cfg)
+        self.cfg = cfg
+        self.local = local
+        self.weights = {item.name: item.weight for item in cfg.items}
+        self.workers = [self._start_worker() for _ in range(cfg.num_grader_workers)]
+        self._generations = [0] * len(self.workers)
+        # Per worker: a replacement's pending ``ready()``, until a share has seen it done.
+        self._starting: list[Any] = [None] * len(self.workers)
+        # Per worker: when it should be done with everything sent to it so far (``time.monotonic()``).
+        self._busy_until = [0.0] * len(self.workers)
+        try:
+            wait([worker.ready.remote() for worker in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+
+    @property
+    def share_budget_s(self) -> float:
+        """The longest a worker may take over one share: every grader's timeout, plus the margin."""
+        return len(self.cfg.items) * self.cfg.timeout_s + STUCK_MARGIN_S
+
+    def grade(self, requests: list[GradeRequest]) -> GradeResult:
+        """Score ``requests`` on all workers at once; returns within about ``share_budget_s``."""
+        return self.collect(self.submit(requests))
+
+    def submit(self, requests: list[GradeRequest]) -> GradeHandle:
+        """Start grading ``requests``, split evenly over the workers, and return at once (in local mode the work
+        is done here). Shares queue behind earlier submissions on the same worker; their deadlines account for it."""
+        num_workers = len(self.workers)
+        extra_fields = extra_fields_of(requests)
+        shares = []
+        for worker in range(num_workers):
+            first = len(requests) * worker // num_workers
+            end = len(requests) * (worker + 1) // num_workers
+            if end > first:
+                shares.append(self._send(first, requests[first:end], extra_fields, worker))
+        return GradeHandle(len(requests), shares)
+
+    def collect(self, handle: GradeHandle) -> GradeResult:
+        """Wait for a submitted batch (no share past its deadline) and combine the graders' scores."""
+        by_first = {share.first: self._await(share) for share in sorted(handle.shares, key=lambda s: s.deadline)}
+        outcomes = {name: [o for first in sorted(by_first) for o in by_first[first][name]] for name in self.weights}
+        return self._result(outcomes, handle.num_requests)
+
+    def shutdown(self) -> None:
+        """Kill the worker actors (abandoned threads included)."""
+        if not self.local:
+            for worker in self.workers:
+                ray.kill(worker, no_restart=True)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _start_worker(self):
+        resources = Resources(num_cpus=self.cfg.num_cpus_per_worker)
+        return spawn(GraderWorker, self.cfg, resources=resources, local=self.local)
+
+    def _send(
+        self, first: int, requests: list[GradeRequest], extra_fields: list[str], worker: int, resent: bool = False
+    ) -> _Share:
+        start = max(time.monotonic(), self._busy_until[worker])
+        self._busy_until[worker] = start + self.share_budget_s
+        ref = self.workers[worker].grade.remote(requests, extra_fields)
+        generation, starting, deadline = self._generations[worker], self._starting[worker], self._busy_until[worker]
+        return _Share(first, requests, extra_fields, worker, generation, starting, ref, deadline, resent)
+
+    def _await(self, share: _Share) -> dict[str, list[Outcome]]:
+        """The share's outcomes; a stuck worker is replaced (timeouts), a dead one replaced and the share resent
+        once (errors if it dies again)."""
+        try:
+            result: WorkerResult = self._get(share)
+        except GetTimeoutError:
+            logger.warning("grader worker %d stuck past its deadline; replacing it", share.worker)
+            self._replace(share.worker, share.generation)
+            return self._all(share, Failure.TIMEOUT)
+        except RayActorError:
+            self._replace(share.worker, share.generation)
+            if share.resent:
+                logger.warning("grader worker %d died twice on the same share; scoring it as errors", share.worker)
+                return self._all(share, Failure.ERROR)
+            return self._await(self._send(share.first, share.requests, share.extra_fields, share.worker, resent=True))
+        except RayError:
+            logger.warning("grading a share failed on worker %d", share.worker, exc_info=True)
+            return self._all(share, Failure.ERROR)
+        if result.num_stuck_threads:
+            self._replace(share.worker, share.generation)
+        return result.outcomes
+
+    def _get(self, share: _Share) -> WorkerResult:
+        """The share's result, waiting no longer than its deadline plus its worker's remaining start-up."""
+        if self.local:
+            return wait(share.ref)
+        deadline = share.deadline
+        if share.starting is not None:
+            before = time.monotonic()
+            ray.get(share.starting, timeout=RESTART_ALLOWANCE_S)
+            deadline += time.monotonic() - before
+            if self._generations[share.worker] == share.generation:
+                self._starting[share.worker] = None
+        return ray.get(share.ref, timeout=max(0.0, deadline - time.monotonic()))
+
+    def _replace(self, worker: int, generation: int) -> None:
+        """Kill worker ``worker`` and start a fresh one, unless the incarnation ``generation`` is already gone.
+        Shares still queued on the old one fail with ``RayActorError`` and are resent."""
+        if self._generations[worker] != generation:
+            return
+        if not self.local:
+            ray.kill(self.workers[worker], no_restart=True)
+        self.workers[worker] = self._start_worker()
+        self._generations[worker] += 1
+        self._starting[worker] = None if self.local else self.workers[worker].ready.remote()
+        self._busy_until[worker] = time.monotonic()
+
+    def _all(self, share: _Share, failure: Failure) -> dict[str, list[Outcome]]:
+        return {name: [failure] * len(share.requests) for name in self.weights}
+
+    def _result(self, outcomes: dict[str, list[Outcome]], num_requests: int) -> GradeResult:
+        """Fallbacks in place of failures, counters of each failure, and the weighted sum."""
+        fallback = self.cfg.fallback_score
+        counts = {failure: 0 for failure in Failure}
+        scores: dict[str, list[float]] = {}
+        for name, grader_outcomes in outcomes.items():
+            for outcome in grader_outcomes:
+                if isinstance(outcome, Failure):
+                    counts[outcome] += 1
+            scores[name] = [fallback if isinstance(o, Failure) else o for o in grader_outcomes]
+        rewards = [sum(self.weights[name] * scores[name][i] for name in scores) for i in range(num_requests)]
+        return GradeResult(
+            rewards=rewards,
+            scores=scores,
+            num_errors=counts[Failure.ERROR],
+            num_timeouts=counts[Failure.TIMEOUT],
+            num_invalid=counts[Failure.INVALID],
+        )

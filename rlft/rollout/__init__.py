@@ -1,0 +1,14 @@
+"""Rollout workers: sample responses (token ids + sampler logprobs) with vLLM or transformers, take new weights.
+
+    group = RolloutGroup(model_path, cfg.rollout)                         # rlft.rollout.group
+    samples = group.generate(prompt_token_ids, cfg.rollout.sampling, num_samples_per_prompt=8)
+    stats = group.sync_weights(policy_version=1, weights_by_name=learners.export_weights())
+
+This package's top level holds only the configuration and result types, so ``rlft.config`` can import them without
+pulling in torch, Ray or vLLM.
+"""
+
+from rlft.rollout.config import RolloutConfig, SamplingConfig, validate_rollout_config
+from rlft.rollout.types import Completion, FinishReason, Sample
+
+__all__ = ["Completion", "FinishReason", "RolloutConfig", "Sample", "SamplingConfig", "validate_rollout_config"]

@@ -1,0 +1,37 @@
+"""What rollout engines and workers return: one response per object, typed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# ``stop``: the response ended with the eos token or a stop string; ``length``: it ran into ``max_new_tokens``.
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    """One response of an engine to one prompt."""
+
+    token_ids: list[int]
+    # Sampler logprob of each token in ``token_ids``: log p(token | prefix) under the model's own distribution
+    # (raw logits: no temperature, top-k or top-p applied), the quantity a learner recomputes.
+    logprobs: list[float]
+    # Decoded without special tokens; ends before a stop string.
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass
+class Sample:
+    """One response with where it came from: the prompt and the policy version that generated it."""
+
+    # The caller's index of the prompt (for example its position in the step's batch or in the dataset).
+    prompt_index: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    # Aligned with ``response_token_ids``; see ``Completion.logprobs``.
+    response_logprobs: list[float]
+    response_text: str
+    finish_reason: FinishReason
+    policy_version: int

@@ -1,0 +1,67 @@
+"""One rollout worker: an engine (vLLM or transformers) that samples responses and takes new weights by version.
+
+A plain class: ``RolloutGroup`` makes it a Ray actor with ``spawn`` (or an in-process object without Ray).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from rlft.distributed.weight_sync import BucketRef, fetch_buckets, iter_bucket_weights
+from rlft.rollout.config import RolloutConfig, SamplingConfig
+from rlft.rollout.engines import make_engine
+from rlft.rollout.types import Sample
+
+# Seeds stay below this, leaving room for vLLM's per-sample offsets (sample j of a prompt uses seed + j).
+_SEED_LIMIT = 2**62
+
+
+def prompt_seed(seed: int, policy_version: int, prompt_index: int) -> int:
+    """The sampling seed of one prompt: fixed by (seed, policy_version, prompt_index), unrelated across prompts."""
+    digest = hashlib.blake2b(f"{seed}:{policy_version}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: RolloutConfig):
+        self.engine = make_engine(model_path, cfg)
+        self._policy_version = 0
+
+    def policy_version(self) -> int:
+        """The version of the weights the engine holds: 0 for the model it started from, then as synced."""
+        return self._policy_version
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        sampling: SamplingConfig,
+        num_samples_per_prompt: int,
+        prompt_indices: list[int],
+    ) -> list[Sample]:
+        """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version."""
+        seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
+        completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
+        return [
+            Sample(
+                prompt_index=index,
+                prompt_token_ids=list(prompt),
+                response_token_ids=c.token_ids,
+                response_logprobs=c.logprobs,
+                response_text=c.text,
+                finish_reason=c.finish_reason,
+                policy_version=self._policy_version,
+            )
+            for index, prompt, per_prompt in zip(prompt_indices, prompt_token_ids, completions)
+            for c in per_prompt
+        ]
+
+    def update_weights(self, policy_version: int, bucket_refs: list[BucketRef]) -> None:
+        """Apply a full set of weights (all buckets in one engine update) and take on their version."""
+        if policy_version < self._policy_version:
+            raise ValueError(f"policy version {policy_version} is older than the current {self._policy_version}")
+        self.engine.update_weights(iter_bucket_weights(fetch_buckets(bucket_refs)))
+        self._policy_version = policy_version
+
+    def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
+        return self.engine.token_logprobs(sequences)
