@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -43,3 +49,27 @@ def ray_cluster():
     init_ray(RayConfig(num_cpus=4), num_cpus_needed=4)
     yield
     ray.shutdown()
+
+
+@dataclass
+class CompletedRun:
+    proc: subprocess.CompletedProcess
+    output_dir: Path
+
+
+def run_rlft(*args: str, cwd: Path, timeout_s: int = 900) -> subprocess.CompletedProcess:
+    """``rlft ARGS`` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "rlft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+@pytest.fixture(scope="session")
+def sft_demo_run(tmp_path_factory) -> CompletedRun:
+    """The README's SFT job (configs/sft_tiny.yaml), run once per session: its test checks it, RL tests start
+    from its model."""
+    work = tmp_path_factory.mktemp("sft_demo")
+    out = work / "run"
+    proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), f"logging.output_dir={out}", cwd=work)
+    return CompletedRun(proc, out)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,13 @@ from rlft.config import load_config
 from rlft.controller.common import resolve_paths
 from rlft.controller.sft import load_sft_rows, sft
 from rlft.metrics import read_metrics
-from rlft.tiny import resolve
+from conftest import run_rlft
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rlft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "rlft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_rlft(*args, cwd=cwd)
 
 
 def _write_rows(path: Path, rows: list) -> Path:
@@ -74,10 +69,9 @@ def test_too_few_rows_for_a_step(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_sft_demo_end_to_end(tmp_path):
+def test_sft_demo_end_to_end(sft_demo_run):
     """The README's main job: SFT of the tiny model on 2 ZeRO-2 learners lifts held-out accuracy well above chance."""
-    out = tmp_path / "run"
-    proc = _rlft("train", str(ROOT / "configs/sft_tiny.yaml"), f"logging.output_dir={out}", cwd=tmp_path)
+    proc, out = sft_demo_run.proc, sft_demo_run.output_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if "train/loss" in r]
