@@ -1,6 +1,6 @@
 """The ``rlft`` command.
 
-    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT or GRPO)
+    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT, GRPO or PPO)
     rlft config show CONFIG [key.sub=value ...] print the resolved config
     rlft tiny build --out DIR                  build the embedded tiny model, tokenizer and task data
 """
@@ -21,6 +21,8 @@ def _train(args: argparse.Namespace) -> int:
         from rlft.controller.sft import sft as run
     elif cfg.algorithm == "grpo":
         from rlft.controller.grpo import grpo as run
+    elif cfg.algorithm == "ppo":
+        from rlft.controller.ppo import ppo as run
     else:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
     result = run(cfg)

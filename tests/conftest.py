@@ -73,3 +73,14 @@ def sft_demo_run(tmp_path_factory) -> CompletedRun:
     out = work / "run"
     proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), f"logging.output_dir={out}", cwd=work)
     return CompletedRun(proc, out)
+
+
+@pytest.fixture(scope="session")
+def fixed_prompts(tmp_path_factory) -> Path:
+    """32 arithmetic prompts: every RL step samples the same prompts, so a rising reward is learning, not luck."""
+    from rlft.tiny import resolve
+
+    rows = Path(resolve("tiny://arithmetic/rft_train.jsonl")).read_text().splitlines()[:32]
+    path = tmp_path_factory.mktemp("rl_data") / "prompts.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -9,20 +9,10 @@ import pytest
 
 from conftest import ROOT, run_rlft
 from rlft.metrics import read_metrics
-from rlft.tiny import resolve
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 NUM_STEPS = 15
-
-
-@pytest.fixture(scope="module")
-def fixed_prompts(tmp_path_factory) -> Path:
-    """32 arithmetic prompts: every step samples the same prompts, so a rising reward is learning, not luck."""
-    rows = Path(resolve("tiny://arithmetic/rft_train.jsonl")).read_text().splitlines()[:32]
-    path = tmp_path_factory.mktemp("grpo_data") / "prompts.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,164 @@
+"""PPO with a critic: one readable loop, every phase named and timed.
+
+```
+prompts ──► rollout workers ──► samples(token ids, sampler logprobs, policy_version)
+                                   │
+        ┌──────────────────┬───────┴──────────┬─────────────────────┐
+        ▼                  ▼                  ▼                     ▼
+   grader pool      reference server    learner (old logprobs)   critic (values)
+   rewards          ref logprobs
+        └──────────────────┴───────┬──────────┴─────────────────────┘
+                                   ▼
+     token rewards (score on the last response token, minus a KL penalty per token when rl.kl_mode=reward)
+                                   ▼
+     GAE advantages and returns (rlft.algorithms.gae), advantages whitened over the step's response tokens
+                                   ▼
+     policy update (PolicyLoss) and critic update (ValueLoss), rl.num_mini_batches × rl.num_epochs_per_step
+                                   ▼
+     weight sync learner ──► every rollout worker (bucketed, versioned)
+```
+
+| phase | waits for |
+|---|---|
+| generate | the weights synced at the end of the previous step |
+| grade, reference, old logprobs, values | the samples |
+| advantages | rewards, values (and reference logprobs for the KL penalty) |
+| update | advantages and returns |
+| sync | the policy update |
+
+Follows Ouyang et al. 2022 (arXiv:2203.02155) as commonly implemented for language models: the KL to the reference
+is a per-token reward penalty by default (``rl.kl_mode``), the critic starts from the policy's checkpoint with a
+fresh scalar head, and advantages are whitened per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from rlft.algorithms.advantages import gae
+from rlft.algorithms.kl import kl_estimate
+from rlft.algorithms.policy_loss import PolicyLoss, ValueBatch, ValueLoss
+from rlft.config import Config
+from rlft.controller.common import PhaseTimer
+from rlft.controller.rl_steps import (
+    RLResult,
+    end_step,
+    finish,
+    grade_requests,
+    mean_metrics,
+    policy_batch,
+    rollout_metrics,
+    start_rl_run,
+    sync_metrics,
+    with_aggregation_weights,
+)
+
+
+def ppo(cfg: Config) -> RLResult:
+    rl = cfg.rl
+    run = start_rl_run(cfg, with_critic=True)
+    cfg, prompts = run.cfg, run.prompts
+    policy_loss = PolicyLoss(
+        clip_low=rl.clip_low,
+        clip_high=rl.clip_high,
+        dual_clip=rl.dual_clip,
+        kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
+        kl_kind=rl.kl_kind,
+        entropy_coef=rl.entropy_coef,
+    )
+    value_loss = ValueLoss(clip=rl.value_clip)
+    try:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            indices = run.sampler.next_batch()
+
+            with timer.phase("generate"):
+                samples = run.rollout.generate(
+                    [prompts.token_ids[i] for i in indices],
+                    cfg.rollout.sampling,
+                    rl.num_samples_per_prompt,
+                    prompt_indices=indices,
+                )
+            with timer.phase("grade"):
+                graded = run.graders.grade(grade_requests(samples, prompts))
+            rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
+            batch, sampler_logprobs_BT = policy_batch(
+                samples, torch.zeros_like(rewards_S), run.tokenizer.pad_token_id, cfg.rollout.max_model_len
+            )
+            batch = batch.trimmed()
+            sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+            response_BT = batch.loss_weights_BT != 0
+
+            with timer.phase("old_logprobs"):
+                batch = dataclasses.replace(batch, old_logprobs_BT=run.learners.compute_logprobs(batch))
+            with timer.phase("values"):
+                values_BT = run.critic.compute_values(batch)
+            if run.reference is not None:
+                with timer.phase("reference"):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.logprobs(batch))
+
+            with timer.phase("advantages"):
+                rewards_BT = _token_rewards(rewards_S, response_BT)
+                kl_penalty_BT = torch.zeros_like(rewards_BT)
+                if run.reference is not None and rl.kl_mode == "reward":
+                    kl_BT = kl_estimate(batch.old_logprobs_BT, batch.ref_logprobs_BT, rl.kl_kind)
+                    kl_penalty_BT = rl.kl_coef * kl_BT * response_BT
+                advantages_BT, returns_BT = gae(rewards_BT - kl_penalty_BT, values_BT, response_BT, rl.gamma, rl.gae_lambda)
+                batch = dataclasses.replace(batch, advantages_BT=_whiten(advantages_BT, response_BT))
+                critic_batch = ValueBatch(
+                    input_ids_BT=batch.input_ids_BT,
+                    attention_mask_BT=batch.attention_mask_BT,
+                    position_ids_BT=batch.position_ids_BT,
+                    loss_weights_BT=batch.loss_weights_BT,
+                    old_values_BT=values_BT,
+                    returns_BT=returns_BT,
+                )
+
+            with timer.phase("update"):
+                policy_results, critic_results = [], []
+                for _ in range(rl.num_epochs_per_step):
+                    for mini in batch.split(rl.num_mini_batches):
+                        policy_results.append(run.learners.train_step(with_aggregation_weights(mini, cfg), policy_loss).metrics)
+                    for mini in critic_batch.split(rl.num_mini_batches):
+                        critic_results.append(run.critic.train_step(with_aggregation_weights(mini, cfg), value_loss).metrics)
+            with timer.phase("sync"):
+                sync = run.rollout.sync_weights(step, run.learners.export_weights())
+
+            end_step(
+                run,
+                step,
+                {
+                    **rollout_metrics(samples, prompts, rewards_S, step),
+                    "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
+                    **sync_metrics(sync, batch.old_logprobs_BT, sampler_logprobs_BT, response_BT),
+                    **mean_metrics(policy_results, "train/"),
+                    **mean_metrics(critic_results, "critic/"),
+                    **graded.metrics(),
+                    **timer.metrics(),
+                    "time/step_seconds": time.perf_counter() - step_start,
+                    "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                    "perf/update_tokens_per_second": 2 * batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
+                },
+            )
+        return finish(run)
+    finally:
+        run.shutdown()
+
+
+def _token_rewards(rewards_S: torch.Tensor, response_BT: torch.Tensor) -> torch.Tensor:
+    """Each sample's score on its last response token, 0 elsewhere (an outcome reward)."""
+    positions_T = torch.arange(response_BT.shape[1])
+    last_S = torch.where(response_BT, positions_T, -1).max(dim=1).values
+    rewards_BT = torch.zeros(response_BT.shape, dtype=torch.float32)
+    rewards_BT[torch.arange(len(rewards_S)), last_S] = rewards_S
+    return rewards_BT
+
+
+def _whiten(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x − mean) / std over the masked tokens of the whole step; 0 off the mask."""
+    values = x_BT[mask_BT]
+    return torch.where(mask_BT, (x_BT - values.mean()) / (values.std() + eps), 0.0)
