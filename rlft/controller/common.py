@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rlft.config import Config, ConfigError
 from rlft.tiny import resolve
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to ``summary.json`` in its output directory)."""
+
+    output_dir: Path
+    final_model_dir: Path
+    num_steps: int
+    eval_accuracy_start: float | None
+    eval_accuracy_end: float | None
+    seconds: float
+
+    def write_summary(self) -> None:
+        summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -37,14 +37,13 @@ import time
 import torch
 
 from rlft.algorithms.advantages import grpo_advantages
-from rlft.algorithms.policy_loss import PolicyLoss
 from rlft.config import Config
-from rlft.controller.common import PhaseTimer
+from rlft.controller.common import PhaseTimer, RunResult
 from rlft.controller.rl_steps import (
-    RLResult,
     end_step,
     finish,
     grade_requests,
+    make_policy_loss,
     mean_metrics,
     policy_batch,
     rollout_metrics,
@@ -54,18 +53,11 @@ from rlft.controller.rl_steps import (
 )
 
 
-def grpo(cfg: Config) -> RLResult:
+def grpo(cfg: Config) -> RunResult:
     rl = cfg.rl
     run = start_rl_run(cfg, with_critic=False)
     cfg, prompts = run.cfg, run.prompts
-    loss = PolicyLoss(
-        clip_low=rl.clip_low,
-        clip_high=rl.clip_high,
-        dual_clip=rl.dual_clip,
-        kl_coef=rl.kl_coef,
-        kl_kind=rl.kl_kind,
-        entropy_coef=rl.entropy_coef,
-    )
+    loss = make_policy_loss(cfg, kl_in_loss=True)
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             timer = PhaseTimer()

@@ -40,14 +40,14 @@ import torch
 
 from rlft.algorithms.advantages import gae
 from rlft.algorithms.kl import kl_estimate
-from rlft.algorithms.policy_loss import PolicyLoss, ValueBatch, ValueLoss
+from rlft.algorithms.policy_loss import ValueBatch, ValueLoss
 from rlft.config import Config
-from rlft.controller.common import PhaseTimer
+from rlft.controller.common import PhaseTimer, RunResult
 from rlft.controller.rl_steps import (
-    RLResult,
     end_step,
     finish,
     grade_requests,
+    make_policy_loss,
     mean_metrics,
     policy_batch,
     rollout_metrics,
@@ -57,18 +57,11 @@ from rlft.controller.rl_steps import (
 )
 
 
-def ppo(cfg: Config) -> RLResult:
+def ppo(cfg: Config) -> RunResult:
     rl = cfg.rl
     run = start_rl_run(cfg, with_critic=True)
     cfg, prompts = run.cfg, run.prompts
-    policy_loss = PolicyLoss(
-        clip_low=rl.clip_low,
-        clip_high=rl.clip_high,
-        dual_clip=rl.dual_clip,
-        kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
-        kl_kind=rl.kl_kind,
-        entropy_coef=rl.entropy_coef,
-    )
+    policy_loss = make_policy_loss(cfg, kl_in_loss=rl.kl_mode == "loss")
     value_loss = ValueLoss(clip=rl.value_clip)
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):

@@ -17,9 +17,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.aggregation import aggregation_weights
-from rlft.algorithms.policy_loss import PolicyBatch
+from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
 from rlft.config import Config, ConfigError, to_yaml
-from rlft.controller.common import EpochSampler, prune_checkpoints, resolve_paths, resume_path
+from rlft.controller.common import EpochSampler, RunResult, prune_checkpoints, resolve_paths, resume_path
 from rlft.data import formats
 from rlft.data.formats import RFTPrompt
 from rlft.data.sources import DataError
@@ -97,6 +97,19 @@ def policy_batch(
     return batch, sampler_logprobs_BT
 
 
+def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
+    """The policy loss the ``rl`` section describes; the KL term only when it belongs in the loss."""
+    rl = cfg.rl
+    return PolicyLoss(
+        clip_low=rl.clip_low,
+        clip_high=rl.clip_high,
+        dual_clip=rl.dual_clip,
+        kl_coef=rl.kl_coef if kl_in_loss else 0.0,
+        kl_kind=rl.kl_kind,
+        entropy_coef=rl.entropy_coef,
+    )
+
+
 def with_aggregation_weights(batch, cfg: Config):
     """Turn the response mask in ``loss_weights_BT`` into the step's aggregation weights (``rl.loss_aggregation``)."""
     mode = cfg.rl.loss_aggregation
@@ -130,16 +143,6 @@ def greedy_accuracy(rollout, prompts: PromptSet, max_new_tokens: int) -> tuple[f
 # ---------------------------------------------------------------------------------------------------------------
 # The parts of a run around the step loop: set-up (data checked before actors start), evaluation, checkpoints,
 # the end. GRPO and PPO call these; the step itself stays in each controller.
-
-
-@dataclass
-class RLResult:
-    output_dir: Path
-    final_model_dir: Path
-    num_steps: int
-    eval_accuracy_start: float | None
-    eval_accuracy_end: float | None
-    seconds: float
 
 
 @dataclass
@@ -278,13 +281,13 @@ def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
             evaluate(run, step, f"step{step}")
 
 
-def finish(run: RLRun) -> RLResult:
+def finish(run: RLRun) -> RunResult:
     """Final checkpoint, the Hugging Face model directory, the final evaluation and ``summary.json``."""
     run.progress.close()
     save_checkpoint(run, run.total_steps)
     final_dir = run.learners.save_pretrained(run.out_dir / "final_model")
     accuracy_end = evaluate(run, run.total_steps, "final") if run.eval_prompts else None
-    result = RLResult(
+    result = RunResult(
         output_dir=run.out_dir,
         final_model_dir=final_dir,
         num_steps=run.total_steps,
@@ -292,8 +295,7 @@ def finish(run: RLRun) -> RLResult:
         eval_accuracy_end=accuracy_end,
         seconds=time.perf_counter() - run.started,
     )
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    result.write_summary()
     return result
 
 

@@ -14,10 +14,7 @@ rows (JSONL / Parquet / datasets dir) ──► validate + tokenize (driver, bef
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,7 +22,7 @@ from transformers import AutoTokenizer
 
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config, ConfigError, to_yaml
-from rlft.controller.common import EpochSampler, prune_checkpoints, resolve_paths, resume_path
+from rlft.controller.common import EpochSampler, RunResult, prune_checkpoints, resolve_paths, resume_path
 from rlft.controller.evaluation import Evaluator, write_samples
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
@@ -34,16 +31,6 @@ from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
 from rlft.distributed.cluster import init_ray
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
-
-
-@dataclass
-class SFTResult:
-    output_dir: Path
-    final_model_dir: Path
-    num_steps: int
-    eval_accuracy_start: float | None
-    eval_accuracy_end: float | None
-    seconds: float
 
 
 def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[str, int]]:
@@ -70,7 +57,7 @@ def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[
     return examples, counts
 
 
-def sft(cfg: Config) -> SFTResult:
+def sft(cfg: Config) -> RunResult:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
     out_dir = Path(cfg.logging.output_dir)
@@ -167,7 +154,7 @@ def sft(cfg: Config) -> SFTResult:
         prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         final_dir = learners.save_pretrained(out_dir / "final_model")
         accuracy_end = evaluate(total_steps, "final") if evaluator else None
-        summary = SFTResult(
+        summary = RunResult(
             output_dir=out_dir,
             final_model_dir=final_dir,
             num_steps=total_steps,
@@ -175,9 +162,7 @@ def sft(cfg: Config) -> SFTResult:
             eval_accuracy_end=accuracy_end,
             seconds=time.perf_counter() - started,
         )
-        (out_dir / "summary.json").write_text(
-            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(summary).items()}, indent=1)
-        )
+        summary.write_summary()
         return summary
     finally:
         if logger is not None:
