@@ -126,3 +126,25 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, ray_cluster):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     # Packed rows: a step's row holds several examples.
     assert read_metrics(straight / "metrics.jsonl")[0]["data/train_rows"] < read_metrics(straight / "metrics.jsonl")[0]["data/rows_read"]
+
+
+def test_local_mode_sft_without_ray(tmp_path):
+    """`ray.local_mode=true`: the learner runs in the driver's process, no Ray cluster starts."""
+    out = tmp_path / "run"
+    proc = _rlft(
+        "train",
+        str(ROOT / "configs/sft_tiny.yaml"),
+        "ray.local_mode=true",
+        "learner.num_learners=1",
+        "learner.micro_batch_size_per_learner=16",
+        "trainer.global_batch_size=32",
+        "trainer.max_steps=3",
+        "eval.num_examples=10",
+        "logging.wandb=false",
+        f"logging.output_dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
+    assert (out / "final_model/model.safetensors").exists()

@@ -87,8 +87,9 @@ def sft(cfg: Config) -> RunResult:
     )
 
     # ---- actors
-    init_ray(cfg.ray, cfg.learner.num_learners * cfg.learner.num_cpus_per_learner)
-    learners = LearnerGroup(cfg, total_steps)
+    if not cfg.ray.local_mode:
+        init_ray(cfg.ray, cfg.learner.num_learners * cfg.learner.num_cpus_per_learner)
+    learners = LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode)
     logger = None
     try:
         start_step = 0
