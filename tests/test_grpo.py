@@ -100,3 +100,39 @@ def test_bad_grader_config_stops_before_actors(tmp_path):
     )
     assert proc.returncode == 2
     assert "graders.items[0].pattern: invalid regex in grader 'fmt'" in proc.stderr
+
+
+def test_resume_continues_from_the_latest_checkpoint(sft_demo_run, fixed_prompts, tmp_path):
+    """4 steps straight vs 2 steps, then `checkpoint.resume=auto` to 4: the same rewards and losses at steps 3-4
+    (data position, optimizer state and policy version restored; samples are seeded by policy version)."""
+    common = [
+        "train",
+        str(ROOT / "configs/grpo_tiny.yaml"),
+        f"model.path={sft_demo_run.output_dir / 'final_model'}",
+        f"data.train_path={fixed_prompts}",
+        "rl.num_prompts_per_step=8",
+        "trainer.global_batch_size=64",
+        "learner.micro_batch_size_per_learner=32",
+        "checkpoint.every_n_steps=2",
+        "checkpoint.keep_last=0",
+        "eval.num_examples=0",
+        "logging.wandb=false",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_rlft(*common, "trainer.max_steps=4", f"logging.output_dir={straight}", cwd=tmp_path).returncode == 0
+    first = run_rlft(*common, "trainer.max_steps=2", f"logging.output_dir={resumed}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_rlft(
+        *common, "trainer.max_steps=4", "checkpoint.resume=auto", f"logging.output_dir={resumed}", cwd=tmp_path
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+
+    def by_step(run):
+        return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "reward/mean" in r}
+
+    a, b = by_step(straight), by_step(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step]["reward/mean"] == a[step]["reward/mean"], step
+        assert b[step]["train/policy_loss"] == pytest.approx(a[step]["train/policy_loss"], abs=1e-6), step
