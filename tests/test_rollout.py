@@ -13,7 +13,8 @@ from rlft.config import ConfigError
 from rlft.data.tokenize import tokenize_prompt
 from rlft.distributed.weight_sync import fetch_buckets, iter_bucket_weights, pack_buckets, publish_buckets
 from rlft.rollout import RolloutConfig, SamplingConfig, validate_rollout_config
-from rlft.rollout.group import RolloutGroup, _chunks
+from rlft.distributed.actors import balanced_chunks
+from rlft.rollout.group import RolloutGroup
 from rlft.rollout.worker import prompt_seed
 from rlft.tiny.model import build_model
 
@@ -93,9 +94,9 @@ def ascii_stop(text: str) -> str | None:
 
 
 def test_chunks_are_contiguous_and_balanced():
-    assert _chunks(5, 2) == [(0, 3), (3, 5)]
-    assert _chunks(2, 3) == [(0, 1), (1, 2), (2, 2)]
-    assert _chunks(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert balanced_chunks(5, 2) == [(0, 3), (3, 5)]
+    assert balanced_chunks(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    assert balanced_chunks(6, 3) == [(0, 2), (2, 4), (4, 6)]
 
 
 def test_buckets_round_trip_every_dtype_and_respect_the_size():

@@ -95,6 +95,23 @@ def wait(refs):
     return refs.value if isinstance(refs, _Done) else ray.get(refs)
 
 
+def kill(handles: list) -> None:
+    """End role actors started by ``spawn`` (in-process ones simply go out of scope)."""
+    for handle in handles:
+        if not isinstance(handle, LocalActor):
+            ray.kill(handle)
+
+
+def balanced_chunks(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of ``num_parts`` contiguous chunks whose sizes differ by at most one: 5 over 2 -> (0,3),(3,5)."""
+    bounds, start = [], 0
+    for part in range(num_parts):
+        stop = start + num_items // num_parts + (part < num_items % num_parts)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))

@@ -16,7 +16,7 @@ import torch
 
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import LocalActor, Resources, spawn, wait
+from rlft.distributed.actors import Resources, kill, spawn, wait
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
 
 # Metrics every rank reports the same value of (the rest are summed over ranks).
@@ -145,14 +145,10 @@ class LearnerGroup:
         return json.loads(state_file.read_text())
 
     def shutdown(self) -> None:
-        import ray
-
         try:
             wait([w.shutdown.remote() for w in self.workers])
         finally:
-            for worker in self.workers:
-                if not isinstance(worker, LocalActor):
-                    ray.kill(worker)
+            kill(self.workers)
 
 
 def _combine(results: list[dict[str, float]]) -> dict[str, float]:

@@ -25,7 +25,6 @@ from rlft.data.batch import TokenBatch
 # (so the shares of all micro-batches on all ranks add up to the step's loss) and additive metrics.
 Loss = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, float]]]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,10 @@ class LearnerWorker:
         if spec.head == "value":
             # The critic starts from the policy's backbone with a fresh one-output head.
             model = transformers.AutoModelForTokenClassification.from_pretrained(
-                spec.model_path, num_labels=1, dtype=_DTYPES[spec.dtype]
+                spec.model_path, num_labels=1, dtype=spec.dtype
             )
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_DTYPES[spec.dtype])
+            model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=spec.dtype)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(

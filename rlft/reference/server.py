@@ -12,11 +12,8 @@ import torch
 
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import LocalActor, Resources, spawn, wait
+from rlft.distributed.actors import Resources, balanced_chunks, kill, spawn, wait
 from rlft.reference.config import ReferenceConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class ReferenceWorker:
     """One replica: a frozen Hugging Face causal LM in eval mode."""
@@ -28,7 +25,7 @@ class ReferenceWorker:
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
         self.micro_batch_size = micro_batch_size
@@ -57,26 +54,11 @@ class ReferenceGroup:
         ]
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        bounds = _chunk_bounds(batch.num_rows, len(self.workers))
+        bounds = balanced_chunks(batch.num_rows, len(self.workers))
         parts = wait(
             [w.logprobs.remote(batch.rows(lo, hi)) for w, (lo, hi) in zip(self.workers, bounds) if hi > lo]
         )
         return torch.cat(parts)
 
     def shutdown(self) -> None:
-        import ray
-
-        for worker in self.workers:
-            if not isinstance(worker, LocalActor):
-                ray.kill(worker)
-
-
-def _chunk_bounds(num_rows: int, num_parts: int) -> list[tuple[int, int]]:
-    """Contiguous, balanced ``[lo, hi)`` row ranges (sizes differ by at most one)."""
-    base, extra = divmod(num_rows, num_parts)
-    bounds, lo = [], 0
-    for i in range(num_parts):
-        hi = lo + base + (1 if i < extra else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
+        kill(self.workers)

@@ -18,7 +18,6 @@ import torch
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Completion, FinishReason
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RolloutEngine(Protocol):
@@ -196,7 +195,7 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[cfg.dtype]).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=cfg.dtype).to(self.device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 

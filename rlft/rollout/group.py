@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from rlft.distributed.actors import LocalActor, Resources, spawn, wait
+from rlft.distributed.actors import Resources, balanced_chunks, kill, spawn, wait
 from rlft.distributed.weight_sync import SyncStats, pack_buckets, publish_buckets
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
@@ -59,7 +59,7 @@ class RolloutGroup:
             raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
         calls = [
             worker.generate.remote(prompts[start:stop], sampling, num_samples_per_prompt, indices[start:stop])
-            for worker, (start, stop) in zip(self.workers, _chunks(len(prompts), self.num_workers))
+            for worker, (start, stop) in zip(self.workers, balanced_chunks(len(prompts), self.num_workers))
             if stop > start
         ]
         return [sample for samples in wait(calls) for sample in samples]
@@ -68,7 +68,7 @@ class RolloutGroup:
         """Per-token logprobs of given sequences under the workers' current weights (spread like ``generate``)."""
         calls = [
             worker.token_logprobs.remote(sequences[start:stop])
-            for worker, (start, stop) in zip(self.workers, _chunks(len(sequences), self.num_workers))
+            for worker, (start, stop) in zip(self.workers, balanced_chunks(len(sequences), self.num_workers))
             if stop > start
         ]
         return [row for rows in wait(calls) for row in rows]
@@ -83,19 +83,5 @@ class RolloutGroup:
         return SyncStats.since(start, buckets)
 
     def shutdown(self) -> None:
-        import ray
-
-        for worker in self.workers:
-            if not isinstance(worker, LocalActor):
-                ray.kill(worker)
+        kill(self.workers)
         self.workers = []
-
-
-def _chunks(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """(start, stop) of ``num_parts`` contiguous chunks whose sizes differ by at most one: 5 over 2 -> (0,3),(3,5)."""
-    bounds, start = [], 0
-    for part in range(num_parts):
-        stop = start + num_items // num_parts + (part < num_items % num_parts)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
