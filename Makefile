@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# SFT warm start, then GRPO from its model; each run leaves metrics.jsonl, curves.png and summary.json.
 demo: setup
 	$(BIN)/rlft train configs/sft_tiny.yaml
+	$(BIN)/rlft train configs/grpo_tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest

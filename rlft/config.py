@@ -72,6 +72,7 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    # Decay after the warm-up; every schedule (``constant`` too) warms up linearly over ``warmup_steps``.
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
@@ -91,6 +92,10 @@ class EvalConfig:
     batch_size: int = 64
     # Also evaluate every N steps during training; 0 means only at the start and the end.
     every_n_steps: int = 0
+    # RL runs: besides the greedy accuracy, sample this many completions per prompt at ``temperature`` and report
+    # their mean accuracy (``eval/sampled_accuracy``, the pass@1 of the sampling policy) and ``eval/pass_at_k``.
+    num_samples: int = 0
+    temperature: float = 1.0
 
 
 @dataclass
@@ -144,6 +149,10 @@ class RLConfig:
     num_mini_batches: int = 1
     # Passes over the step's samples (PPO epochs); > 1 makes later passes off-policy, which the clip handles.
     num_epochs_per_step: int = 1
+    # Critic-free advantages (``algorithm: grpo``): ``grpo`` group-normalised rewards, ``rloo`` leave-one-out
+    # baseline, ``reinforce_pp`` REINFORCE++ (batch-whitened returns, no group baseline), ``reinforce_pp_baseline``
+    # (group mean subtracted first). PPO always uses GAE with its critic.
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     # GRPO: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO).
     advantage_scale: Literal["group", "batch", "none"] = "group"
     # PPO: GAE discount and lambda.
@@ -380,6 +389,8 @@ def validate(cfg: Config) -> None:
     positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     positive("eval.batch_size", cfg.eval.batch_size)
     non_negative("eval.every_n_steps", cfg.eval.every_n_steps)
+    non_negative("eval.num_samples", cfg.eval.num_samples)
+    non_negative("eval.temperature", cfg.eval.temperature)
     non_negative("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
     non_negative("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)

@@ -79,3 +79,44 @@ def _short(value) -> str:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# Panels of ``plot_curves``: the first of each group of keys that the run logged is drawn.
+CURVE_PANELS: tuple[tuple[str, ...], ...] = (
+    ("eval/accuracy",),
+    ("reward/mean", "train/loss"),
+    ("eval/sampled_accuracy", "train/grad_norm"),
+    ("train/entropy", "train/lr"),
+)
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Draw a run's main curves from its ``metrics.jsonl`` into one PNG; returns the path, or None when the file
+    holds none of the ``CURVE_PANELS`` keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    panels = []
+    for keys in CURVE_PANELS:
+        key = next((k for k in keys if any(r.get(k) is not None for r in records)), None)
+        if key is not None:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            panels.append((key, points))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, points) in zip(axes[0], panels):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) <= 30 else None, markersize=3, linewidth=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or str(Path(metrics_path).parent))
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -423,3 +423,37 @@ def test_policy_batch_rows_split_trimmed_concat():
     plain = TokenBatch.concat(parts)
     assert type(plain) is TokenBatch
     torch.testing.assert_close(plain.loss_weights_BT, batch.loss_weights_BT)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_grpo_controller_advantage_estimators(estimator):
+    """``rl.advantage_estimator`` picks the estimator; hand-checked for one group of two and one of two equal."""
+    from rlft.config import load_config
+    from rlft.controller.grpo import critic_free_advantages
+
+    cfg = load_config(None, ["algorithm=grpo", f"rl.advantage_estimator={estimator}", "rl.num_samples_per_prompt=2", "trainer.global_batch_size=32"])
+    rewards_PG = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # Row 0: 2 response tokens, rows 1-3: 1 token each; column 0 is the prompt.
+    mask_BT = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.float32)
+    adv_BT = critic_free_advantages(rewards_PG, mask_BT, cfg)
+    assert (adv_BT[mask_BT == 0] == 0).all()
+    per_row = [adv_BT[0, 1].item(), adv_BT[1, 1].item(), adv_BT[2, 1].item(), adv_BT[3, 1].item()]
+    if estimator == "grpo":  # (r - mean) / group std (unbiased std of [1, 0] is 0.7071)
+        assert per_row == pytest.approx([0.5 / 0.70711, -0.5 / 0.70711, 0.0, 0.0], abs=1e-4)
+    elif estimator == "rloo":  # r_i - mean of the others
+        assert per_row == pytest.approx([1.0, -1.0, 0.0, 0.0])
+    elif estimator == "reinforce_pp":  # returns 1,1 | 0 | 1 | 1 whitened over the 5 valid tokens
+        returns = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+        white = (returns - returns.mean()) / returns.std(unbiased=False)
+        assert adv_BT[mask_BT != 0].tolist() == pytest.approx(white.tolist(), abs=1e-4)
+    else:  # group means subtracted first: 0.5,0.5 | -0.5 | 0 | 0, then whitened
+        centred = torch.tensor([0.5, 0.5, -0.5, 0.0, 0.0])
+        white = (centred - centred.mean()) / centred.std(unbiased=False)
+        assert adv_BT[mask_BT != 0].tolist() == pytest.approx(white.tolist(), abs=1e-4)
+
+
+def test_unknown_advantage_estimator_is_a_config_error():
+    from rlft.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rl.advantage_estimator"):
+        load_config(None, ["rl.advantage_estimator=gae"])

@@ -26,9 +26,11 @@ def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
         f"data.train_path={fixed_prompts}",
         f"trainer.max_steps={NUM_STEPS}",
         "trainer.lr=1e-4",
+        "trainer.warmup_steps=0",
         "checkpoint.every_n_steps=5",
         "eval.num_examples=100",
         "eval.every_n_steps=0",
+        "eval.num_samples=2",
         "logging.wandb=false",
         f"logging.output_dir={out}",
         cwd=work,
@@ -61,6 +63,12 @@ def test_step_metrics_and_weight_sync(grpo_run):
             assert key in r
     summary = json.loads((grpo_run / "summary.json").read_text())
     assert summary["num_steps"] == NUM_STEPS and summary["eval_accuracy_end"] is not None
+    evals = [r for r in read_metrics(grpo_run / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, NUM_STEPS]
+    for r in evals:
+        # pass@2 counts a prompt solved by either sample, so it bounds the mean accuracy of the samples.
+        assert 0 <= r["eval/sampled_accuracy"] <= r["eval/pass_at_k"] <= 1
+    assert (grpo_run / "curves.png").stat().st_size > 10_000
     assert (grpo_run / "final_model/model.safetensors").exists()
     assert sorted(p.name for p in (grpo_run / "checkpoints").glob("step_*")) == ["step_000010", "step_000015"]
 
@@ -72,6 +80,7 @@ def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, 
         "train",
         str(ROOT / "configs/grpo_tiny.yaml"),
         "ray.local_mode=true",
+        "rl.advantage_estimator=rloo",
         "learner.num_learners=1",
         "learner.micro_batch_size_per_learner=32",
         "trainer.global_batch_size=64",
@@ -79,6 +88,9 @@ def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, 
         f"model.path={sft_demo_run.output_dir / 'final_model'}",
         f"data.train_path={fixed_prompts}",
         "trainer.max_steps=2",
+        "trainer.lr=1e-4",
+        "trainer.lr_scheduler=constant",
+        "trainer.warmup_steps=2",
         "eval.num_examples=20",
         "logging.wandb=false",
         f"logging.output_dir={out}",
@@ -88,6 +100,8 @@ def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, 
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
     assert len(steps) == 2 and all(r["sync/logprob_max_abs_diff"] < 1e-3 for r in steps)
+    # A constant schedule warms up too.
+    assert [r["train/lr"] for r in steps] == pytest.approx([5e-5, 1e-4])
 
 
 def test_bad_grader_config_stops_before_actors(tmp_path):

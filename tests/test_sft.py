@@ -93,6 +93,7 @@ def test_sft_demo_end_to_end(sft_demo_run):
     assert model.num_parameters() > 0 and tokenizer.chat_template
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_accuracy_end"] == evals[-1]["eval/accuracy"]
+    assert (out / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

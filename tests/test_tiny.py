@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  
 from rlft.tiny import TASKS, build, check_answer, make_examples, resolve  # noqa: E402
 from rlft.tiny.build import BUILD_INFO_NAME, FORMAT_VERSION, cache_dir  # noqa: E402
 from rlft.tiny.model import PRESETS, build_model, count_parameters, make_config  # noqa: E402
-from rlft.tiny.tasks import OPERAND_DIGIT_WEIGHTS, preference_row, prompt_text, sft_row  # noqa: E402
+from rlft.tiny.tasks import OPERAND_DIGIT_WEIGHTS, digit_credit, preference_row, prompt_text, sft_row  # noqa: E402
 from rlft.tiny.tokenizer import IM_END, IM_START, build_tokenizer  # noqa: E402
 
 ARITHMETIC_PROMPT = re.compile(r"What is (\d+)\+(\d+)\?")
@@ -105,6 +105,12 @@ def test_row_formats_and_answer_check():
     assert abs(int(wrong) - int(example["answer"])) == 1
     assert check_answer(f" {example['answer']}\n", example["answer"])
     assert not check_answer(wrong, example["answer"])
+
+
+def test_digit_credit_counts_digits_from_the_units():
+    completions = ["74", "73", "84", "174", "7", "seven", " 74 ", "5"]
+    scores = digit_credit([[]] * 8, completions, answer=["74"] * 7 + [None])
+    assert scores == [1.0, 0.5, 0.5, 2 / 3, 0.0, 0.0, 1.0, 0.0]
 
 
 def test_reverse_near_miss_differs_even_for_palindromes():

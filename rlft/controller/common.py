@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rlft.config import Config, ConfigError
+from rlft.metrics import plot_curves
 from rlft.tiny import resolve
 
 
@@ -30,6 +31,7 @@ class RunResult:
     def write_summary(self) -> None:
         summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -9,7 +9,7 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
         rewards              ref logprobs          (no critic in GRPO)
               └────────────────────┬─────────────────────┘
                                    ▼
-             advantages: group-normalised rewards (rlft.algorithms.grpo_advantages)
+             advantages: rl.advantage_estimator (grpo | rloo | reinforce_pp | reinforce_pp_baseline)
                                    ▼
              learner update: rl.num_mini_batches optimizer steps × rl.num_epochs_per_step, PolicyLoss
                                    ▼
@@ -36,7 +36,13 @@ import time
 
 import torch
 
-from rlft.algorithms.advantages import grpo_advantages
+from rlft.algorithms.advantages import (
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    sequence_to_token,
+)
 from rlft.config import Config
 from rlft.controller.common import PhaseTimer, RunResult
 from rlft.controller.rl_steps import (
@@ -51,6 +57,19 @@ from rlft.controller.rl_steps import (
     sync_metrics,
     with_aggregation_weights,
 )
+
+
+def critic_free_advantages(rewards_PG: torch.Tensor, response_BT: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Per-token advantages from each group's rewards, by ``rl.advantage_estimator``; 0 off the response."""
+    rl = cfg.rl
+    if rl.advantage_estimator == "grpo":
+        return sequence_to_token(grpo_advantages(rewards_PG, rl.advantage_scale).flatten(), response_BT)
+    if rl.advantage_estimator == "rloo":
+        return sequence_to_token(rloo_advantages(rewards_PG).flatten(), response_BT)
+    no_penalty_BT = torch.zeros_like(response_BT)  # the KL, when on, is a loss term here
+    if rl.advantage_estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards_PG.flatten(), no_penalty_BT, response_BT, rl.gamma)
+    return reinforce_pp_baseline_advantages(rewards_PG, no_penalty_BT, response_BT, rl.gamma)
 
 
 def grpo(cfg: Config) -> RunResult:
@@ -76,11 +95,13 @@ def grpo(cfg: Config) -> RunResult:
             rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
             with timer.phase("advantages"):
-                advantages_S = grpo_advantages(rewards_PG, rl.advantage_scale).flatten()
                 batch, sampler_logprobs_BT = policy_batch(
-                    samples, advantages_S, run.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                    samples, torch.zeros(len(samples)), run.tokenizer.pad_token_id, cfg.rollout.max_model_len
                 )
                 batch = batch.trimmed()
+                batch = dataclasses.replace(
+                    batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
+                )
                 sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
             with timer.phase("old_logprobs"):
                 batch = dataclasses.replace(batch, old_logprobs_BT=run.learners.compute_logprobs(batch))

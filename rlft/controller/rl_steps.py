@@ -120,10 +120,12 @@ def with_aggregation_weights(batch, cfg: Config):
     return dataclasses.replace(batch, loss_weights_BT=weights_BT)
 
 
-def greedy_accuracy(rollout, prompts: PromptSet, max_new_tokens: int) -> tuple[float, float, list[dict]]:
-    """Exact match of greedy completions with each item's ``answer``: (accuracy, mean tokens, samples)."""
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    samples = rollout.generate(prompts.token_ids, greedy, 1)
+def held_out_accuracy(
+    rollout, prompts: PromptSet, sampling: SamplingConfig, num_samples: int = 1
+) -> tuple[float, float, float, list[dict]]:
+    """Exact match of ``num_samples`` completions per prompt with each item's ``answer``: (mean accuracy over all
+    completions, pass@k (share of prompts with a correct one), mean completion tokens, one record per completion)."""
+    samples = rollout.generate(prompts.token_ids, sampling, num_samples)
     records = []
     for s in samples:
         answer = prompts.items[s.prompt_index].extra.get("answer")
@@ -136,8 +138,10 @@ def greedy_accuracy(rollout, prompts: PromptSet, max_new_tokens: int) -> tuple[f
             }
         )
     num = max(len(samples), 1)
+    solved = {s.prompt_index for s, r in zip(samples, records) if r["correct"]}
     mean_tokens = sum(len(s.response_token_ids) for s in samples) / num
-    return sum(r["correct"] for r in records) / num, mean_tokens, records
+    pass_at_k = len(solved) / max(len(prompts.items), 1)
+    return sum(r["correct"] for r in records) / num, pass_at_k, mean_tokens, records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,21 +246,22 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
 
 
 def evaluate(run: RLRun, step: int, tag: str) -> float:
-    """Greedy held-out accuracy with the rollout workers' current weights; samples saved beside the metrics."""
+    """Held-out accuracy with the rollout workers' current weights: greedy, and sampled when
+    ``eval.num_samples`` > 0; the greedy completions are saved beside the metrics. Returns the greedy accuracy."""
     t0 = time.perf_counter()
-    accuracy, mean_tokens, records = greedy_accuracy(run.rollout, run.eval_prompts, run.cfg.eval.max_new_tokens)
+    ev = run.cfg.eval
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=ev.max_new_tokens)
+    accuracy, _, mean_tokens, records = held_out_accuracy(run.rollout, run.eval_prompts, greedy)
     with (run.out_dir / f"eval_samples_{tag}.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    run.logger.log(
-        step,
-        {
-            "eval/accuracy": accuracy,
-            "eval/num_examples": len(records),
-            "eval/mean_completion_tokens": mean_tokens,
-            "eval/seconds": time.perf_counter() - t0,
-        },
-        console=True,
-    )
+    metrics = {"eval/accuracy": accuracy, "eval/num_examples": len(records), "eval/mean_completion_tokens": mean_tokens}
+    if ev.num_samples:
+        sampling = SamplingConfig(
+            temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=run.cfg.trainer.seed + 1
+        )
+        sampled, pass_at_k, _, _ = held_out_accuracy(run.rollout, run.eval_prompts, sampling, ev.num_samples)
+        metrics.update({"eval/sampled_accuracy": sampled, "eval/pass_at_k": pass_at_k})
+    run.logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
     return accuracy
 
 

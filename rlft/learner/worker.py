@@ -128,8 +128,10 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=spec.lr, betas=spec.adam_betas, weight_decay=spec.weight_decay
         )
+        # Every schedule starts with ``warmup_steps`` of linear warm-up; transformers' plain "constant" has none.
+        name = "constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler
         scheduler = transformers.get_scheduler(
-            spec.lr_scheduler, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.total_steps
+            name, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.total_steps
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -139,3 +139,18 @@ def preference_row(example: dict, rng: random.Random) -> dict:
 def check_answer(completion: str, answer: str) -> bool:
     """Whether a completion is exactly the answer, ignoring surrounding whitespace."""
     return completion.strip() == answer.strip()
+
+
+def digit_credit(prompts: list, completions: list[str], answer: list[str | None], **_) -> list[float]:
+    """A dense reward for ``arithmetic`` (a grader of type ``python_function``): the share of the answer's digits a
+    completion gets right, aligned from the units digit, over the longer of the two; 1.0 only for the exact
+    answer, 0.0 for a completion that is not a number."""
+    scores = []
+    for completion, expected in zip(completions, answer):
+        got, want = completion.strip(), (expected or "").strip()
+        if not got.isdigit() or not want:
+            scores.append(0.0)
+            continue
+        same = sum(a == b for a, b in zip(reversed(got), reversed(want)))
+        scores.append(same / max(len(got), len(want)))
+    return scores
