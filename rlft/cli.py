@@ -13,6 +13,7 @@ import sys
 
 from rlft.config import ConfigError, load_config, to_yaml
 from rlft.data.sources import DataError
+from rlft.graders.pool import GraderFailureRateError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -35,6 +36,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config_show(args: argparse.Namespace) -> int:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from rlft.graders.offline import grade_file, report
+
+    grades = grade_file(args.grader_config, args.samples)
+    print(report(grades, show=args.show))
     return 0
 
 
@@ -61,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", default=None, help="YAML config file (omit for the defaults)")
     show.add_argument("overrides", nargs="*", help="dotted overrides")
     show.set_defaults(run=_config_show)
+
+    grade = commands.add_parser("grade", help="score a JSONL file of samples with a grader config, offline")
+    grade.add_argument("grader_config", help="OpenAI grader JSON/YAML, or a file with a graders: section")
+    grade.add_argument("--samples", required=True, help='JSONL: {"completion": ..., "item": {...}} per line')
+    grade.add_argument("--show", type=int, default=0, help="also print the first N samples' scores")
+    grade.set_defaults(run=_grade)
 
     tiny = commands.add_parser("tiny", help="the embedded tiny model and tasks")
     tiny_commands = tiny.add_subparsers(dest="tiny_command", required=True)
@@ -92,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"rlft: data error: {exc}", file=sys.stderr)
         return 2
+    except GraderFailureRateError as exc:
+        print(f"rlft: grader error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    # Adam's denominator floor; well above the gradients' size it turns Adam into momentum SGD with lr / eps.
+    adam_eps: float = 1e-8
     # Decay after the warm-up; every schedule (``constant`` too) warms up linearly over ``warmup_steps``.
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 10
@@ -246,7 +248,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
@@ -380,6 +382,7 @@ def validate(cfg: Config) -> None:
     non_negative("learner.num_gpus_per_learner", cfg.learner.num_gpus_per_learner)
     positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
     positive("trainer.lr", cfg.trainer.lr)
+    positive("trainer.adam_eps", cfg.trainer.adam_eps)
     non_negative("trainer.max_steps", cfg.trainer.max_steps)
     non_negative("trainer.warmup_steps", cfg.trainer.warmup_steps)
     positive("trainer.num_epochs", cfg.trainer.num_epochs)

@@ -66,6 +66,7 @@ def test_int_widens_to_float():
         ("data.on_bad_row=ignore", "data.on_bad_row: expected one of 'error', 'skip'"),
         ("trainer=3", "trainer: expected a mapping"),
         ("trainer.adam_betas=[0.9]", "trainer.adam_betas: expected a list of 2 values"),
+        ("trainer.adam_eps=0", "trainer.adam_eps"),
         ("trainer.lr=-1", "trainer.lr: must be positive"),
         ("learner.num_learners=0", "learner.num_learners: must be positive"),
         ("learner.backend=nccl", "learner.backend: nccl needs learner.num_gpus_per_learner > 0"),

@@ -8,15 +8,19 @@ before any actor starts, with errors that name the dotted field and the grader::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NoReturn
 
 from rlft.errors import ConfigError
 from rlft.graders.graders import load_function
+from rlft.graders.openai_spec import parse_spec
+from rlft.graders.sandbox import SandboxLimits
 
-GraderType = Literal["exact_match", "math", "regex", "python_function"]
+GraderType = Literal["exact_match", "math", "regex", "python_function", "openai"]
 
 
 @dataclass
@@ -40,6 +44,10 @@ class GraderItemConfig:
     # ``fn(prompts, completions, **extra_columns) -> list of numbers`` (prompts are message lists, each extra
     # field a list with one value per sample, None where a row lacks it).
     function: str = ""
+    # openai: a grader in OpenAI's reinforcement fine-tuning JSON (string_check, text_similarity, python, multi),
+    # inline, or ``spec_file``: a path to that JSON. See ``rlft.graders.openai_spec``.
+    spec: dict = field(default_factory=dict)
+    spec_file: str = ""
 
 
 @dataclass
@@ -53,6 +61,14 @@ class GraderConfig:
     timeout_s: float = 10.0
     # The score a grader gives a sample when it raises, times out, or returns something other than a finite number.
     fallback_score: float = 0.0
+    # Stop the job when one grader fails (errors, timeouts, invalid values) on more than this share of a step's
+    # samples; the message names the grader and gives an example error. 1.0 never stops.
+    max_error_rate: float = 1.0
+    # Sandbox of ``python`` graders (OpenAI spec): one throw-away process per worker batch, with these limits; its
+    # wall-clock limit is ``timeout_s``.
+    python_memory_mib: int = 1024
+    python_cpu_seconds: int = 10
+    python_max_source_bytes: int = 65536
 
 
 def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
@@ -70,16 +86,37 @@ def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
         _fail(f"{path}.timeout_s", f"must be a positive number of seconds, got {cfg.timeout_s}")
     if not math.isfinite(cfg.fallback_score):
         _fail(f"{path}.fallback_score", f"must be a finite number, got {cfg.fallback_score}")
+    if not 0.0 <= cfg.max_error_rate <= 1.0:
+        _fail(f"{path}.max_error_rate", f"must be between 0 and 1, got {cfg.max_error_rate}")
+    for name in ("python_memory_mib", "python_cpu_seconds", "python_max_source_bytes"):
+        if getattr(cfg, name) <= 0:
+            _fail(f"{path}.{name}", f"must be positive, got {getattr(cfg, name)}")
     first_with_name: dict[str, int] = {}
     for i, item in enumerate(cfg.items):
         where = f"{path}.items[{i}]"
         if item.name in first_with_name:
             _fail(f"{where}.name", f"{item.name!r} is already the name of {path}.items[{first_with_name[item.name]}]")
         first_with_name[item.name] = i
-        _validate_item(item, where)
+        _validate_item(item, where, cfg)
 
 
-def _validate_item(item: GraderItemConfig, where: str) -> None:
+def sandbox_limits(cfg: GraderConfig) -> SandboxLimits:
+    return SandboxLimits(
+        wall_timeout_s=cfg.timeout_s,
+        cpu_seconds=cfg.python_cpu_seconds,
+        memory_mib=cfg.python_memory_mib,
+        max_source_bytes=cfg.python_max_source_bytes,
+    )
+
+
+def load_spec(item: GraderItemConfig) -> dict:
+    """The OpenAI grader JSON of an ``openai`` item: ``spec`` inline, or read from ``spec_file``."""
+    if item.spec_file:
+        return json.loads(Path(item.spec_file).read_text())
+    return item.spec
+
+
+def _validate_item(item: GraderItemConfig, where: str, cfg: GraderConfig) -> None:
     if not item.name:
         _fail(f"{where}.name", "every grader needs a name (it keys the grader's scores and metrics)")
     grader = f"grader {item.name!r}"
@@ -98,6 +135,20 @@ def _validate_item(item: GraderItemConfig, where: str) -> None:
             re.compile(item.pattern)
         except re.error as exc:
             _fail(f"{where}.pattern", f"invalid regex in {grader}: {exc}")
+    if (item.spec or item.spec_file) and item.type != "openai":
+        _fail(f"{where}.spec", f"{grader}: only openai graders use a spec (type is {item.type!r})")
+    if item.type == "openai":
+        if bool(item.spec) == bool(item.spec_file):
+            _fail(f"{where}.spec", f"{grader}: an openai grader needs exactly one of spec (inline JSON) or spec_file")
+        try:
+            spec = load_spec(item)
+        except (OSError, ValueError) as exc:
+            _fail(f"{where}.spec_file", f"{grader}: cannot read {item.spec_file!r}: {exc}")
+        try:
+            parse_spec(spec, sandbox_limits(cfg), path=f"{where}.spec")
+        except ValueError as exc:
+            field_path, problem = str(exc).split(": ", 1)  # parse_spec names the JSON path first
+            _fail(field_path, f"{grader}: {problem}")
     if item.type == "python_function":
         if not item.function:
             _fail(f"{where}.function", f"{grader}: a python_function grader needs 'module:function'")

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from math_verify import parse, verify
 
+from rlft.graders.sandbox import SandboxLimits
+
 if TYPE_CHECKING:
     from rlft.graders.config import GraderItemConfig
 
@@ -99,8 +101,12 @@ def load_function(path: str) -> Callable:
     return fn
 
 
-def build_grader(item: GraderItemConfig) -> Grader:
-    """The grader an (already validated) config item describes."""
+def build_grader(item: GraderItemConfig, limits: SandboxLimits | None = None) -> Grader:
+    """The grader an (already validated) config item describes; ``limits`` bound sandboxed Python graders."""
+    from rlft.graders.config import load_spec
+    from rlft.graders.openai_spec import parse_spec
+
+    limits = limits or SandboxLimits()
     if item.type == "exact_match":
         return SampleGrader(
             item.name, lambda r: exact_match(r.completion, answer_of(r, item.answer_field), item.case_sensitive)
@@ -113,6 +119,8 @@ def build_grader(item: GraderItemConfig) -> Grader:
         return SampleGrader(item.name, lambda r: regex_match(r.completion, pattern, fullmatch))
     if item.type == "python_function":
         return BatchGrader(item.name, trl_style(load_function(item.function)))
+    if item.type == "openai":
+        return BatchGrader(item.name, spec_style(parse_spec(load_spec(item), limits)))
     raise ValueError(f"unknown grader type {item.type!r}")
 
 
@@ -142,3 +150,15 @@ def trl_style(fn: Callable) -> Callable[[list[GradeRequest], list[str]], Any]:
 def extra_fields_of(requests: list[GradeRequest]) -> list[str]:
     """Every extra field name that some request has, in order of first appearance."""
     return list(dict.fromkeys(name for r in requests for name in r.extra))
+
+
+def spec_style(grader) -> Callable[[list[GradeRequest], list[str]], list]:
+    """Adapt an OpenAI-spec grader (``rlft.graders.openai_spec``) to a batch of requests: ``sample`` from the
+    completion, ``item`` from the row's extra fields. Failures come back as ``GraderFailure`` values."""
+
+    def score(requests: list[GradeRequest], extra_fields: list[str]) -> list:
+        from rlft.graders.openai_spec import sample_of
+
+        return grader.score([sample_of(r.completion) for r in requests], [dict(r.extra) for r in requests])
+
+    return score

@@ -35,8 +35,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from rlft.distributed.actors import Resources, spawn, wait
-from rlft.graders.config import GraderConfig, validate_graders
+from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
+from rlft.graders.openai_spec import GraderFailure
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,14 @@ Outcome = float | Failure
 class WorkerResult:
     outcomes: dict[str, list[Outcome]]  # grader name -> one outcome per request of the share
     num_stuck_threads: int  # abandoned grader threads still running in the worker
+    examples: dict[str, str]  # grader name -> the first failure's reason in this share, if any
 
 
 class GraderWorker:
     """Scores shares of a batch with every configured grader, each grader under a deadline of ``timeout_s``."""
 
     def __init__(self, cfg: GraderConfig):
-        self.graders: list[Grader] = [build_grader(item) for item in cfg.items]
+        self.graders: list[Grader] = [build_grader(item, sandbox_limits(cfg)) for item in cfg.items]
         self.timeout_s = cfg.timeout_s
         self._stuck: list[threading.Thread] = []
 
@@ -80,17 +82,22 @@ class GraderWorker:
     def grade(self, requests: list[GradeRequest], extra_fields: list[str]) -> WorkerResult:
         """Every grader's outcome on every request; graders run one after another, each in its own thread.
         ``extra_fields`` are the extra columns user functions get (those of the whole batch, not just this share)."""
-        outcomes = {grader.name: self._run(grader, requests, extra_fields) for grader in self.graders}
+        examples: dict[str, str] = {}
+        outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
         self._stuck = [thread for thread in self._stuck if thread.is_alive()]
-        return WorkerResult(outcomes, len(self._stuck))
+        return WorkerResult(outcomes, len(self._stuck), examples)
 
-    def _run(self, grader: Grader, requests: list[GradeRequest], extra_fields: list[str]) -> list[Outcome]:
-        """Run ``grader`` in a daemon thread for at most ``timeout_s``; unscored requests are timeouts."""
+    def _run(
+        self, grader: Grader, requests: list[GradeRequest], extra_fields: list[str], examples: dict[str, str]
+    ) -> list[Outcome]:
+        """Run ``grader`` in a daemon thread for at most ``timeout_s``; unscored requests are timeouts. The first
+        failure's reason goes into ``examples[grader.name]``."""
         outcomes: list[Outcome] = [Failure.TIMEOUT] * len(requests)
+        reasons: list[str] = []
         if isinstance(grader, SampleGrader):
-            fill, args = _fill_per_sample, (grader, requests, outcomes)
+            fill, args = _fill_per_sample, (grader, requests, outcomes, reasons)
         else:
-            fill, args = _fill_batch, (grader, requests, extra_fields, outcomes)
+            fill, args = _fill_batch, (grader, requests, extra_fields, outcomes, reasons)
         thread = threading.Thread(target=fill, args=args, daemon=True, name=grader.name)
         thread.start()
         thread.join(self.timeout_s)
@@ -101,45 +108,68 @@ class GraderWorker:
             num_late = sum(o is Failure.TIMEOUT for o in settled)
             logger.warning("grader %r: %d of %d samples unscored after %ss", grader.name, num_late, len(settled),
                            self.timeout_s)
+            reasons.append(f"timed out after {self.timeout_s}s")
+        if reasons:
+            examples[grader.name] = reasons[0]
         return settled
 
 
-def _fill_per_sample(grader: SampleGrader, requests: list[GradeRequest], outcomes: list[Outcome]) -> None:
+def _fill_per_sample(
+    grader: SampleGrader, requests: list[GradeRequest], outcomes: list[Outcome], reasons: list[str]
+) -> None:
     """Score requests one by one into ``outcomes``; an exception costs only its own sample."""
     logged = False
     for i, request in enumerate(requests):
         try:
             outcomes[i] = _checked(grader.score(request))
-        except Exception:
+            if outcomes[i] is Failure.INVALID and not reasons:
+                reasons.append("returned something other than a finite number")
+        except Exception as exc:
             outcomes[i] = Failure.ERROR
+            if not reasons:
+                reasons.append(f"{type(exc).__name__}: {exc}"[:500])
             if not logged:
                 logger.warning("grader %r raised on a sample (first in this share)", grader.name, exc_info=True)
                 logged = True
 
 
 def _fill_batch(
-    grader: BatchGrader, requests: list[GradeRequest], extra_fields: list[str], outcomes: list[Outcome]
+    grader: BatchGrader,
+    requests: list[GradeRequest],
+    extra_fields: list[str],
+    outcomes: list[Outcome],
+    reasons: list[str],
 ) -> None:
-    """Score all requests in one call; an exception or a result of the wrong length costs every sample."""
+    """Score all requests in one call; an exception or a result of the wrong length costs every sample, a
+    ``GraderFailure`` value only its own."""
     try:
         values = list(grader.score(requests, extra_fields))
-    except Exception:
+    except Exception as exc:
         logger.warning("grader %r raised", grader.name, exc_info=True)
+        reasons.append(f"{type(exc).__name__}: {exc}"[:500])
         outcomes[:] = [Failure.ERROR] * len(requests)
         return
     if len(values) != len(requests):
         logger.warning("grader %r returned %d values for %d samples", grader.name, len(values), len(requests))
+        reasons.append(f"returned {len(values)} values for {len(requests)} samples")
         outcomes[:] = [Failure.INVALID] * len(requests)
         return
     checked = [_checked(value) for value in values]
+    failures = [v for v in values if isinstance(v, GraderFailure)]
+    if failures:
+        reasons.append(failures[0].message)
     if Failure.INVALID in checked:
         bad = values[checked.index(Failure.INVALID)]
+        reasons.append(f"returned {bad!r:.80}, not a finite number")
         logger.warning("grader %r returned %.80r, not a finite number (first in this share)", grader.name, bad)
     outcomes[:] = checked
 
 
 def _checked(value: Any) -> Outcome:
-    """``value`` as a float if it is a finite real number (bools count as 1 and 0), else ``Failure.INVALID``."""
+    """``value`` as a float if it is a finite real number (bools count as 1 and 0); a ``GraderFailure`` is an
+    error; anything else ``Failure.INVALID``."""
+    if isinstance(value, GraderFailure):
+        return Failure.ERROR
     if isinstance(value, numbers.Real) and math.isfinite(value):
         return float(value)
     return Failure.INVALID
@@ -158,6 +188,19 @@ class GradeResult:
     num_errors: int  # the grader raised (or its worker died twice)
     num_timeouts: int  # the grader ran past ``timeout_s`` (or its worker was stuck and killed)
     num_invalid: int  # the grader returned something other than a finite number
+    failures_by_grader: dict[str, int]  # grader name -> samples it gave no score (errors + timeouts + invalid)
+    examples: dict[str, str]  # grader name -> the reason of one of its failures
+
+    def check_error_rate(self, max_error_rate: float) -> None:
+        """Raise ``GraderFailureRateError`` naming the first grader that failed on more than ``max_error_rate`` of
+        the samples, with an example reason."""
+        num = len(self.rewards)
+        for name, failed in self.failures_by_grader.items():
+            if num and failed / num > max_error_rate:
+                raise GraderFailureRateError(
+                    f"grader {name!r} failed on {failed} of {num} samples ({failed / num:.0%}), more than "
+                    f"graders.max_error_rate = {max_error_rate:g}; for example: {self.examples.get(name, '?')}"
+                )
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {
@@ -169,6 +212,10 @@ class GradeResult:
             if scores:
                 out[f"graders/{name}/mean"] = sum(scores) / len(scores)
         return out
+
+
+class GraderFailureRateError(RuntimeError):
+    """A grader failed on too many of a step's samples (``graders.max_error_rate``); the job stops."""
 
 
 @dataclass
@@ -239,8 +286,14 @@ class GraderPool:
     def collect(self, handle: GradeHandle) -> GradeResult:
         """Wait for a submitted batch (no share past its deadline) and combine the graders' scores."""
         by_first = {share.first: self._await(share) for share in sorted(handle.shares, key=lambda s: s.deadline)}
-        outcomes = {name: [o for first in sorted(by_first) for o in by_first[first][name]] for name in self.weights}
-        return self._result(outcomes, handle.num_requests)
+        outcomes = {name: [o for first in sorted(by_first) for o in by_first[first][0][name]] for name in self.weights}
+        examples: dict[str, str] = {}
+        for first in sorted(by_first):
+            for name, reason in by_first[first][1].items():
+                examples.setdefault(name, reason)
+        result = self._result(outcomes, handle.num_requests, examples)
+        result.check_error_rate(self.cfg.max_error_rate)
+        return result
 
     def shutdown(self) -> None:
         """Kill the worker actors (abandoned threads included)."""
@@ -263,7 +316,7 @@ class GraderPool:
         generation, starting, deadline = self._generations[worker], self._starting[worker], self._busy_until[worker]
         return _Share(first, requests, extra_fields, worker, generation, starting, ref, deadline, resent)
 
-    def _await(self, share: _Share) -> dict[str, list[Outcome]]:
+    def _await(self, share: _Share) -> tuple[dict[str, list[Outcome]], dict[str, str]]:
         """The share's outcomes; a stuck worker is replaced (timeouts), a dead one replaced and the share resent
         once (errors if it dies again)."""
         try:
@@ -271,19 +324,19 @@ class GraderPool:
         except GetTimeoutError:
             logger.warning("grader worker %d stuck past its deadline; replacing it", share.worker)
             self._replace(share.worker, share.generation)
-            return self._all(share, Failure.TIMEOUT)
+            return self._all(share, Failure.TIMEOUT), dict.fromkeys(self.weights, "grader worker stuck past its deadline")
         except RayActorError:
             self._replace(share.worker, share.generation)
             if share.resent:
                 logger.warning("grader worker %d died twice on the same share; scoring it as errors", share.worker)
-                return self._all(share, Failure.ERROR)
+                return self._all(share, Failure.ERROR), dict.fromkeys(self.weights, "grader worker died twice")
             return self._await(self._send(share.first, share.requests, share.extra_fields, share.worker, resent=True))
         except RayError:
             logger.warning("grading a share failed on worker %d", share.worker, exc_info=True)
-            return self._all(share, Failure.ERROR)
+            return self._all(share, Failure.ERROR), dict.fromkeys(self.weights, "grading the share failed in Ray")
         if result.num_stuck_threads:
             self._replace(share.worker, share.generation)
-        return result.outcomes
+        return result.outcomes, result.examples
 
     def _get(self, share: _Share) -> WorkerResult:
         """The share's result, waiting no longer than its deadline plus its worker's remaining start-up."""
@@ -313,7 +366,7 @@ class GraderPool:
     def _all(self, share: _Share, failure: Failure) -> dict[str, list[Outcome]]:
         return {name: [failure] * len(share.requests) for name in self.weights}
 
-    def _result(self, outcomes: dict[str, list[Outcome]], num_requests: int) -> GradeResult:
+    def _result(self, outcomes: dict[str, list[Outcome]], num_requests: int, examples: dict[str, str]) -> GradeResult:
         """Fallbacks in place of failures, counters of each failure, and the weighted sum."""
         fallback = self.cfg.fallback_score
         counts = {failure: 0 for failure in Failure}
@@ -330,4 +383,6 @@ class GraderPool:
             num_errors=counts[Failure.ERROR],
             num_timeouts=counts[Failure.TIMEOUT],
             num_invalid=counts[Failure.INVALID],
+            failures_by_grader={name: sum(isinstance(o, Failure) for o in os) for name, os in outcomes.items()},
+            examples=examples,
         )

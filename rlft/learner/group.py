@@ -52,6 +52,7 @@ class LearnerGroup:
             lr=cfg.trainer.lr if lr is None else lr,
             weight_decay=cfg.trainer.weight_decay,
             adam_betas=cfg.trainer.adam_betas,
+            adam_eps=cfg.trainer.adam_eps,
             lr_scheduler=cfg.trainer.lr_scheduler,
             warmup_steps=cfg.trainer.warmup_steps,
             total_steps=total_steps,

@@ -40,6 +40,7 @@ class LearnerSpec:
     lr: float
     weight_decay: float
     adam_betas: tuple[float, float]
+    adam_eps: float
     lr_scheduler: str
     warmup_steps: int
     total_steps: int
@@ -126,7 +127,7 @@ class LearnerWorker:
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=spec.lr, betas=spec.adam_betas, weight_decay=spec.weight_decay
+            model.parameters(), lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
         )
         # Every schedule starts with ``warmup_steps`` of linear warm-up; transformers' plain "constant" has none.
         name = "constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler
