@@ -31,6 +31,7 @@ def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
         "eval.num_examples=100",
         "eval.every_n_steps=0",
         "eval.num_samples=2",
+        "rollout.chunks_per_worker=2",
         "logging.wandb=false",
         f"logging.output_dir={out}",
         cwd=work,

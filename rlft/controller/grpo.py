@@ -18,8 +18,9 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
 
 | phase | waits for |
 |---|---|
-| generate | the weights synced at the end of the previous step |
-| grade, reference, old logprobs | the samples |
+| generate | the weights synced at the end of the previous step; each chunk goes to grading when done |
+| grade | its chunk of samples (the phase's time is what grading adds after generation ends) |
+| reference, old logprobs | the samples |
 | advantages | the rewards |
 | update | advantages, old logprobs, reference logprobs |
 | sync | the update |
@@ -48,7 +49,7 @@ from rlft.controller.common import PhaseTimer, RunResult
 from rlft.controller.rl_steps import (
     end_step,
     finish,
-    grade_requests,
+    generate_and_grade,
     make_policy_loss,
     mean_metrics,
     policy_batch,
@@ -83,15 +84,7 @@ def grpo(cfg: Config) -> RunResult:
             step_start = time.perf_counter()
             indices = run.sampler.next_batch()
 
-            with timer.phase("generate"):
-                samples = run.rollout.generate(
-                    [prompts.token_ids[i] for i in indices],
-                    cfg.rollout.sampling,
-                    rl.num_samples_per_prompt,
-                    prompt_indices=indices,
-                )
-            with timer.phase("grade"):
-                graded = run.graders.grade(grade_requests(samples, prompts))
+            samples, graded = generate_and_grade(run, indices, timer)
             rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
             with timer.phase("advantages"):

@@ -20,8 +20,9 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
 
 | phase | waits for |
 |---|---|
-| generate | the weights synced at the end of the previous step |
-| grade, reference, old logprobs, values | the samples |
+| generate | the weights synced at the end of the previous step; each chunk goes to grading when done |
+| grade | its chunk of samples (the phase's time is what grading adds after generation ends) |
+| reference, old logprobs, values | the samples |
 | advantages | rewards, values (and reference logprobs for the KL penalty) |
 | update | advantages and returns |
 | sync | the policy update |
@@ -46,7 +47,7 @@ from rlft.controller.common import PhaseTimer, RunResult
 from rlft.controller.rl_steps import (
     end_step,
     finish,
-    grade_requests,
+    generate_and_grade,
     make_policy_loss,
     mean_metrics,
     policy_batch,
@@ -69,15 +70,7 @@ def ppo(cfg: Config) -> RunResult:
             step_start = time.perf_counter()
             indices = run.sampler.next_batch()
 
-            with timer.phase("generate"):
-                samples = run.rollout.generate(
-                    [prompts.token_ids[i] for i in indices],
-                    cfg.rollout.sampling,
-                    rl.num_samples_per_prompt,
-                    prompt_indices=indices,
-                )
-            with timer.phase("grade"):
-                graded = run.graders.grade(grade_requests(samples, prompts))
+            samples, graded = generate_and_grade(run, indices, timer)
             rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
             batch, sampler_logprobs_BT = policy_batch(
                 samples, torch.zeros_like(rewards_S), run.tokenizer.pad_token_id, cfg.rollout.max_model_len

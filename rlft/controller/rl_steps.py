@@ -19,13 +19,21 @@ from transformers import AutoTokenizer
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
 from rlft.config import Config, ConfigError, to_yaml
-from rlft.controller.common import EpochSampler, RunResult, prune_checkpoints, resolve_paths, resume_path
+from rlft.controller.common import (
+    EpochSampler,
+    PhaseTimer,
+    RunResult,
+    prune_checkpoints,
+    resolve_paths,
+    resume_path,
+)
 from rlft.data import formats
 from rlft.data.formats import RFTPrompt
 from rlft.data.sources import DataError
 from rlft.data.tokenize import tokenize_prompt
 from rlft.distributed.cluster import init_ray
 from rlft.graders import GradeRequest, GraderPool
+from rlft.graders.pool import GradeResult
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
 from rlft.reference import ReferenceGroup
@@ -63,6 +71,30 @@ def grade_requests(samples: list[Sample], prompts: PromptSet) -> list[GradeReque
         GradeRequest(prompts.items[s.prompt_index].messages, s.response_text, prompts.items[s.prompt_index].extra)
         for s in samples
     ]
+
+
+def generate_and_grade(run: RLRun, indices: list[int], timer: PhaseTimer) -> tuple[list[Sample], GradeResult]:
+    """The step's samples (``rl.num_samples_per_prompt`` per prompt, in prompt order) and their grades. Each chunk
+    of samples goes to the grader pool as soon as it is generated (``rollout.chunks_per_worker``), so two phases
+    are timed: ``generate``, until the last sample exists, and ``grade``, what grading adds after that (the part
+    not hidden behind generation)."""
+    cfg = run.cfg
+    chunks, handles = {}, {}
+    with timer.phase("generate"):
+        for first, samples in run.rollout.generate_streamed(
+            [run.prompts.token_ids[i] for i in indices],
+            cfg.rollout.sampling,
+            cfg.rl.num_samples_per_prompt,
+            indices,
+            cfg.rollout.chunks_per_worker,
+        ):
+            chunks[first] = samples
+            handles[first] = run.graders.submit(grade_requests(samples, run.prompts))
+    with timer.phase("grade"):
+        order = sorted(chunks)
+        graded = GradeResult.concat([run.graders.collect(handles[first]) for first in order])
+        graded.check_error_rate(cfg.graders.max_error_rate)
+    return [sample for first in order for sample in chunks[first]], graded
 
 
 def policy_batch(
@@ -339,6 +371,7 @@ def _num_cpus_needed(cfg: Config, use_reference: bool, with_critic: bool) -> flo
     needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner * (2 if with_critic else 1)
     needed += cfg.rollout.num_rollout_workers * cfg.rollout.num_cpus_per_worker
     needed += cfg.graders.num_grader_workers * cfg.graders.num_cpus_per_worker
+    needed += sum(i.num_replicas * i.num_cpus_per_replica for i in cfg.graders.items if i.type == "reward_model")
     if use_reference:
         needed += cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica
     return needed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from rlft.graders.graders import load_function
 from rlft.graders.openai_spec import parse_spec
 from rlft.graders.sandbox import SandboxLimits
 
-GraderType = Literal["exact_match", "math", "regex", "python_function", "openai"]
+GraderType = Literal["exact_match", "math", "regex", "python_function", "openai", "reward_model"]
 
 
 @dataclass
@@ -48,6 +49,18 @@ class GraderItemConfig:
     # inline, or ``spec_file``: a path to that JSON. See ``rlft.graders.openai_spec``.
     spec: dict = field(default_factory=dict)
     spec_file: str = ""
+    # openai score_model / label_model: base URL of the OpenAI-compatible server that hosts the judge (e.g. a vLLM
+    # server: http://127.0.0.1:8000/v1); the API key is read from the environment variable ``api_key_env``.
+    endpoint: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    # reward_model: a local Hugging Face sequence-classification model (score = its first logit on prompt +
+    # completion), served by ``num_replicas`` actors of its own, in batches of ``batch_size``.
+    model_path: str = ""
+    num_replicas: int = 1
+    batch_size: int = 32
+    max_length: int = 1024
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
 
 
 @dataclass
@@ -56,6 +69,8 @@ class GraderConfig:
     # Grader actors, sized independently of rollout workers; each scores its share of a batch.
     num_grader_workers: int = 1
     num_cpus_per_worker: float = 1.0
+    # Requests one worker keeps open at once against a judge's endpoint (openai score_model / label_model).
+    concurrency_per_worker: int = 8
     # Seconds one grader may spend on one worker's share of a batch (a user function: its one call; a built-in
     # grader: all the share's samples). Samples not scored by then get ``fallback_score`` and count as timeouts.
     timeout_s: float = 10.0
@@ -88,7 +103,7 @@ def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
         _fail(f"{path}.fallback_score", f"must be a finite number, got {cfg.fallback_score}")
     if not 0.0 <= cfg.max_error_rate <= 1.0:
         _fail(f"{path}.max_error_rate", f"must be between 0 and 1, got {cfg.max_error_rate}")
-    for name in ("python_memory_mib", "python_cpu_seconds", "python_max_source_bytes"):
+    for name in ("python_memory_mib", "python_cpu_seconds", "python_max_source_bytes", "concurrency_per_worker"):
         if getattr(cfg, name) <= 0:
             _fail(f"{path}.{name}", f"must be positive, got {getattr(cfg, name)}")
     first_with_name: dict[str, int] = {}
@@ -107,6 +122,11 @@ def sandbox_limits(cfg: GraderConfig) -> SandboxLimits:
         memory_mib=cfg.python_memory_mib,
         max_source_bytes=cfg.python_max_source_bytes,
     )
+
+
+def api_key_of(item: GraderItemConfig) -> str:
+    """The judge endpoint's API key (local servers accept any)."""
+    return os.environ.get(item.api_key_env, "") or "EMPTY"
 
 
 def load_spec(item: GraderItemConfig) -> dict:
@@ -145,10 +165,19 @@ def _validate_item(item: GraderItemConfig, where: str, cfg: GraderConfig) -> Non
         except (OSError, ValueError) as exc:
             _fail(f"{where}.spec_file", f"{grader}: cannot read {item.spec_file!r}: {exc}")
         try:
-            parse_spec(spec, sandbox_limits(cfg), path=f"{where}.spec")
+            parse_spec(spec, sandbox_limits(cfg), f"{where}.spec", item.endpoint, api_key_of(item))
         except ValueError as exc:
             field_path, problem = str(exc).split(": ", 1)  # parse_spec names the JSON path first
             _fail(field_path, f"{grader}: {problem}")
+    if item.model_path and item.type != "reward_model":
+        _fail(f"{where}.model_path", f"{grader}: only reward_model graders use a model_path (type is {item.type!r})")
+    if item.type == "reward_model":
+        if not item.model_path or not Path(item.model_path).is_dir():
+            _fail(f"{where}.model_path", f"{grader}: a reward_model grader needs a local model directory, "
+                  f"got {item.model_path!r}")
+        for name in ("num_replicas", "batch_size", "max_length"):
+            if getattr(item, name) < 1:
+                _fail(f"{where}.{name}", f"{grader}: must be at least 1, got {getattr(item, name)}")
     if item.type == "python_function":
         if not item.function:
             _fail(f"{where}.function", f"{grader}: a python_function grader needs 'module:function'")

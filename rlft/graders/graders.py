@@ -101,9 +101,16 @@ def load_function(path: str) -> Callable:
     return fn
 
 
-def build_grader(item: GraderItemConfig, limits: SandboxLimits | None = None) -> Grader:
-    """The grader an (already validated) config item describes; ``limits`` bound sandboxed Python graders."""
-    from rlft.graders.config import load_spec
+def build_grader(
+    item: GraderItemConfig,
+    limits: SandboxLimits | None = None,
+    concurrency: int = 8,
+    reward_models: dict | None = None,
+) -> Grader:
+    """The grader an (already validated) config item describes; ``limits`` bound sandboxed Python graders,
+    ``concurrency`` is how many requests a judge grader keeps open, ``reward_models`` holds the
+    ``RewardModelGroup`` of each reward_model grader by name."""
+    from rlft.graders.config import api_key_of, load_spec
     from rlft.graders.openai_spec import parse_spec
 
     limits = limits or SandboxLimits()
@@ -119,8 +126,17 @@ def build_grader(item: GraderItemConfig, limits: SandboxLimits | None = None) ->
         return SampleGrader(item.name, lambda r: regex_match(r.completion, pattern, fullmatch))
     if item.type == "python_function":
         return BatchGrader(item.name, trl_style(load_function(item.function)))
+    if item.type == "reward_model":
+        group = (reward_models or {})[item.name]
+        return BatchGrader(
+            item.name,
+            lambda requests, _: group.score(
+                [[*r.messages, {"role": "assistant", "content": r.completion}] for r in requests]
+            ),
+        )
     if item.type == "openai":
-        return BatchGrader(item.name, spec_style(parse_spec(load_spec(item), limits)))
+        spec = parse_spec(load_spec(item), limits, "spec", item.endpoint, api_key_of(item), concurrency)
+        return BatchGrader(item.name, spec_style(spec))
     raise ValueError(f"unknown grader type {item.type!r}")
 
 

@@ -7,7 +7,11 @@
   ``cosine`` (mean-pooled hidden states of a local Hugging Face model, ``embedding_model``) → the similarity;
   ``pass_threshold`` is kept for reporting;
 - ``python``: ``source`` defining ``grade(sample, item) -> float``, run in the sandbox (``rlft.graders.sandbox``);
-- ``multi``: ``graders`` (name → grader) combined by ``calculate_output`` (``rlft.graders.expression``).
+- ``multi``: ``graders`` (name → grader) combined by ``calculate_output`` (``rlft.graders.expression``);
+- ``score_model``: ``input`` chat messages (templates filled) sent to ``model`` on an OpenAI-compatible endpoint
+  (a vLLM server the user runs: the grader item's ``endpoint``), the first number of the reply is the score, which
+  must lie in ``range`` (default [0, 1]);
+- ``label_model``: the same, the reply must be one of ``labels``; 1.0 when it is one of ``passing_labels``.
 
 Templates ``{{item.field}}``, ``{{sample.output_text}}`` and ``{{sample.output_json.field}}`` (nested fields with
 dots) are filled per sample. ``sample`` is ``{"output_text": completion, "output_json": the completion parsed as
@@ -33,7 +37,8 @@ STRING_OPERATIONS = ("eq", "ne", "like", "ilike")
 SIMILARITY_METRICS = (
     "fuzzy_match", "bleu", "gleu", "meteor", "cosine", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l",
 )
-SUPPORTED_TYPES = ("string_check", "text_similarity", "python", "multi")
+SUPPORTED_TYPES = ("string_check", "text_similarity", "python", "multi", "score_model", "label_model")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 
 
@@ -146,7 +151,59 @@ class Multi(SpecGrader):
         return out
 
 
-def parse_spec(spec: dict, limits: SandboxLimits, path: str = "spec") -> SpecGrader:
+@dataclass
+class ModelGrader(SpecGrader):
+    """``score_model`` / ``label_model``: a chat model on an OpenAI-compatible endpoint judges each sample."""
+
+    kind: str
+    model: str
+    input: list[dict]
+    endpoint: str
+    api_key: str
+    sampling: dict
+    score_range: tuple[float, float]
+    labels: list[str]
+    passing_labels: list[str]
+    timeout_s: float
+    concurrency: int  # requests kept open against the endpoint
+
+    def score(self, samples, items):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self.endpoint, api_key=self.api_key, timeout=self.timeout_s, max_retries=1)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda pair: _per_sample(lambda s, i: self._one(client, s, i), *pair),
+                                 zip(samples, items)))
+
+    def _one(self, client, sample: dict, item: dict) -> float:
+        messages = [{"role": m["role"], "content": render(m["content"], sample, item)} for m in self.input]
+        reply = client.chat.completions.create(model=self.model, messages=messages, **self.sampling)
+        text = (reply.choices[0].message.content or "").strip()
+        if self.kind == "label_model":
+            label = next((l for l in self.labels if text.lower() == l.lower()), None)
+            if label is None:
+                raise ValueError(f"the model replied {text!r:.80}, not one of the labels {self.labels}")
+            return float(label in self.passing_labels)
+        found = _NUMBER.search(text)
+        if found is None:
+            raise ValueError(f"the model replied {text!r:.80}, which holds no number")
+        value = float(found.group())
+        low, high = self.score_range
+        if not low <= value <= high:
+            raise ValueError(f"the model's score {value} is outside the range [{low}, {high}]")
+        return value
+
+
+def parse_spec(
+    spec: dict,
+    limits: SandboxLimits,
+    path: str = "spec",
+    endpoint: str = "",
+    api_key: str = "EMPTY",
+    concurrency: int = 8,
+) -> SpecGrader:
     """Build a grader from OpenAI's JSON form, checking every field; errors name the JSON path."""
 
     def need(key: str, kind: type = str) -> Any:
@@ -191,14 +248,17 @@ def parse_spec(spec: dict, limits: SandboxLimits, path: str = "spec") -> SpecGra
         graders = need("graders", dict)
         if not graders:
             raise ValueError(f"{path}.graders: a multi grader needs at least one grader")
-        children = {name: parse_spec(child, limits, f"{path}.graders.{name}") for name, child in graders.items()}
+        children = {
+            name: parse_spec(child, limits, f"{path}.graders.{name}", endpoint, api_key, concurrency)
+            for name, child in graders.items()
+        }
         try:
             expression = compile_expression(need("calculate_output"), set(children))
         except ExpressionError as exc:
             raise ValueError(f"{path}.calculate_output: {exc}") from None
         return Multi(children, expression)
     if kind in ("score_model", "label_model"):
-        raise ValueError(f"{path}.type: {kind} graders are not supported yet (supported: {', '.join(SUPPORTED_TYPES)})")
+        return _model_grader(spec, kind, path, endpoint, api_key, limits.wall_timeout_s, concurrency)
     raise ValueError(f"{path}.type: {kind!r} is not a grader type (supported: {', '.join(SUPPORTED_TYPES)})")
 
 
@@ -268,3 +328,45 @@ class _CosineEmbedder:
     def __call__(self, text: str, reference: str) -> float:
         a, b = self.embed(text), self.embed(reference)
         return float(self._torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _model_grader(
+    spec: dict, kind: str, path: str, endpoint: str, api_key: str, timeout_s: float, concurrency: int
+) -> ModelGrader:
+    if not endpoint:
+        raise ValueError(f"{path}.endpoint: a {kind} grader needs the grader item's endpoint, the base URL of an "
+                         "OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1 of a vLLM server)")
+    model = spec.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{path}.model: missing (the model name the endpoint serves)")
+    messages = spec.get("input")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ValueError(f"{path}.input: expected a list of chat messages with role and content strings")
+    for k, message in enumerate(messages):
+        _template(message, "content", f"{path}.input[{k}]")
+    params = dict(spec.get("sampling_params") or {})
+    unknown = set(params) - {"temperature", "top_p", "seed", "max_completions_tokens"}
+    if unknown:
+        raise ValueError(f"{path}.sampling_params: unknown keys {sorted(unknown)}")
+    if "max_completions_tokens" in params:
+        params["max_tokens"] = params.pop("max_completions_tokens")
+    score_range: tuple[float, float] = (0.0, 1.0)
+    labels: list[str] = []
+    passing: list[str] = []
+    if kind == "score_model":
+        bounds = spec.get("range", [0, 1])
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+                and bounds[0] < bounds[1]):
+            raise ValueError(f"{path}.range: expected [low, high] with low < high, got {bounds!r}")
+        score_range = (float(bounds[0]), float(bounds[1]))
+    else:
+        labels, passing = spec.get("labels"), spec.get("passing_labels")
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise ValueError(f"{path}.labels: expected a non-empty list of strings")
+        if not (isinstance(passing, list) and passing and set(passing) <= set(labels)):
+            raise ValueError(f"{path}.passing_labels: expected a non-empty subset of labels {labels}")
+    return ModelGrader(
+        kind, model, messages, endpoint, api_key, params, score_range, labels, passing, timeout_s, concurrency
+    )

@@ -38,6 +38,7 @@ from rlft.distributed.actors import Resources, spawn, wait
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
+from rlft.graders.reward_model import RewardModelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ class WorkerResult:
 class GraderWorker:
     """Scores shares of a batch with every configured grader, each grader under a deadline of ``timeout_s``."""
 
-    def __init__(self, cfg: GraderConfig):
-        self.graders: list[Grader] = [build_grader(item, sandbox_limits(cfg)) for item in cfg.items]
+    def __init__(self, cfg: GraderConfig, reward_models: dict[str, RewardModelGroup] | None = None):
+        self.graders: list[Grader] = [
+            build_grader(item, sandbox_limits(cfg), cfg.concurrency_per_worker, reward_models) for item in cfg.items
+        ]
         self.timeout_s = cfg.timeout_s
         self._stuck: list[threading.Thread] = []
 
@@ -191,6 +194,24 @@ class GradeResult:
     failures_by_grader: dict[str, int]  # grader name -> samples it gave no score (errors + timeouts + invalid)
     examples: dict[str, str]  # grader name -> the reason of one of its failures
 
+    @classmethod
+    def concat(cls, results: list[GradeResult]) -> GradeResult:
+        """The results of consecutive batches as one, in order (e.g. the chunks of a streamed step)."""
+        examples: dict[str, str] = {}
+        for r in results:
+            for name, reason in r.examples.items():
+                examples.setdefault(name, reason)
+        names = list(results[0].scores)
+        return cls(
+            rewards=[x for r in results for x in r.rewards],
+            scores={name: [x for r in results for x in r.scores[name]] for name in names},
+            num_errors=sum(r.num_errors for r in results),
+            num_timeouts=sum(r.num_timeouts for r in results),
+            num_invalid=sum(r.num_invalid for r in results),
+            failures_by_grader={name: sum(r.failures_by_grader[name] for r in results) for name in names},
+            examples=examples,
+        )
+
     def check_error_rate(self, max_error_rate: float) -> None:
         """Raise ``GraderFailureRateError`` naming the first grader that failed on more than ``max_error_rate`` of
         the samples, with an example reason."""
@@ -249,6 +270,17 @@ class GraderPool:
         self.cfg = cfg
         self.local = local
         self.weights = {item.name: item.weight for item in cfg.items}
+        self.reward_models: dict[str, RewardModelGroup] = {}
+        try:
+            for item in cfg.items:
+                if item.type == "reward_model":
+                    resources = Resources(num_cpus=item.num_cpus_per_replica, num_gpus=item.num_gpus_per_replica)
+                    self.reward_models[item.name] = RewardModelGroup(
+                        item.model_path, item.num_replicas, item.batch_size, item.max_length, resources, local
+                    )
+        except Exception:
+            self.shutdown()
+            raise
         self.workers = [self._start_worker() for _ in range(cfg.num_grader_workers)]
         self._generations = [0] * len(self.workers)
         # Per worker: a replacement's pending ``ready()``, until a share has seen it done.
@@ -267,8 +299,11 @@ class GraderPool:
         return len(self.cfg.items) * self.cfg.timeout_s + STUCK_MARGIN_S
 
     def grade(self, requests: list[GradeRequest]) -> GradeResult:
-        """Score ``requests`` on all workers at once; returns within about ``share_budget_s``."""
-        return self.collect(self.submit(requests))
+        """Score ``requests`` on all workers at once; returns within about ``share_budget_s``. Raises
+        ``GraderFailureRateError`` when a grader failed on more than ``max_error_rate`` of them."""
+        result = self.collect(self.submit(requests))
+        result.check_error_rate(self.cfg.max_error_rate)
+        return result
 
     def submit(self, requests: list[GradeRequest]) -> GradeHandle:
         """Start grading ``requests``, split evenly over the workers, and return at once (in local mode the work
@@ -291,21 +326,21 @@ class GraderPool:
         for first in sorted(by_first):
             for name, reason in by_first[first][1].items():
                 examples.setdefault(name, reason)
-        result = self._result(outcomes, handle.num_requests, examples)
-        result.check_error_rate(self.cfg.max_error_rate)
-        return result
+        return self._result(outcomes, handle.num_requests, examples)
 
     def shutdown(self) -> None:
-        """Kill the worker actors (abandoned threads included)."""
+        """Kill the worker actors (abandoned threads included) and the reward-model actors."""
         if not self.local:
-            for worker in self.workers:
+            for worker in getattr(self, "workers", []):
                 ray.kill(worker, no_restart=True)
+        for group in self.reward_models.values():
+            group.shutdown()
 
     # ----------------------------------------------------------------------------------------------------------
 
     def _start_worker(self):
         resources = Resources(num_cpus=self.cfg.num_cpus_per_worker)
-        return spawn(GraderWorker, self.cfg, resources=resources, local=self.local)
+        return spawn(GraderWorker, self.cfg, self.reward_models, resources=resources, local=self.local)
 
     def _send(
         self, first: int, requests: list[GradeRequest], extra_fields: list[str], worker: int, resent: bool = False

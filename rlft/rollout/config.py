@@ -43,6 +43,9 @@ class RolloutConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Weight sync groups tensors into object-store objects of at most this size (a bigger tensor goes alone).
     weight_sync_bucket_mib: float = 64.0
+    # Each worker generates its share of a step in this many consecutive calls; the samples of a finished call are
+    # graded while the next is generated (1: one call per worker, grading starts when a worker's share is done).
+    chunks_per_worker: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -64,6 +67,7 @@ def validate_rollout_config(cfg: RolloutConfig, path: str = "rollout") -> None:
         f"{cfg.tensor_parallel_size} needs num_gpus_per_worker >= {cfg.tensor_parallel_size}, "
         f"got {cfg.num_gpus_per_worker}",
     )
+    check(cfg.chunks_per_worker > 0, "chunks_per_worker", f"must be positive, got {cfg.chunks_per_worker}")
     check(cfg.max_model_len > 0, "max_model_len", f"must be positive, got {cfg.max_model_len}")
     check(cfg.kv_cache_gib > 0, "kv_cache_gib", f"must be positive, got {cfg.kv_cache_gib}")
     check(

@@ -1,14 +1,17 @@
 """``RolloutGroup``: the typed facade over the rollout workers (Ray actors, or one in-process worker).
 
 The controller hands it a step's prompts; the group cuts them into contiguous, balanced chunks, one per worker,
-generates on all workers at once and returns the samples in prompt order. ``sync_weights`` pushes a new policy
+generates on all workers at once and returns the samples in prompt order (``generate``), or hands each chunk over
+as soon as it is done (``generate_streamed``), so that grading overlaps generation. ``sync_weights`` pushes a new policy
 version to every worker through the object store (``rlft/distributed/weight_sync.py``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
+import ray
 import torch
 
 from rlft.distributed.actors import Resources, balanced_chunks, kill, spawn, wait
@@ -54,15 +57,36 @@ class RolloutGroup:
         ``prompt_indices`` name the prompts (default: their positions 0 .. P-1); with the sampling seed and the
         policy version they seed each prompt's samples and come back as ``Sample.prompt_index``.
         """
+        chunks = dict(self.generate_streamed(prompts, sampling, num_samples_per_prompt, prompt_indices, 1))
+        return [sample for first in sorted(chunks) for sample in chunks[first]]
+
+    def generate_streamed(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        num_samples_per_prompt: int,
+        prompt_indices: list[int] | None = None,
+        chunks_per_worker: int = 1,
+    ) -> Iterator[tuple[int, list[Sample]]]:
+        """Like ``generate``, but yields ``(first prompt's position, samples)`` for each chunk as soon as it is done,
+        in completion order: each worker's prompts are cut into ``chunks_per_worker`` consecutive calls, so grading
+        the first chunks can start while later ones are generated. Samples do not depend on the chunking."""
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(indices) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
-        calls = [
-            worker.generate.remote(prompts[start:stop], sampling, num_samples_per_prompt, indices[start:stop])
-            for worker, (start, stop) in zip(self.workers, balanced_chunks(len(prompts), self.num_workers))
-            if stop > start
-        ]
-        return [sample for samples in wait(calls) for sample in samples]
+        pending = {}
+        for worker, (start, stop) in zip(self.workers, balanced_chunks(len(prompts), self.num_workers)):
+            for first, end in balanced_chunks(stop - start, chunks_per_worker):
+                if end > first:
+                    a, b = start + first, start + end
+                    ref = worker.generate.remote(prompts[a:b], sampling, num_samples_per_prompt, indices[a:b])
+                    pending[ref] = a
+        while pending:
+            if self.local:
+                ref = next(iter(pending))
+            else:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(ref), wait(ref)
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs of given sequences under the workers' current weights (spread like ``generate``)."""

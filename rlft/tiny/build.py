@@ -5,6 +5,7 @@ Layout of a build directory::
     BUILD_INFO.json                       seed, preset, format version, file list
     model/                                tokenizer + float32 safetensors model + generation config
     data/<task>/sft_train.jsonl           SFT chat rows
+    data/<task>/sft_train_mixed.jsonl     the same rows, half of the answers written "Answer: <answer>"
     data/<task>/rft_train.jsonl           RFT prompt rows with ``answer``
     data/<task>/test.jsonl                held-out RFT prompt rows
     data/<task>/preference_train.jsonl    OpenAI preference rows (correct vs near-miss answer)
@@ -28,10 +29,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from rlft.tiny.tasks import TASKS, make_examples, preference_row, prompt_text, sft_row
+from rlft.tiny.tasks import TASKS, make_examples, mixed_style_sft_row, preference_row, prompt_text, sft_row
 
 # Bump when the files a build writes change, so stale caches are rebuilt rather than reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BUILD_INFO_NAME = "BUILD_INFO.json"
 DEFAULT_CACHE_DIR = "~/.cache/rlft"
 URL_PREFIX = "tiny://"
@@ -71,8 +72,11 @@ def make_task_files(task: str, seed: int) -> dict[str, list[dict]]:
         return make_examples(task, num_examples, split_seed(seed, task, split), exclude=held_out_prompts)
 
     preference_rng = random.Random(split_seed(seed, task, "near_miss"))
+    style_rng = random.Random(split_seed(seed, task, "mixed_style"))
+    sft_examples = train_examples("sft", NUM_SFT_TRAIN_BY_TASK[task])
     return {
-        "sft_train.jsonl": [sft_row(row) for row in train_examples("sft", NUM_SFT_TRAIN_BY_TASK[task])],
+        "sft_train.jsonl": [sft_row(row) for row in sft_examples],
+        "sft_train_mixed.jsonl": [mixed_style_sft_row(row, style_rng) for row in sft_examples],
         "rft_train.jsonl": train_examples("rft", NUM_RFT_TRAIN),
         "test.jsonl": test,
         "preference_train.jsonl": [

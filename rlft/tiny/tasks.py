@@ -24,6 +24,10 @@ WORD_LENGTH_RANGE: tuple[int, int] = (3, 6)
 # Rejection sampling gives up after this many draws per requested example (the prompt space is exhausted).
 MAX_DRAWS_PER_EXAMPLE = 100
 
+# ``sft_train_mixed.jsonl``: this share of the answers carries this prefix (see ``mixed_style_sft_row``).
+MIXED_STYLE_PREFIX = "Answer: "
+MIXED_STYLE_FRACTION = 0.5
+
 ARITHMETIC_TEMPLATE = "What is {a}+{b}?"
 REVERSE_TEMPLATE = "Reverse the word: {word}"
 
@@ -124,6 +128,16 @@ def prompt_text(example: dict) -> str:
 def sft_row(example: dict) -> dict:
     """An SFT chat row: the user prompt followed by the correct assistant answer."""
     return {"messages": [*example["messages"], {"role": "assistant", "content": example["answer"]}]}
+
+
+def mixed_style_sft_row(example: dict, rng: random.Random) -> dict:
+    """An SFT row from an inconsistent teacher: with probability ``MIXED_STYLE_FRACTION`` the correct answer is
+    written ``"Answer: 82"`` instead of ``"82"``. Graders and held-out accuracy want the bare answer, so a model
+    fine-tuned on these rows answers in the wrong style about as often, which RL against the grader can fix."""
+    row = sft_row(example)
+    if rng.random() < MIXED_STYLE_FRACTION:
+        row["messages"][-1]["content"] = MIXED_STYLE_PREFIX + example["answer"]
+    return row
 
 
 def preference_row(example: dict, rng: random.Random) -> dict:
