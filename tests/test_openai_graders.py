@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -342,7 +343,7 @@ def test_score_and_label_model_graders_against_a_vllm_server(judge_server):
     from openai import OpenAI
 
     question = [{"role": "user", "content": "What is {{item.a}}+{{item.b}}?"}]
-    sampling = {"temperature": 0, "max_completions_tokens": 6}
+    sampling = {"temperature": 0, "max_completions_tokens": 12}
     score_spec = {"type": "score_model", "model": "judge", "input": question, "range": [0, 200],
                   "sampling_params": sampling}
     items = [{"a": a, "b": b, "sum": str(a + b)} for a, b in [(2, 3), (12, 30), (7, 8), (40, 41)]]
@@ -353,15 +354,16 @@ def test_score_and_label_model_graders_against_a_vllm_server(judge_server):
     for item in items:
         reply = client.chat.completions.create(
             model="judge", messages=[{"role": "user", "content": f"What is {item['a']}+{item['b']}?"}],
-            temperature=0, max_tokens=6,
+            temperature=0, max_tokens=12,
         )
         replies.append(reply.choices[0].message.content.strip())
     for value, reply in zip(scores, replies):
-        if reply.isdigit():
-            assert value == float(reply)
+        number = re.search(r"\d+", reply)  # the SFT model answers "82" or "Answer: 82"
+        if number:
+            assert value == float(number.group())
         else:
             assert isinstance(value, GraderFailure) and "no number" in value.message
-    assert sum(isinstance(v, float) for v in scores) >= 3  # the SFT model answers with numbers
+    assert sum(isinstance(v, float) for v in scores) >= 3
 
     labels = [str(n) for n in range(200)]
     for item, reply in zip(items, replies):

@@ -5,21 +5,20 @@
 - an OpenAI grader object (it has a ``type``: ``string_check``, ``text_similarity``, ``python``, ``multi``);
 - an rlft ``graders:`` section (``items``, ``timeout_s``, ...), alone or inside a whole run config.
 
-Each line of the samples file is ``{"completion": "...", "item": {...}}`` or OpenAI's ``{"sample":
+Each row of the samples file (JSONL, Parquet or a datasets directory) is ``{"completion": "...", "item": {...}}`` or OpenAI's ``{"sample":
 {"output_text": "..."}, "item": {...}}``; a line without ``item`` uses its other fields as the item. Grading runs
 in this process (no Ray) with the same graders, timeouts, sandbox and fallbacks as a training job.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from rlft.config import config_from_dict
-from rlft.data.sources import DataError
+from rlft.data.sources import DataError, read_rows
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, GraderItemConfig
 from rlft.graders.graders import GradeRequest
@@ -48,30 +47,22 @@ def load_grader_config(path: str | Path) -> GraderConfig:
 
 def load_samples(path: str | Path) -> list[GradeRequest]:
     requests = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(where, "line", f"not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(where, "line", "expected a JSON object")
-        if "completion" in row:
-            completion = row["completion"]
-        elif isinstance(row.get("sample"), dict) and "output_text" in row["sample"]:
-            completion = row["sample"]["output_text"]
+    for row in read_rows(str(path)):
+        data, where = row.data, row.where
+        if "completion" in data:
+            completion = data["completion"]
+        elif isinstance(data.get("sample"), dict) and "output_text" in data["sample"]:
+            completion = data["sample"]["output_text"]
         else:
             raise DataError(where, "completion", "missing (give completion or sample.output_text)")
         if not isinstance(completion, str):
             raise DataError(where, "completion", f"expected a string, got {completion!r:.60}")
-        item = row.get("item")
+        item = data.get("item")
         if item is None:
-            item = {k: v for k, v in row.items() if k not in ("completion", "sample", "messages")}
+            item = {k: v for k, v in data.items() if k not in ("completion", "sample", "messages")}
         if not isinstance(item, dict):
             raise DataError(where, "item", "expected a JSON object")
-        messages = row.get("messages") or item.get("messages") or []
+        messages = data.get("messages") or item.get("messages") or []
         requests.append(GradeRequest(messages, completion, {k: v for k, v in item.items() if k != "messages"}))
     return requests
 
