@@ -9,6 +9,7 @@ from rlft.algorithms.advantages import (
     sequence_to_token,
 )
 from rlft.algorithms.aggregation import AggregationMode, aggregate, aggregation_weights
+from rlft.algorithms.dpo import DPO_LOSS_TYPES, dpo_loss
 from rlft.algorithms.kl import KLKind, kl_estimate
 from rlft.algorithms.policy_loss import (
     PolicyBatch,
@@ -20,6 +21,7 @@ from rlft.algorithms.policy_loss import (
 from rlft.algorithms.sft import SFTLoss, token_logprobs
 
 __all__ = [
+    "DPO_LOSS_TYPES",
     "AggregationMode",
     "KLKind",
     "PolicyBatch",
@@ -29,6 +31,7 @@ __all__ = [
     "aggregation_weights",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "dpo_loss",
     "entropy_from_logits",
     "gae",
     "grpo_advantages",
