@@ -24,6 +24,10 @@ def _train(args: argparse.Namespace) -> int:
         from rlft.controller.grpo import grpo as run
     elif cfg.algorithm == "ppo":
         from rlft.controller.ppo import ppo as run
+    elif cfg.algorithm == "dpo":
+        from rlft.controller.dpo import dpo as run
+    elif cfg.algorithm == "online_dpo":
+        from rlft.controller.online_dpo import online_dpo as run
     else:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
     result = run(cfg)

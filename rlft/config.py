@@ -180,8 +180,32 @@ class RLConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference fine-tuning (``algorithm: dpo``). ``trainer.global_batch_size`` and
+    ``learner.micro_batch_size_per_learner`` count pairs here (each pair is a chosen and a rejected row)."""
+
+    beta: float = 0.1
+    # sigmoid, robust, ipo, hinge, simpo, nca_pair, bco_pair, sppo_hard, apo_zero (rlft.algorithms.dpo_loss).
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    # > 0 adds rpo_alpha × the chosen response's per-token NLL (RPO).
+    rpo_alpha: float = 0.0
+    # ``cache``: the reference's log-probabilities of every pair are computed once, before training, and kept on
+    # disk (``cache_dir``, keyed by model, data and sequence length) for later runs; ``server``: the reference
+    # server scores each step's batch.
+    reference: Literal["cache", "server"] = "cache"
+    cache_dir: str = "~/.cache/rlft/reference_logps"
+    # Held-out preference pairs: preference accuracy and reward margin at each evaluation; empty disables.
+    eval_path: str = ""
+    eval_num_pairs: int = 300
+    # online_dpo: copy the policy into the reference every N steps (0 keeps the reference frozen).
+    ref_update_every_n_steps: int = 0
+
+
+@dataclass
 class Config:
-    algorithm: Literal["sft", "grpo", "ppo"] = "sft"
+    algorithm: Literal["sft", "grpo", "ppo", "dpo", "online_dpo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -194,6 +218,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     graders: GraderConfig = field(default_factory=GraderConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -329,7 +354,8 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
 
 
 def _read_yaml(path: Path) -> dict:
-    """Read a YAML config; a top-level ``defaults: [other.yaml]`` list is merged underneath, relative to the file."""
+    """Read a YAML config; a top-level ``defaults: [other.yaml]`` list (or one name) is merged underneath, relative
+    to the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -339,7 +365,8 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     merged: dict = {}
-    for parent in data.pop("defaults", []) or []:
+    parents = data.pop("defaults", []) or []
+    for parent in [parents] if isinstance(parents, str) else parents:
         merged = _merge(merged, _read_yaml(path.parent / parent))
     return _merge(merged, data)
 
@@ -419,6 +446,37 @@ def validate(cfg: Config) -> None:
         )
     if cfg.algorithm in ("grpo", "ppo"):
         _validate_rl(cfg)
+    if cfg.algorithm in ("dpo", "online_dpo"):
+        _validate_dpo(cfg.dpo)
+    if cfg.algorithm == "online_dpo":
+        rl = cfg.rl
+        if rl.num_samples_per_prompt < 2:
+            raise ConfigError("rl.num_samples_per_prompt: online DPO pairs the best and worst of a prompt's samples, "
+                              f"so it needs at least 2, got {rl.num_samples_per_prompt}")
+        if cfg.trainer.global_batch_size != rl.num_prompts_per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size: online DPO makes at most one pair per prompt, so it counts pairs and "
+                f"must equal rl.num_prompts_per_step = {rl.num_prompts_per_step}, got {cfg.trainer.global_batch_size}"
+            )
+        validate_rollout_config(cfg.rollout)
+        validate_graders(cfg.graders)
+
+
+def _validate_dpo(dpo: DPOConfig) -> None:
+    from rlft.algorithms.dpo import DPO_LOSS_TYPES
+
+    if dpo.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type: {dpo.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+    if dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta: must be positive, got {dpo.beta}")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {dpo.label_smoothing}")
+    if dpo.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha: must not be negative, got {dpo.rpo_alpha}")
+    if dpo.ref_update_every_n_steps < 0:
+        raise ConfigError(f"dpo.ref_update_every_n_steps: must not be negative, got {dpo.ref_update_every_n_steps}")
+    if dpo.eval_num_pairs < 0:
+        raise ConfigError(f"dpo.eval_num_pairs: must not be negative, got {dpo.eval_num_pairs}")
 
 
 def _validate_rl(cfg: Config) -> None:

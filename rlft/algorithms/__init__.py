@@ -9,7 +9,7 @@ from rlft.algorithms.advantages import (
     sequence_to_token,
 )
 from rlft.algorithms.aggregation import AggregationMode, aggregate, aggregation_weights
-from rlft.algorithms.dpo import DPO_LOSS_TYPES, dpo_loss
+from rlft.algorithms.dpo import DPO_LOSS_TYPES, DPOLoss, PreferenceBatch, dpo_loss
 from rlft.algorithms.kl import KLKind, kl_estimate
 from rlft.algorithms.policy_loss import (
     PolicyBatch,
@@ -22,6 +22,8 @@ from rlft.algorithms.sft import SFTLoss, token_logprobs
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "DPOLoss",
+    "PreferenceBatch",
     "AggregationMode",
     "KLKind",
     "PolicyBatch",

@@ -6,6 +6,7 @@ Public API:
   label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None, simpo_gamma=0.5, bco_delta=None, rpo_alpha=0.0)
   -> (losses_B, chosen_rewards_B, rejected_rewards_B)``
 - ``DPO_LOSS_TYPES``: the ``loss_type`` names.
+- ``PreferenceBatch`` (a ``TokenBatch`` of chosen/rejected row pairs) and ``DPOLoss``, the learner's loss on it.
 
 Inputs are per pair (shape ``B``): ``*_logps`` is the sum over the response's tokens of log π(token), for the
 chosen and the rejected response, under the policy and under the frozen reference. ``*_lengths`` are the responses'
@@ -49,8 +50,13 @@ Reasoning Preference Optimization", arXiv:2404.19733), which needs ``chosen_leng
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from rlft.algorithms.sft import token_logprobs
+from rlft.data.batch import TokenBatch
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero")
 
@@ -124,3 +130,66 @@ def dpo_loss(
     if rpo_alpha > 0:
         losses = losses - rpo_alpha * policy_chosen_logps / chosen_lengths
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learner's side: a batch of pairs and the loss over it.
+
+
+@dataclass
+class PreferenceBatch(TokenBatch):
+    """Pairs as consecutive rows: row 2i is pair i's chosen sequence, row 2i+1 its rejected one (splits into
+    micro-batches and ranks keep pairs whole as long as every part has an even number of rows).
+
+    ``loss_weights_BT`` is 1 on response tokens, 0 elsewhere. ``ref_logprobs_BT`` holds the reference model's
+    log-probabilities of the response tokens (only their sum per row is used, so a cached per-row sum may stand on
+    one response token). ``pair_weights_BT`` is the weight of pair i in the step's mean, in every column of row 2i
+    (0 on rejected rows), so a micro-batch's loss share sums to the step's mean loss."""
+
+    ref_logprobs_BT: torch.Tensor
+    pair_weights_BT: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """``dpo_loss`` on a ``PreferenceBatch``: sequence log-probabilities summed over response tokens, the loss a
+    weighted mean over pairs. Metrics are additive over micro-batches: ``loss``, ``accuracy`` (chosen reward >
+    rejected), ``margin``, ``chosen_rewards``, ``rejected_rewards``, ``chosen_logps``, ``rejected_logps``."""
+
+    beta: float
+    loss_type: str
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+
+    def __call__(self, logits_BTV: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        mask_BT = (batch.loss_weights_BT != 0).to(torch.float32)
+        logps_B = (token_logprobs(logits_BTV, batch.input_ids_BT) * mask_BT).sum(dim=1)
+        ref_B = (batch.ref_logprobs_BT * mask_BT).sum(dim=1)
+        lengths_B = mask_BT.sum(dim=1).clamp(min=1)
+        weights_P = batch.pair_weights_BT[0::2, 0]
+        losses_P, chosen_P, rejected_P = dpo_loss(
+            logps_B[0::2], logps_B[1::2], ref_B[0::2], ref_B[1::2],
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            chosen_lengths=lengths_B[0::2],
+            rejected_lengths=lengths_B[1::2],
+            simpo_gamma=self.simpo_gamma,
+            rpo_alpha=self.rpo_alpha,
+        )
+        loss = (losses_P * weights_P).sum()
+
+        def mean(x_P: torch.Tensor) -> float:
+            return (x_P.detach().float() * weights_P).sum().item()
+
+        metrics = {
+            "loss": loss.item(),
+            "accuracy": mean((chosen_P > rejected_P).float()),
+            "margin": mean(chosen_P - rejected_P),
+            "chosen_rewards": mean(chosen_P),
+            "rejected_rewards": mean(rejected_P),
+            "chosen_logps": mean(logps_B[0::2]),
+            "rejected_logps": mean(logps_B[1::2]),
+        }
+        return loss, metrics

@@ -236,9 +236,11 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
     resume_from = resume_path(cfg, ckpt_root)
 
     use_reference = rl.kl_coef > 0
+    # Online DPO starts its own reference server (the learner's policy loss has no KL term there).
+    extra_reference = cfg.algorithm == "online_dpo"
     local = cfg.ray.local_mode
     if not local:
-        init_ray(cfg.ray, _num_cpus_needed(cfg, use_reference, with_critic))
+        init_ray(cfg.ray, _num_cpus_needed(cfg, use_reference or extra_reference, with_critic))
     optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
     run = RLRun(
         cfg=cfg,
@@ -351,15 +353,17 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
     }
 
 
-def sync_metrics(sync, old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT) -> dict[str, float]:
-    """The learner recomputes the log-probabilities the sampler reported; after a correct weight sync they agree up
-    to numerics, so their largest gap is the check that rollout workers run the learner's weights."""
-    return {
-        "sync/logprob_max_abs_diff": (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item(),
-        "sync/seconds": sync.seconds,
-        "sync/bytes": sync.num_bytes,
-        "sync/gb_per_s": sync.gb_per_s,
-    }
+def sync_metrics(
+    sync, old_logprobs_BT: torch.Tensor | None = None, sampler_logprobs_BT=None, mask_BT=None
+) -> dict[str, float]:
+    """Seconds, bytes and GB/s of a weight sync. Given the learner's recomputed log-probabilities of the sampled
+    tokens and the sampler's own, also their largest gap: after a correct sync they agree up to numerics, so this is
+    the check that rollout workers run the learner's weights."""
+    metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s}
+    if old_logprobs_BT is not None:
+        gap = (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item()
+        metrics["sync/logprob_max_abs_diff"] = gap
+    return metrics
 
 
 def mean_metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:

@@ -30,6 +30,13 @@ class ReferenceWorker:
         self.device = device
         self.micro_batch_size = micro_batch_size
 
+    def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
+        """Replace the frozen weights (e.g. online DPO refreshing its reference from the policy)."""
+        # Tied parameters (an output head sharing the embedding) come once, so some names may be missing.
+        result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights_by_name.items()}, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"weights the reference model does not have: {result.unexpected_keys[:5]}")
+
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
@@ -59,6 +66,9 @@ class ReferenceGroup:
             [w.logprobs.remote(batch.rows(lo, hi)) for w, (lo, hi) in zip(self.workers, bounds) if hi > lo]
         )
         return torch.cat(parts)
+
+    def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
+        wait([w.update_weights.remote(weights_by_name) for w in self.workers])
 
     def shutdown(self) -> None:
         kill(self.workers)

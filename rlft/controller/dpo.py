@@ -1,0 +1,284 @@
+"""Offline preference fine-tuning (DPO and kin): one function, phases named and timed.
+
+```
+preference rows (OpenAI or {prompt, chosen, rejected}) ──► validate + tokenize (driver, before any actor starts)
+                                             ▼
+   reference log-probabilities of every pair: from the on-disk cache (keyed by model, data, max_seq_len), or
+   computed once by the reference server and cached  ─ or, with dpo.reference=server, per step
+                                             ▼
+   sampler ──► batch of pairs (chosen, rejected rows) ──► LearnerGroup.train_step(batch, DPOLoss)
+                                             ▼
+   metrics: loss, margin, preference accuracy, chosen / rejected log-probabilities; held-out preference accuracy
+   and task accuracy (greedy exact match) at each evaluation; checkpoints; resume
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
+from rlft.config import Config, ConfigError, to_yaml
+from rlft.controller.common import EpochSampler, PhaseTimer, RunResult, prune_checkpoints, resolve_paths, resume_path
+from rlft.controller.evaluation import Evaluator, write_samples
+from rlft.data import formats
+from rlft.data.packing import collate
+from rlft.data.sources import DataError
+from rlft.data.tokenize import TokenizedExample, tokenize_prompt_completion
+from rlft.distributed.cluster import init_ray
+from rlft.learner.group import LearnerGroup
+from rlft.metrics import MetricsLogger
+from rlft.reference import ReferenceGroup
+from rlft.tiny import resolve
+
+# Pairs per reference (or policy) scoring call when scoring a whole data set.
+SCORING_CHUNK_PAIRS = 128
+
+
+@dataclass
+class Pairs:
+    """Tokenized preference pairs; ``source`` names the file they came from (for the cache key)."""
+
+    chosen: list[TokenizedExample]
+    rejected: list[TokenizedExample]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def load_pairs(path: str, tokenizer, cfg: Config, limit: int | None = None) -> Pairs:
+    """Read, validate and tokenize preference rows; a pair whose response does not fit ``data.max_seq_len`` is an
+    error naming its row."""
+    loaded = formats.load_examples(path, formats.parse_preference, on_bad_row=cfg.data.on_bad_row, limit=limit)
+    chosen, rejected = [], []
+    for example in loaded.examples:
+        for name, response, out in (
+            ("chosen", example.chosen_messages, chosen),
+            ("rejected", example.rejected_messages, rejected),
+        ):
+            tokenized = tokenize_prompt_completion(example.prompt_messages, response, tokenizer, cfg.data.max_seq_len)
+            if not any(tokenized.loss_weights):
+                raise DataError(example.where, name, f"no response token fits in data.max_seq_len = {cfg.data.max_seq_len}")
+            out.append(tokenized)
+    return Pairs(chosen, rejected, path)
+
+
+def pair_batch(pairs: Pairs, indices: list[int], pad_id: int, ref_sums_P2: torch.Tensor | None) -> PreferenceBatch:
+    """The pairs ``indices`` as rows (chosen, rejected, chosen, ...), each pair weighted 1 / len(indices); with
+    ``ref_sums_P2`` (the reference's summed log-probabilities, chosen and rejected, of every pair) set on each
+    row's last response token."""
+    rows = [row for i in indices for row in (pairs.chosen[i], pairs.rejected[i])]
+    base = collate(rows, pad_id)
+    mask_BT = (base.loss_weights_BT != 0).to(torch.float32)
+    ref_BT = torch.zeros_like(mask_BT)
+    if ref_sums_P2 is not None:
+        last_B = mask_BT.shape[1] - 1 - mask_BT.flip(1).argmax(dim=1)
+        ref_BT[torch.arange(len(rows)), last_B] = ref_sums_P2[indices].reshape(-1)
+    weights_BT = torch.zeros_like(mask_BT)
+    weights_BT[0::2] = 1.0 / len(indices)
+    return PreferenceBatch(
+        base.input_ids_BT, base.attention_mask_BT, base.position_ids_BT, mask_BT, ref_BT, weights_BT
+    )
+
+
+def summed_logprobs(score, pairs: Pairs, pad_id: int) -> torch.Tensor:
+    """(pairs, 2) summed response log-probabilities under ``score`` (a ``logprobs(batch) -> logprobs_BT``)."""
+    out = []
+    for start in range(0, len(pairs), SCORING_CHUNK_PAIRS):
+        batch = pair_batch(pairs, list(range(start, min(start + SCORING_CHUNK_PAIRS, len(pairs)))), pad_id, None)
+        out.append((score(batch) * batch.loss_weights_BT).sum(dim=1).view(-1, 2))
+    return torch.cat(out)
+
+
+def reference_cache_path(cfg: Config, pairs: Pairs) -> Path:
+    """Where the reference sums of ``pairs`` are kept: keyed by the reference model's files (names, sizes,
+    modification times), the data file's bytes, ``data.max_seq_len`` and the number of pairs."""
+    model_dir = Path(cfg.model.path)
+    model_files = sorted(
+        (str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.rglob("*") if p.is_file()
+    )
+    data = Path(pairs.source)
+    data_digest = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else str(data.resolve())
+    key = json.dumps([model_files, data_digest, cfg.data.max_seq_len, len(pairs), cfg.model.dtype])
+    return Path(cfg.dpo.cache_dir).expanduser() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def cached_reference_sums(cfg: Config, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None) -> torch.Tensor:
+    """The reference sums of ``pairs``, read from the cache, or computed (starting a reference server when none is
+    given) and written there."""
+    path = reference_cache_path(cfg, pairs)
+    if path.exists():
+        return torch.load(path)
+    own = reference is None
+    if own:
+        reference = ReferenceGroup(cfg.reference, cfg.model.path, local=cfg.ray.local_mode)
+    try:
+        sums = summed_logprobs(reference.logprobs, pairs, pad_id)
+    finally:
+        if own:
+            reference.shutdown()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(sums, partial)
+    partial.rename(path)
+    return sums
+
+
+def preference_metrics(cfg: Config, policy_P2: torch.Tensor, ref_P2: torch.Tensor, pairs: Pairs) -> dict[str, float]:
+    """Held-out preference accuracy (chosen reward above rejected), reward margin and loss."""
+    lengths = torch.tensor([[sum(1 for w in r.loss_weights if w) for r in (c, j)] for c, j in zip(pairs.chosen, pairs.rejected)],
+                           dtype=torch.float32)
+    d = cfg.dpo
+    losses, chosen, rejected = dpo_loss(
+        policy_P2[:, 0], policy_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1],
+        beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], simpo_gamma=d.simpo_gamma,
+    )
+    return {
+        "eval/preference_accuracy": (chosen > rejected).float().mean().item(),
+        "eval/reward_margin": (chosen - rejected).mean().item(),
+        "eval/loss": losses.mean().item(),
+    }
+
+
+def dpo(cfg: Config) -> RunResult:
+    started = time.perf_counter()
+    cfg = resolve_paths(cfg)
+    d = cfg.dpo
+    out_dir = Path(cfg.logging.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt_root = Path(cfg.checkpoint_dir)
+
+    # ---- data: everything validated before any actor starts
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+    pad_id = tokenizer.pad_token_id
+    pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
+    eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None
+    eval_items = []
+    if cfg.eval.path and cfg.eval.num_examples:
+        eval_items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
+    pairs_per_step = cfg.trainer.global_batch_size
+    sampler = EpochSampler(len(pairs), pairs_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"trainer.global_batch_size: {pairs_per_step} pairs per step but {cfg.data.train_path} holds {len(pairs)}"
+        )
+    total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+    resume_from = resume_path(cfg, ckpt_root)
+    evaluator = (
+        Evaluator(cfg.model.path, tokenizer, eval_items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        if eval_items
+        else None
+    )
+
+    # ---- actors: the learners see rows, two per pair
+    local = cfg.ray.local_mode
+    if not local:
+        needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
+        init_ray(cfg.ray, needed + cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica)
+    row_cfg = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(cfg.trainer, global_batch_size=2 * pairs_per_step),
+        learner=dataclasses.replace(cfg.learner, micro_batch_size_per_learner=2 * cfg.learner.micro_batch_size_per_learner),
+    )
+    reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local) if d.reference == "server" else None
+    learners = None
+    logger = None
+    try:
+        timer = PhaseTimer()
+        with timer.phase("reference_cache"):
+            ref_sums = None if reference else cached_reference_sums(cfg, pairs, pad_id, None)
+            eval_ref = cached_reference_sums(cfg, eval_pairs, pad_id, reference) if eval_pairs else None
+        learners = LearnerGroup(row_cfg, total_steps, local=local)
+        start_step = 0
+        if resume_from:
+            state = learners.load_checkpoint(resume_from)
+            sampler.load_state(state["data"])
+            start_step = state["step"]
+            tqdm.write(f"resumed from {resume_from} at step {start_step}")
+        logger = MetricsLogger(cfg, resume=resume_from is not None)
+        logger.log(start_step, {"data/train_pairs": len(pairs), **timer.metrics()}, console=False)
+
+        def evaluate(step: int, tag: str) -> float | None:
+            t0 = time.perf_counter()
+            metrics: dict[str, float] = {}
+            if eval_pairs is not None:
+                policy = summed_logprobs(learners.compute_logprobs, eval_pairs, pad_id)
+                metrics.update(preference_metrics(cfg, policy, eval_ref, eval_pairs))
+            accuracy = None
+            if evaluator is not None:
+                evaluator.load_weights(learners.export_weights())
+                result = evaluator.run()
+                write_samples(out_dir / f"eval_samples_{tag}.jsonl", result)
+                accuracy = result.accuracy
+                metrics["eval/accuracy"] = accuracy
+            if metrics:
+                logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
+            return accuracy
+
+        accuracy_start = evaluate(start_step, f"step{start_step}") if start_step == 0 else None
+        loss = DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
+        progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not cfg.logging.progress_bar)
+        for step in range(start_step + 1, total_steps + 1):
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            with timer.phase("data"):
+                batch = pair_batch(pairs, sampler.next_batch(), pad_id, ref_sums)
+            if reference is not None:
+                with timer.phase("reference"):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.logprobs(batch))
+            with timer.phase("update"):
+                result = learners.train_step(batch, loss)
+            m = result.metrics
+            logger.log(
+                step,
+                {
+                    **{f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards",
+                                                    "chosen_logps", "rejected_logps", "grad_norm", "lr")},
+                    "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
+                    **timer.metrics(),
+                    "time/step_seconds": time.perf_counter() - step_start,
+                    "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
+                },
+            )
+            progress.update(1)
+            progress.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
+            if step < total_steps:
+                if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+                    learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
+                    prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+                if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+                    evaluate(step, f"step{step}")
+        progress.close()
+
+        learners.save_checkpoint(ckpt_root / f"step_{total_steps:06d}", {"step": total_steps, "data": sampler.state()})
+        prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        final_dir = learners.save_pretrained(out_dir / "final_model")
+        accuracy_end = evaluate(total_steps, "final")
+        summary = RunResult(
+            output_dir=out_dir,
+            final_model_dir=final_dir,
+            num_steps=total_steps,
+            eval_accuracy_start=accuracy_start,
+            eval_accuracy_end=accuracy_end,
+            seconds=time.perf_counter() - started,
+        )
+        summary.write_summary()
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()
+        for role in (learners, reference):
+            if role is not None:
+                role.shutdown()

@@ -1,0 +1,113 @@
+"""Online (iterative) DPO: the policy's own samples, ranked by graders, become the preference pairs.
+
+```
+prompts ──► rollout workers: rl.num_samples_per_prompt samples each ──► grader pool: a reward per sample
+   ──► per prompt, best vs worst sample = one pair (a prompt whose samples all score the same is dropped, counted)
+   ──► reference server: log-probabilities of the pairs ──► learner update with DPOLoss
+   ──► weight sync learner ──► rollout workers;  every dpo.ref_update_every_n_steps: policy ──► reference
+```
+
+Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv:2402.04792; Xiong et al. 2024,
+"Iterative Preference Learning from Human Feedback", arXiv:2312.11456. The learner step always holds
+``rl.num_prompts_per_step`` pairs: the places of dropped prompts are filled with weight-0 copies, so the loss is
+the mean over the real pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from rlft.algorithms.dpo import DPOLoss
+from rlft.config import Config
+from rlft.controller.common import PhaseTimer, RunResult
+from rlft.controller.dpo import Pairs, pair_batch
+from rlft.controller.rl_steps import end_step, finish, generate_and_grade, rollout_metrics, start_rl_run, sync_metrics
+from rlft.data.tokenize import TokenizedExample
+from rlft.reference import ReferenceGroup
+from rlft.rollout import Sample
+
+
+def best_and_worst(samples: list[Sample], rewards_PG: torch.Tensor) -> tuple[Pairs, int]:
+    """One pair per prompt whose samples' rewards differ: (highest, lowest), first of equals; and the number of
+    prompts dropped as ties."""
+    chosen, rejected = [], []
+    num_samples = rewards_PG.shape[1]
+    for p, rewards_G in enumerate(rewards_PG):
+        best, worst = int(rewards_G.argmax()), int(rewards_G.argmin())
+        if rewards_G[best] == rewards_G[worst]:
+            continue
+        for index, out in ((best, chosen), (worst, rejected)):
+            s = samples[p * num_samples + index]
+            weights = [0.0] * len(s.prompt_token_ids) + [1.0] * len(s.response_token_ids)
+            out.append(TokenizedExample(s.prompt_token_ids + s.response_token_ids, weights))
+    return Pairs(chosen, rejected, source="rollouts"), rewards_PG.shape[0] - len(chosen)
+
+
+def online_dpo(cfg: Config) -> RunResult:
+    d, rl = cfg.dpo, cfg.rl
+    num_pairs = rl.num_prompts_per_step
+    # The learners see rows: two per pair.
+    row_cfg = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(cfg.trainer, global_batch_size=2 * num_pairs),
+        learner=dataclasses.replace(
+            cfg.learner, micro_batch_size_per_learner=2 * cfg.learner.micro_batch_size_per_learner
+        ),
+    )
+    run = start_rl_run(row_cfg, with_critic=False)
+    reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode)
+    pad_id = run.tokenizer.pad_token_id
+    loss = DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
+    try:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            indices = run.sampler.next_batch()
+            samples, graded = generate_and_grade(run, indices, timer)
+            rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
+
+            with timer.phase("pairs"):
+                pairs, num_ties = best_and_worst(samples, rewards_PG)
+            update: dict[str, float] = {}
+            if len(pairs):
+                with timer.phase("reference"):
+                    # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
+                    order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
+                    batch = pair_batch(pairs, order, pad_id, None)
+                    weights_BT = batch.pair_weights_BT.clone()
+                    weights_BT[2 * len(pairs) :] = 0.0
+                    weights_BT[: 2 * len(pairs) : 2] = 1.0 / len(pairs)
+                    batch = dataclasses.replace(
+                        batch, pair_weights_BT=weights_BT, ref_logprobs_BT=reference.logprobs(batch)
+                    )
+                with timer.phase("update"):
+                    m = run.learners.train_step(batch, loss).metrics
+                update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
+                                                        "rejected_logps", "grad_norm", "lr")}
+            with timer.phase("sync"):
+                weights = run.learners.export_weights()
+                sync = run.rollout.sync_weights(step, weights)
+                if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
+                    reference.update_weights(weights)
+
+            end_step(
+                run,
+                step,
+                {
+                    **rollout_metrics(samples, run.prompts, rewards_PG.flatten(), step),
+                    "pairs/num": len(pairs),
+                    "pairs/ties_dropped": num_ties,
+                    **update,
+                    **graded.metrics(),
+                    **sync_metrics(sync),
+                    **timer.metrics(),
+                    "time/step_seconds": time.perf_counter() - step_start,
+                },
+            )
+        return finish(run)
+    finally:
+        reference.shutdown()
+        run.shutdown()
