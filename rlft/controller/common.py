@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlft.config import Config, ConfigError
+from rlft.config import Config, ConfigError, to_yaml
 from rlft.metrics import plot_curves
 from rlft.tiny import resolve
 
@@ -55,6 +55,35 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     if keep_last:
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create ``logging.output_dir`` and write the resolved config into it."""
+    out_dir = Path(cfg.logging.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    return out_dir
+
+
+def step_schedule(cfg: Config, num_rows: int, unit: str = "rows") -> tuple[EpochSampler, int]:
+    """The sampler over ``num_rows`` training ``unit``s (``trainer.global_batch_size`` a step) and the number of
+    steps of the run; data too small for one step is a config error."""
+    per_step = cfg.trainer.global_batch_size
+    sampler = EpochSampler(num_rows, per_step, cfg.trainer.seed, cfg.data.shuffle)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"trainer.global_batch_size: {per_step} {unit} per step but {cfg.data.train_path} gives only "
+            f"{num_rows} training {unit}"
+        )
+    return sampler, cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+
+
+def save_step_checkpoint(learners, cfg: Config, step: int, sampler: EpochSampler) -> None:
+    """A checkpoint of the learners and the data position at ``step``; older ones pruned to
+    ``checkpoint.keep_last``."""
+    ckpt_root = Path(cfg.checkpoint_dir)
+    learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
+    prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
 
 
 def resume_path(cfg: Config, ckpt_root: Path) -> Path | None:

@@ -27,9 +27,17 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
-from rlft.config import Config, ConfigError, to_yaml
-from rlft.controller.common import EpochSampler, PhaseTimer, RunResult, prune_checkpoints, resolve_paths, resume_path
-from rlft.controller.evaluation import Evaluator, write_samples
+from rlft.config import Config
+from rlft.controller.common import (
+    PhaseTimer,
+    RunResult,
+    prepare_output_dir,
+    resolve_paths,
+    resume_path,
+    save_step_checkpoint,
+    step_schedule,
+)
+from rlft.controller.evaluation import evaluate_weights, task_evaluator
 from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.sources import DataError
@@ -155,9 +163,7 @@ def dpo(cfg: Config) -> RunResult:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
     d = cfg.dpo
-    out_dir = Path(cfg.logging.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    out_dir = prepare_output_dir(cfg)
     ckpt_root = Path(cfg.checkpoint_dir)
 
     # ---- data: everything validated before any actor starts
@@ -165,22 +171,10 @@ def dpo(cfg: Config) -> RunResult:
     pad_id = tokenizer.pad_token_id
     pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
     eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None
-    eval_items = []
-    if cfg.eval.path and cfg.eval.num_examples:
-        eval_items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
     pairs_per_step = cfg.trainer.global_batch_size
-    sampler = EpochSampler(len(pairs), pairs_per_step, cfg.trainer.seed, cfg.data.shuffle)
-    if sampler.steps_per_epoch == 0:
-        raise ConfigError(
-            f"trainer.global_batch_size: {pairs_per_step} pairs per step but {cfg.data.train_path} holds {len(pairs)}"
-        )
-    total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+    sampler, total_steps = step_schedule(cfg, len(pairs), "pairs")
     resume_from = resume_path(cfg, ckpt_root)
-    evaluator = (
-        Evaluator(cfg.model.path, tokenizer, eval_items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        if eval_items
-        else None
-    )
+    evaluator = task_evaluator(cfg, tokenizer)
 
     # ---- actors: the learners see rows, two per pair
     local = cfg.ray.local_mode
@@ -216,16 +210,12 @@ def dpo(cfg: Config) -> RunResult:
             if eval_pairs is not None:
                 policy = summed_logprobs(learners.compute_logprobs, eval_pairs, pad_id)
                 metrics.update(preference_metrics(cfg, policy, eval_ref, eval_pairs))
-            accuracy = None
             if evaluator is not None:
-                evaluator.load_weights(learners.export_weights())
-                result = evaluator.run()
-                write_samples(out_dir / f"eval_samples_{tag}.jsonl", result)
-                accuracy = result.accuracy
-                metrics["eval/accuracy"] = accuracy
+                samples_path = out_dir / f"eval_samples_{tag}.jsonl"
+                metrics.update(evaluate_weights(evaluator, learners.export_weights(), samples_path))
             if metrics:
                 logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
-            return accuracy
+            return metrics.get("eval/accuracy")
 
         accuracy_start = evaluate(start_step, f"step{start_step}") if start_step == 0 else None
         loss = DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
@@ -256,14 +246,12 @@ def dpo(cfg: Config) -> RunResult:
             progress.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
             if step < total_steps:
                 if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-                    learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
-                    prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+                    save_step_checkpoint(learners, cfg, step, sampler)
                 if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
                     evaluate(step, f"step{step}")
         progress.close()
 
-        learners.save_checkpoint(ckpt_root / f"step_{total_steps:06d}", {"step": total_steps, "data": sampler.state()})
-        prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        save_step_checkpoint(learners, cfg, total_steps, sampler)
         final_dir = learners.save_pretrained(out_dir / "final_model")
         accuracy_end = evaluate(total_steps, "final")
         summary = RunResult(

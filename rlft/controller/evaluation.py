@@ -103,3 +103,25 @@ def write_samples(path: Path, result: EvalResult) -> None:
     with path.open("w") as f:
         for sample in result.samples:
             f.write(json.dumps(sample) + "\n")
+
+
+def task_evaluator(cfg, tokenizer) -> Evaluator | None:
+    """The greedy exact-match evaluator of ``eval.path`` (its first ``eval.num_examples`` prompts), or None."""
+    from rlft.data import formats
+
+    if not (cfg.eval.path and cfg.eval.num_examples):
+        return None
+    items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
+    return Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+
+
+def evaluate_weights(evaluator: Evaluator, weights: dict[str, torch.Tensor], samples_path: Path) -> dict[str, float]:
+    """Load ``weights`` (e.g. ``LearnerGroup.export_weights()``), evaluate, save the completions; the metrics."""
+    evaluator.load_weights(weights)
+    result = evaluator.run()
+    write_samples(samples_path, result)
+    return {
+        "eval/accuracy": result.accuracy,
+        "eval/num_examples": result.num_examples,
+        "eval/mean_completion_tokens": result.mean_completion_tokens,
+    }

@@ -18,11 +18,12 @@ from transformers import AutoTokenizer
 
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
-from rlft.config import Config, ConfigError, to_yaml
+from rlft.config import Config, ConfigError
 from rlft.controller.common import (
     EpochSampler,
     PhaseTimer,
     RunResult,
+    prepare_output_dir,
     prune_checkpoints,
     resolve_paths,
     resume_path,
@@ -217,9 +218,7 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
     rl = cfg.rl
-    out_dir = Path(cfg.logging.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    out_dir = prepare_output_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     prompts = load_prompts(cfg.data.train_path, tokenizer, cfg)
     eval_prompts = None

@@ -21,9 +21,16 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.sft import SFTLoss
-from rlft.config import Config, ConfigError, to_yaml
-from rlft.controller.common import EpochSampler, RunResult, prune_checkpoints, resolve_paths, resume_path
-from rlft.controller.evaluation import Evaluator, write_samples
+from rlft.config import Config
+from rlft.controller.common import (
+    RunResult,
+    prepare_output_dir,
+    resolve_paths,
+    resume_path,
+    save_step_checkpoint,
+    step_schedule,
+)
+from rlft.controller.evaluation import evaluate_weights, task_evaluator
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
 from rlft.data.packing import collate, normalize_loss_weights, pack
@@ -60,31 +67,15 @@ def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[
 def sft(cfg: Config) -> RunResult:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
-    out_dir = Path(cfg.logging.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    out_dir = prepare_output_dir(cfg)
     ckpt_root = Path(cfg.checkpoint_dir)
 
     # ---- data: everything validated before any actor starts
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     rows, data_counts = load_sft_rows(cfg, tokenizer)
-    eval_items = []
-    if cfg.eval.path and cfg.eval.num_examples:
-        eval_items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
-    batch_rows = cfg.trainer.global_batch_size
-    sampler = EpochSampler(len(rows), batch_rows, cfg.trainer.seed, cfg.data.shuffle)
-    if sampler.steps_per_epoch == 0:
-        raise ConfigError(
-            f"trainer.global_batch_size: {batch_rows} rows per step but {cfg.data.train_path} gives only "
-            f"{len(rows)} training rows"
-        )
-    total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
+    sampler, total_steps = step_schedule(cfg, len(rows))
     resume_from = resume_path(cfg, ckpt_root)
-    evaluator = (
-        Evaluator(cfg.model.path, tokenizer, eval_items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        if eval_items
-        else None
-    )
+    evaluator = task_evaluator(cfg, tokenizer)
 
     # ---- actors
     if not cfg.ray.local_mode:
@@ -103,20 +94,9 @@ def sft(cfg: Config) -> RunResult:
 
         def evaluate(step: int, tag: str) -> float:
             t0 = time.perf_counter()
-            evaluator.load_weights(learners.export_weights())
-            result = evaluator.run()
-            write_samples(out_dir / f"eval_samples_{tag}.jsonl", result)
-            logger.log(
-                step,
-                {
-                    "eval/accuracy": result.accuracy,
-                    "eval/num_examples": result.num_examples,
-                    "eval/mean_completion_tokens": result.mean_completion_tokens,
-                    "eval/seconds": time.perf_counter() - t0,
-                },
-                console=True,
-            )
-            return result.accuracy
+            metrics = evaluate_weights(evaluator, learners.export_weights(), out_dir / f"eval_samples_{tag}.jsonl")
+            logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
+            return metrics["eval/accuracy"]
 
         accuracy_start = evaluate(start_step, f"step{start_step}") if evaluator and start_step == 0 else None
 
@@ -145,14 +125,12 @@ def sft(cfg: Config) -> RunResult:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and step < total_steps:
-                learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
-                prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+                save_step_checkpoint(learners, cfg, step, sampler)
             if evaluator and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
                 evaluate(step, f"step{step}")
         progress.close()
 
-        learners.save_checkpoint(ckpt_root / f"step_{total_steps:06d}", {"step": total_steps, "data": sampler.state()})
-        prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        save_step_checkpoint(learners, cfg, total_steps, sampler)
         final_dir = learners.save_pretrained(out_dir / "final_model")
         accuracy_end = evaluate(total_steps, "final") if evaluator else None
         summary = RunResult(
