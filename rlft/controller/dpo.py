@@ -81,10 +81,12 @@ def load_pairs(path: str, tokenizer, cfg: Config, limit: int | None = None) -> P
     return Pairs(chosen, rejected, path)
 
 
-def pair_batch(pairs: Pairs, indices: list[int], pad_id: int, ref_sums_P2: torch.Tensor | None) -> PreferenceBatch:
-    """The pairs ``indices`` as rows (chosen, rejected, chosen, ...), each pair weighted 1 / len(indices); with
-    ``ref_sums_P2`` (the reference's summed log-probabilities, chosen and rejected, of every pair) set on each
-    row's last response token."""
+def pair_batch(
+    pairs: Pairs, indices: list[int], pad_id: int, ref_sums_P2: torch.Tensor | None, num_weighted: int | None = None
+) -> PreferenceBatch:
+    """The pairs ``indices`` as rows (chosen, rejected, chosen, ...); the first ``num_weighted`` pairs (default:
+    all) share the step's weight equally, the rest weigh 0 (fillers). With ``ref_sums_P2`` (the reference's summed
+    log-probabilities, chosen and rejected, of every pair) set on each row's last response token."""
     rows = [row for i in indices for row in (pairs.chosen[i], pairs.rejected[i])]
     base = collate(rows, pad_id)
     mask_BT = (base.loss_weights_BT != 0).to(torch.float32)
@@ -92,11 +94,28 @@ def pair_batch(pairs: Pairs, indices: list[int], pad_id: int, ref_sums_P2: torch
     if ref_sums_P2 is not None:
         last_B = mask_BT.shape[1] - 1 - mask_BT.flip(1).argmax(dim=1)
         ref_BT[torch.arange(len(rows)), last_B] = ref_sums_P2[indices].reshape(-1)
+    num_weighted = len(indices) if num_weighted is None else num_weighted
     weights_BT = torch.zeros_like(mask_BT)
-    weights_BT[0::2] = 1.0 / len(indices)
+    weights_BT[0 : 2 * num_weighted : 2] = 1.0 / num_weighted
     return PreferenceBatch(
         base.input_ids_BT, base.attention_mask_BT, base.position_ids_BT, mask_BT, ref_BT, weights_BT
     )
+
+
+def rows_config(cfg: Config) -> Config:
+    """``cfg`` with the batch sizes in rows, as the learner group counts them: two rows (chosen, rejected) a pair."""
+    return dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(cfg.trainer, global_batch_size=2 * cfg.trainer.global_batch_size),
+        learner=dataclasses.replace(
+            cfg.learner, micro_batch_size_per_learner=2 * cfg.learner.micro_batch_size_per_learner
+        ),
+    )
+
+
+def loss_of(cfg: Config) -> DPOLoss:
+    d = cfg.dpo
+    return DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
 
 
 def summed_logprobs(score, pairs: Pairs, pad_id: int) -> torch.Tensor:
@@ -171,7 +190,6 @@ def dpo(cfg: Config) -> RunResult:
     pad_id = tokenizer.pad_token_id
     pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
     eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None
-    pairs_per_step = cfg.trainer.global_batch_size
     sampler, total_steps = step_schedule(cfg, len(pairs), "pairs")
     resume_from = resume_path(cfg, ckpt_root)
     evaluator = task_evaluator(cfg, tokenizer)
@@ -181,11 +199,6 @@ def dpo(cfg: Config) -> RunResult:
     if not local:
         needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
         init_ray(cfg.ray, needed + cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica)
-    row_cfg = dataclasses.replace(
-        cfg,
-        trainer=dataclasses.replace(cfg.trainer, global_batch_size=2 * pairs_per_step),
-        learner=dataclasses.replace(cfg.learner, micro_batch_size_per_learner=2 * cfg.learner.micro_batch_size_per_learner),
-    )
     reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local) if d.reference == "server" else None
     learners = None
     logger = None
@@ -194,7 +207,7 @@ def dpo(cfg: Config) -> RunResult:
         with timer.phase("reference_cache"):
             ref_sums = None if reference else cached_reference_sums(cfg, pairs, pad_id, None)
             eval_ref = cached_reference_sums(cfg, eval_pairs, pad_id, reference) if eval_pairs else None
-        learners = LearnerGroup(row_cfg, total_steps, local=local)
+        learners = LearnerGroup(rows_config(cfg), total_steps, local=local)
         start_step = 0
         if resume_from:
             state = learners.load_checkpoint(resume_from)
@@ -218,7 +231,7 @@ def dpo(cfg: Config) -> RunResult:
             return metrics.get("eval/accuracy")
 
         accuracy_start = evaluate(start_step, f"step{start_step}") if start_step == 0 else None
-        loss = DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
+        loss = loss_of(cfg)
         progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not cfg.logging.progress_bar)
         for step in range(start_step + 1, total_steps + 1):
             timer = PhaseTimer()

@@ -20,10 +20,9 @@ import time
 
 import torch
 
-from rlft.algorithms.dpo import DPOLoss
 from rlft.config import Config
 from rlft.controller.common import PhaseTimer, RunResult
-from rlft.controller.dpo import Pairs, pair_batch
+from rlft.controller.dpo import Pairs, loss_of, pair_batch, rows_config
 from rlft.controller.rl_steps import end_step, finish, generate_and_grade, rollout_metrics, start_rl_run, sync_metrics
 from rlft.data.tokenize import TokenizedExample
 from rlft.reference import ReferenceGroup
@@ -47,20 +46,12 @@ def best_and_worst(samples: list[Sample], rewards_PG: torch.Tensor) -> tuple[Pai
 
 
 def online_dpo(cfg: Config) -> RunResult:
-    d, rl = cfg.dpo, cfg.rl
-    num_pairs = rl.num_prompts_per_step
-    # The learners see rows: two per pair.
-    row_cfg = dataclasses.replace(
-        cfg,
-        trainer=dataclasses.replace(cfg.trainer, global_batch_size=2 * num_pairs),
-        learner=dataclasses.replace(
-            cfg.learner, micro_batch_size_per_learner=2 * cfg.learner.micro_batch_size_per_learner
-        ),
-    )
-    run = start_rl_run(row_cfg, with_critic=False)
+    d = cfg.dpo
+    num_pairs = cfg.rl.num_prompts_per_step
+    run = start_rl_run(rows_config(cfg), with_critic=False)
     reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode)
     pad_id = run.tokenizer.pad_token_id
-    loss = DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.simpo_gamma, d.rpo_alpha)
+    loss = loss_of(cfg)
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             timer = PhaseTimer()
@@ -76,13 +67,8 @@ def online_dpo(cfg: Config) -> RunResult:
                 with timer.phase("reference"):
                     # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
                     order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
-                    batch = pair_batch(pairs, order, pad_id, None)
-                    weights_BT = batch.pair_weights_BT.clone()
-                    weights_BT[2 * len(pairs) :] = 0.0
-                    weights_BT[: 2 * len(pairs) : 2] = 1.0 / len(pairs)
-                    batch = dataclasses.replace(
-                        batch, pair_weights_BT=weights_BT, ref_logprobs_BT=reference.logprobs(batch)
-                    )
+                    batch = pair_batch(pairs, order, pad_id, None, num_weighted=len(pairs))
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.logprobs(batch))
                 with timer.phase("update"):
                     m = run.learners.train_step(batch, loss).metrics
                 update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
