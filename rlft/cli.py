@@ -1,6 +1,8 @@
 """The ``rlft`` command.
 
-    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT, GRPO or PPO)
+    rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT, GRPO, PPO, DPO, ...)
+    rlft submit CONFIG [...] --address URL     run it on a Ray cluster through the Ray Jobs API
+    rlft scale JOB --rollout-workers N         resize a running job's rollout workers (between steps)
     rlft config show CONFIG [key.sub=value ...] print the resolved config
     rlft tiny build --out DIR                  build the embedded tiny model, tokenizer and task data
 """
@@ -13,6 +15,7 @@ import sys
 
 from rlft.config import ConfigError, load_config, to_yaml
 from rlft.data.sources import DataError
+from rlft.errors import LearnerFailedError, RestartBudgetError
 from rlft.graders.pool import GraderFailureRateError
 
 
@@ -36,6 +39,18 @@ def _train(args: argparse.Namespace) -> int:
         start = "n/a" if result.eval_accuracy_start is None else f"{result.eval_accuracy_start:.3f}"
         print(f"held-out accuracy: {start} -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)")
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from rlft.distributed.jobs import submit
+
+    return submit(args.config, args.overrides, args.address, args.follow, args.env, args.job_id)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from rlft.distributed.jobs import scale
+
+    return scale(args.job, args.rollout_workers, args.address)
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -67,6 +82,24 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file, e.g. configs/sft_tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-4")
     train.set_defaults(run=_train)
+
+    submit = commands.add_parser("submit", help="run the job on a Ray cluster (Ray Jobs API)")
+    submit.add_argument("config", help="YAML config file")
+    submit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-4")
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                        help="the cluster's job server (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit 1 if it fails")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the job's processes (repeatable)")
+    submit.add_argument("--job-id", default="", help="the submission id (default: rlft-<run name>-<time>)")
+    submit.set_defaults(run=_submit)
+
+    scale = commands.add_parser("scale", help="resize a running job's rollout workers from its next step")
+    scale.add_argument("job", help="the job id `rlft submit` printed (or the run name of an `rlft train` job)")
+    scale.add_argument("--rollout-workers", type=int, required=True, help="the number of rollout workers wanted")
+    scale.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                       help="the job server (http://HEAD:8265) or a Ray address (auto, HEAD:6379)")
+    scale.set_defaults(run=_scale)
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -114,6 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     except GraderFailureRateError as exc:
         print(f"rlft: grader error: {exc}", file=sys.stderr)
         return 1
+    except (LearnerFailedError, RestartBudgetError) as exc:
+        print(f"rlft: job stopped: {exc}", file=sys.stderr)
+        checkpoint = _latest_checkpoint(args)
+        if checkpoint:
+            print(f"rlft: the last checkpoint is {checkpoint}; run again with checkpoint.resume=auto to continue "
+                  "from it", file=sys.stderr)
+        return 1
+    except ConnectionError as exc:
+        print(f"rlft: cannot reach the cluster: {exc}", file=sys.stderr)
+        return 1
+
+
+def _latest_checkpoint(args: argparse.Namespace):
+    from pathlib import Path
+
+    from rlft.controller.common import latest_checkpoint
+
+    if getattr(args, "config", None) is None or args.run is not _train:
+        return None
+    return latest_checkpoint(Path(load_config(args.config, args.overrides).checkpoint_dir))
 
 
 if __name__ == "__main__":

@@ -128,12 +128,22 @@ class LoggingConfig:
 
 @dataclass
 class RayConfig:
-    # Empty starts a local Ray cluster; otherwise an address such as ``ray://head:10001`` or ``auto``.
+    # Empty starts a local Ray cluster, unless the job runs on one already (``rlft submit``, or RAY_ADDRESS set);
+    # otherwise an address such as ``auto``, ``HEAD:6379`` or ``ray://head:10001``.
     address: str = ""
     # Logical CPUs of the local cluster; 0 means the machine's core count (raised to what the job needs).
     num_cpus: int = 0
+    # The local cluster's dashboard: off, and on loopback when turned on (anyone who reaches it can run code).
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    # How each role's actors are placed on nodes: ``pack`` (few nodes), ``spread`` (many), or their strict
+    # forms (all on one node / each on its own node, or the job does not start).
+    placement_strategy: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    # How long to wait for the cluster to place the job's actors before giving up with a clear error.
+    placement_timeout_s: float = 120.0
+    # Per role (rollout workers, reference replicas, grader workers): how many dead actors may be replaced during
+    # the run, their work redone; one death more stops the job.
+    max_actor_restarts: int = 3
     # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
     # (one learner only).
     local_mode: bool = False
@@ -425,6 +435,13 @@ def validate(cfg: Config) -> None:
     non_negative("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)
     non_negative("ray.num_cpus", cfg.ray.num_cpus)
+    positive("ray.placement_timeout_s", cfg.ray.placement_timeout_s)
+    non_negative("ray.max_actor_restarts", cfg.ray.max_actor_restarts)
+    if cfg.reference.colocate_with_learners and cfg.reference.num_replicas > cfg.learner.num_learners:
+        raise ConfigError(
+            f"reference.colocate_with_learners: replica i shares learner i's bundle, so reference.num_replicas "
+            f"({cfg.reference.num_replicas}) must not exceed learner.num_learners ({cfg.learner.num_learners})"
+        )
 
     micro = cfg.learner.micro_batch_size_per_learner
     learners = cfg.learner.num_learners

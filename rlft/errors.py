@@ -3,3 +3,12 @@
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the dotted path of the offending field."""
+
+
+class RestartBudgetError(RuntimeError):
+    """A role's actors died more often than ``ray.max_actor_restarts`` allows; the job stops."""
+
+
+class LearnerFailedError(RuntimeError):
+    """A learner actor died. The ranks share one sharded optimizer state, so the job stops; the last checkpoint
+    is intact and ``checkpoint.resume=auto`` continues from it."""

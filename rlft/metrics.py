@@ -15,12 +15,20 @@ from rlft.config import Config, to_dict
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume_step: int | None = None):
+        """``resume_step``: continuing a run from the checkpoint of that step. Records logged after it (by the run
+        that stopped) are dropped, so every step appears once, as the resumed run logs it."""
+        resume = resume_step is not None
         self.output_dir = Path(cfg.logging.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
         self.console_every_n_steps = cfg.logging.console_every_n_steps
-        self._file = self.path.open("a" if resume else "w")
+        kept = []
+        if resume and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._file = self.path.open("w")
+        self._file.writelines(kept)
         self._wandb = None
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             self._wandb = _start_wandb(cfg, self.output_dir, resume)

@@ -42,7 +42,8 @@ from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.sources import DataError
 from rlft.data.tokenize import TokenizedExample, tokenize_prompt_completion
-from rlft.distributed.cluster import init_ray
+from rlft.distributed.cluster import start_cluster
+from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
 from rlft.reference import ReferenceGroup
@@ -140,15 +141,17 @@ def reference_cache_path(cfg: Config, pairs: Pairs) -> Path:
     return Path(cfg.dpo.cache_dir).expanduser() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
-def cached_reference_sums(cfg: Config, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None) -> torch.Tensor:
-    """The reference sums of ``pairs``, read from the cache, or computed (starting a reference server when none is
-    given) and written there."""
+def cached_reference_sums(
+    cfg: Config, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None, placement=None
+) -> torch.Tensor:
+    """The reference sums of ``pairs``, read from the cache, or computed (starting a reference server, on
+    ``placement``, when none is given) and written there."""
     path = reference_cache_path(cfg, pairs)
     if path.exists():
         return torch.load(path)
     own = reference is None
     if own:
-        reference = ReferenceGroup(cfg.reference, cfg.model.path, local=cfg.ray.local_mode)
+        reference = ReferenceGroup(cfg.reference, cfg.model.path, local=cfg.ray.local_mode, placement=placement)
     try:
         sums = summed_logprobs(reference.logprobs, pairs, pad_id)
     finally:
@@ -196,25 +199,23 @@ def dpo(cfg: Config) -> RunResult:
 
     # ---- actors: the learners see rows, two per pair
     local = cfg.ray.local_mode
-    if not local:
-        needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
-        init_ray(cfg.ray, needed + cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica)
-    reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local) if d.reference == "server" else None
-    learners = None
-    logger = None
+    placement = start_cluster(cfg, job_demands(cfg, reference=True, rollout=False, graders=False))
+    reference = learners = logger = None
     try:
+        if d.reference == "server":
+            reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local, placement=placement)
         timer = PhaseTimer()
         with timer.phase("reference_cache"):
-            ref_sums = None if reference else cached_reference_sums(cfg, pairs, pad_id, None)
-            eval_ref = cached_reference_sums(cfg, eval_pairs, pad_id, reference) if eval_pairs else None
-        learners = LearnerGroup(rows_config(cfg), total_steps, local=local)
+            ref_sums = None if reference else cached_reference_sums(cfg, pairs, pad_id, None, placement)
+            eval_ref = cached_reference_sums(cfg, eval_pairs, pad_id, reference, placement) if eval_pairs else None
+        learners = LearnerGroup(rows_config(cfg), total_steps, local=local, placement=placement)
         start_step = 0
         if resume_from:
             state = learners.load_checkpoint(resume_from)
             sampler.load_state(state["data"])
             start_step = state["step"]
             tqdm.write(f"resumed from {resume_from} at step {start_step}")
-        logger = MetricsLogger(cfg, resume=resume_from is not None)
+        logger = MetricsLogger(cfg, resume_step=start_step if resume_from else None)
         logger.log(start_step, {"data/train_pairs": len(pairs), **timer.metrics()}, console=False)
 
         def evaluate(step: int, tag: str) -> float | None:
@@ -283,3 +284,5 @@ def dpo(cfg: Config) -> RunResult:
         for role in (learners, reference):
             if role is not None:
                 role.shutdown()
+        if placement is not None:
+            placement.remove()

@@ -49,7 +49,12 @@ def online_dpo(cfg: Config) -> RunResult:
     d = cfg.dpo
     num_pairs = cfg.rl.num_prompts_per_step
     run = start_rl_run(rows_config(cfg), with_critic=False)
-    reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode)
+    try:
+        reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode,
+                                   placement=run.placement, max_restarts=cfg.ray.max_actor_restarts)
+    except BaseException:
+        run.shutdown()
+        raise
     pad_id = run.tokenizer.pad_token_id
     loss = loss_of(cfg)
     try:

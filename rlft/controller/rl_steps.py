@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -32,7 +33,16 @@ from rlft.data import formats
 from rlft.data.formats import RFTPrompt
 from rlft.data.sources import DataError
 from rlft.data.tokenize import tokenize_prompt
-from rlft.distributed.cluster import init_ray
+from rlft.distributed.cluster import start_cluster
+from rlft.distributed.control import job_id, start_control
+from rlft.distributed.placement import (
+    ClusterFitError,
+    Placement,
+    RoleDemand,
+    check_fit,
+    free_node_resources,
+    job_demands,
+)
 from rlft.graders import GradeRequest, GraderPool
 from rlft.graders.pool import GradeResult
 from rlft.learner.group import LearnerGroup
@@ -93,9 +103,18 @@ def generate_and_grade(run: RLRun, indices: list[int], timer: PhaseTimer) -> tup
             handles[first] = run.graders.submit(grade_requests(samples, run.prompts))
     with timer.phase("grade"):
         order = sorted(chunks)
+        _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
         graded = GradeResult.concat([run.graders.collect(handles[first]) for first in order])
         graded.check_error_rate(cfg.graders.max_error_rate)
     return [sample for first in order for sample in chunks[first]], graded
+
+
+def _check_complete(samples: list[Sample], indices: list[int], per_prompt: int) -> None:
+    """Every prompt's samples exactly once, in prompt order (a redone chunk must not add or drop any)."""
+    got = [s.prompt_index for s in samples]
+    want = [i for i in indices for _ in range(per_prompt)]
+    if got != want:
+        raise RuntimeError(f"rollout returned {len(got)} samples for {len(want)} expected, or out of order")
 
 
 def policy_batch(
@@ -192,11 +211,13 @@ class RLRun:
     total_steps: int
     out_dir: Path
     ckpt_root: Path
-    learners: LearnerGroup
-    rollout: RolloutGroup
-    graders: GraderPool
-    reference: ReferenceGroup | None
-    critic: LearnerGroup | None
+    placement: Placement | None = None
+    learners: LearnerGroup | None = None
+    rollout: RolloutGroup | None = None
+    graders: GraderPool | None = None
+    reference: ReferenceGroup | None = None
+    critic: LearnerGroup | None = None
+    control: object = None  # the job's JobControl actor (``rlft scale``), None without Ray
     logger: MetricsLogger | None = None
     start_step: int = 0
     started: float = 0.0
@@ -211,6 +232,10 @@ class RLRun:
         for role in (self.learners, self.rollout, self.graders, self.reference, self.critic):
             if role is not None:
                 role.shutdown()
+        if self.control is not None:
+            ray.kill(self.control)
+        if self.placement is not None:
+            self.placement.remove()
 
 
 def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
@@ -238,26 +263,25 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
     # Online DPO starts its own reference server (the learner's policy loss has no KL term there).
     extra_reference = cfg.algorithm == "online_dpo"
     local = cfg.ray.local_mode
-    if not local:
-        init_ray(cfg.ray, _num_cpus_needed(cfg, use_reference or extra_reference, with_critic))
+    placement = start_cluster(cfg, job_demands(cfg, reference=use_reference or extra_reference, critic=with_critic))
+    restarts = cfg.ray.max_actor_restarts
     optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
-    run = RLRun(
-        cfg=cfg,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        eval_prompts=eval_prompts,
-        sampler=sampler,
-        total_steps=total_steps,
-        out_dir=out_dir,
-        ckpt_root=ckpt_root,
-        learners=LearnerGroup(cfg, optimizer_steps, local=local),
-        rollout=RolloutGroup(cfg.model.path, cfg.rollout, local=local),
-        graders=GraderPool(cfg.graders, local=local),
-        reference=ReferenceGroup(cfg.reference, cfg.model.path, local=local) if use_reference else None,
-        critic=LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr) if with_critic else None,
-        started=started,
-    )
+    run = RLRun(cfg, tokenizer, prompts, eval_prompts, sampler, total_steps, out_dir, ckpt_root, placement=placement)
     try:
+        run.learners = LearnerGroup(cfg, optimizer_steps, local=local, placement=placement)
+        run.rollout = RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
+                                   max_restarts=restarts)
+        run.graders = GraderPool(cfg.graders, local=local, max_restarts=restarts)
+        if use_reference:
+            run.reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local, placement=placement,
+                                           max_restarts=restarts)
+        if with_critic:
+            run.critic = LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr,
+                                      placement=placement)
+        if not local:
+            run.control = start_control(cfg)
+            tqdm.write(f"job {job_id(cfg)}: `rlft scale {job_id(cfg)} --rollout-workers N` resizes the rollout")
+        run.started = started
         if resume_from:
             state = run.learners.load_checkpoint(resume_from)
             if run.critic is not None:
@@ -266,7 +290,7 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
             run.start_step = state["step"]
             run.rollout.sync_weights(run.start_step, run.learners.export_weights())
             tqdm.write(f"resumed from {resume_from} at step {run.start_step}")
-        run.logger = MetricsLogger(cfg, resume=resume_from is not None)
+        run.logger = MetricsLogger(cfg, resume_step=run.start_step if resume_from else None)
         if eval_prompts and run.start_step == 0:
             run.eval_accuracy_start = evaluate(run, 0, "step0")
         run.progress = tqdm(
@@ -307,9 +331,9 @@ def save_checkpoint(run: RLRun, step: int) -> None:
 
 
 def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
-    """Log the step, then checkpoint and evaluate when due."""
+    """Log the step, then checkpoint and evaluate when due, then apply requests (``rlft scale``) and report."""
     cfg = run.cfg
-    run.logger.log(step, metrics)
+    run.logger.log(step, {**metrics, **fault_metrics(run)})
     run.progress.update(1)
     run.progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
     if step < run.total_steps:
@@ -317,6 +341,45 @@ def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
             save_checkpoint(run, step)
         if run.eval_prompts and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
             evaluate(run, step, f"step{step}")
+        apply_requests(run)
+    if run.control is not None:
+        run.control.report.remote({"step": step, "total_steps": run.total_steps,
+                                   "rollout_workers": run.rollout.num_workers})
+
+
+def fault_metrics(run: RLRun) -> dict[str, float]:
+    """The role size and the actors replaced so far (cumulative over the run, resumes start again at 0)."""
+    metrics = {
+        "rollout/num_workers": run.rollout.num_workers,
+        "faults/rollout_restarts": run.rollout.restarts,
+        "faults/grader_restarts": run.graders.restarts,
+    }
+    if run.reference is not None:
+        metrics["faults/reference_restarts"] = run.reference.restarts
+    return metrics
+
+
+def apply_requests(run: RLRun) -> None:
+    """Between steps: resize the rollout workers as ``rlft scale`` asked. Added workers that do not fit the cluster's
+    free resources are refused with a warning; the job goes on with the workers it has."""
+    if run.control is None:
+        return
+    wanted = ray.get(run.control.take_requests.remote()).get("rollout_workers")
+    current = run.rollout.num_workers
+    if not wanted or wanted == current:
+        return
+    if wanted > current:
+        rc = run.cfg.rollout
+        added = RoleDemand("rollout", wanted - current, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+                           "rlft scale --rollout-workers")
+        try:
+            check_fit([added], free_node_resources())
+        except ClusterFitError as err:
+            tqdm.write(f"rollout workers stay at {current}: {err}")
+            return
+    started = time.perf_counter()
+    run.rollout.resize(wanted)
+    tqdm.write(f"rollout workers: {current} -> {wanted} ({time.perf_counter() - started:.1f} s)")
 
 
 def finish(run: RLRun) -> RunResult:
@@ -344,6 +407,7 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
     return {
         "reward/mean": rewards_S.mean().item(),
         "reward/std": rewards_S.std().item(),
+        "rollout/num_samples": len(samples),
         "rollout/accuracy": sum(correct) / max(len(correct), 1),
         "rollout/response_tokens_mean": statistics.mean(len(s.response_token_ids) for s in samples),
         "rollout/truncated_fraction": statistics.mean(s.finish_reason == "length" for s in samples),
@@ -368,13 +432,3 @@ def sync_metrics(
 def mean_metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
     keys = [k for k in results[0] if k != "seconds"]
     return {prefix + k: sum(r[k] for r in results) / len(results) for k in keys}
-
-
-def _num_cpus_needed(cfg: Config, use_reference: bool, with_critic: bool) -> float:
-    needed = cfg.learner.num_learners * cfg.learner.num_cpus_per_learner * (2 if with_critic else 1)
-    needed += cfg.rollout.num_rollout_workers * cfg.rollout.num_cpus_per_worker
-    needed += cfg.graders.num_grader_workers * cfg.graders.num_cpus_per_worker
-    needed += sum(i.num_replicas * i.num_cpus_per_replica for i in cfg.graders.items if i.type == "reward_model")
-    if use_reference:
-        needed += cfg.reference.num_replicas * cfg.reference.num_cpus_per_replica
-    return needed

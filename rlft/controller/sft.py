@@ -35,7 +35,8 @@ from rlft.data import formats
 from rlft.data.batch import TokenBatch
 from rlft.data.packing import collate, normalize_loss_weights, pack
 from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
-from rlft.distributed.cluster import init_ray
+from rlft.distributed.cluster import start_cluster
+from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
 
@@ -78,18 +79,18 @@ def sft(cfg: Config) -> RunResult:
     evaluator = task_evaluator(cfg, tokenizer)
 
     # ---- actors
-    if not cfg.ray.local_mode:
-        init_ray(cfg.ray, cfg.learner.num_learners * cfg.learner.num_cpus_per_learner)
-    learners = LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode)
+    placement = start_cluster(cfg, job_demands(cfg, reference=False, rollout=False, graders=False))
+    learners = None
     logger = None
     try:
+        learners = LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode, placement=placement)
         start_step = 0
         if resume_from:
             trainer_state = learners.load_checkpoint(resume_from)
             sampler.load_state(trainer_state["data"])
             start_step = trainer_state["step"]
             tqdm.write(f"resumed from {resume_from} at step {start_step}")
-        logger = MetricsLogger(cfg, resume=resume_from is not None)
+        logger = MetricsLogger(cfg, resume_step=start_step if resume_from else None)
         logger.log(start_step, {**data_counts, "model/num_parameters": learners.num_parameters}, console=False)
 
         def evaluate(step: int, tag: str) -> float:
@@ -146,7 +147,10 @@ def sft(cfg: Config) -> RunResult:
     finally:
         if logger is not None:
             logger.close()
-        learners.shutdown()
+        if learners is not None:
+            learners.shutdown()
+        if placement is not None:
+            placement.remove()
 
 
 def _make_batch(rows: list[TokenizedExample], indices: list[int], pad_id: int) -> TokenBatch:

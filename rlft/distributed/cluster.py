@@ -1,4 +1,4 @@
-"""Connecting to a Ray cluster, or starting a local one bound to loopback."""
+"""Connecting to a Ray cluster (or starting a local one bound to loopback), checking the job fits, placing it."""
 
 from __future__ import annotations
 
@@ -6,20 +6,26 @@ import os
 
 import ray
 
-from rlft.config import RayConfig
+from rlft.config import Config, RayConfig
 from rlft.distributed.actors import BASE_ENV
+from rlft.distributed.placement import Placement, RoleDemand, check_fit, free_node_resources, total
 
 
 def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
-    """Start (or join) Ray once per process. A local cluster gets at least the CPUs the job's actors ask for."""
+    """Start (or join) Ray once per process. A local cluster gets at least the CPUs the job's actors ask for.
+
+    The job joins an existing cluster when ``ray.address`` names one, or when it runs on one already (a job
+    submitted with ``rlft submit`` has RAY_ADDRESS set); otherwise it starts a private local cluster.
+    """
     if ray.is_initialized():
         return
     for key, value in BASE_ENV.items():
         os.environ.setdefault(key, value)
     # Without this Ray binds its services to the machine's external address even when asked for loopback.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
         return
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     ray.init(
@@ -31,3 +37,14 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
     )
+
+
+def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
+    """Join or start Ray, check that the job's ``demands`` fit the cluster's free resources (``ClusterFitError``
+    naming the fields otherwise, before any actor starts) and make its placement groups. ``None`` in
+    ``ray.local_mode``, where every role runs in this process."""
+    if cfg.ray.local_mode:
+        return None
+    init_ray(cfg.ray, total(demands, "CPU"))
+    check_fit(demands, free_node_resources())
+    return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)

@@ -35,6 +35,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from rlft.distributed.actors import Resources, spawn, wait
+from rlft.errors import RestartBudgetError
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
@@ -265,10 +266,14 @@ class GradeHandle:
 class GraderPool:
     """``num_grader_workers`` grader actors (or in-process objects when ``local``) behind one typed facade."""
 
-    def __init__(self, cfg: GraderConfig, local: bool = False):
+    def __init__(self, cfg: GraderConfig, local: bool = False, max_restarts: int | None = None):
         validate_graders(cfg)
         self.cfg = cfg
         self.local = local
+        # Workers that died (not stuck ones, which are replaced as part of grading) may be replaced this many times
+        # over the pool's life; None: no limit.
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.weights = {item.name: item.weight for item in cfg.items}
         self.reward_models: dict[str, RewardModelGroup] = {}
         try:
@@ -360,7 +365,9 @@ class GraderPool:
             logger.warning("grader worker %d stuck past its deadline; replacing it", share.worker)
             self._replace(share.worker, share.generation)
             return self._all(share, Failure.TIMEOUT), dict.fromkeys(self.weights, "grader worker stuck past its deadline")
-        except RayActorError:
+        except RayActorError as err:
+            if self._generations[share.worker] == share.generation:
+                self._count_death(share.worker, type(err).__name__)
             self._replace(share.worker, share.generation)
             if share.resent:
                 logger.warning("grader worker %d died twice on the same share; scoring it as errors", share.worker)
@@ -385,6 +392,15 @@ class GraderPool:
             if self._generations[share.worker] == share.generation:
                 self._starting[share.worker] = None
         return ray.get(share.ref, timeout=max(0.0, deadline - time.monotonic()))
+
+    def _count_death(self, worker: int, reason: str) -> None:
+        if self.max_restarts is not None and self.restarts >= self.max_restarts:
+            raise RestartBudgetError(
+                f"grader worker {worker} died ({reason}) and the restart budget ray.max_actor_restarts = "
+                f"{self.max_restarts} is spent"
+            )
+        self.restarts += 1
+        logger.warning("grader worker %d died (%s); starting a replacement", worker, reason)
 
     def _replace(self, worker: int, generation: int) -> None:
         """Kill worker ``worker`` and start a fresh one, unless the incarnation ``generation`` is already gone.

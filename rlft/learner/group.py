@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ray.exceptions import RayActorError
 
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import Resources, kill, spawn, wait
+from rlft.distributed.actors import Resources, kill, spawn, wait_each
+from rlft.errors import LearnerFailedError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
 
 # Metrics every rank reports the same value of (the rest are summed over ranks).
@@ -31,10 +33,17 @@ class StepResult:
 
 class LearnerGroup:
     def __init__(
-        self, cfg: Config, total_steps: int, local: bool = False, head: str = "lm", lr: float | None = None
+        self,
+        cfg: Config,
+        total_steps: int,
+        local: bool = False,
+        head: str = "lm",
+        lr: float | None = None,
+        placement=None,
     ):
         """``head="value"`` makes a critic (scalar per token) from the same checkpoint; ``lr`` overrides
-        ``trainer.lr`` (the critic's own learning rate)."""
+        ``trainer.lr`` (the critic's own learning rate). ``placement`` (``rlft.distributed.placement``) puts
+        rank i on bundle i of the role's placement group."""
         learner = cfg.learner
         world_size = learner.num_learners
         if local and world_size != 1:
@@ -63,13 +72,30 @@ class LearnerGroup:
             head=head,
         )
         self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
-        resources = Resources(num_cpus=learner.num_cpus_per_learner, num_gpus=learner.num_gpus_per_learner)
+        role = "critic" if head == "value" else "learners"
+        cpus, gpus = learner.num_cpus_per_learner, learner.num_gpus_per_learner
+        self._failed = False
         self.workers = [
-            spawn(LearnerWorker, rank, resources=resources, local=local) for rank in range(world_size)
+            spawn(
+                LearnerWorker,
+                rank,
+                resources=placement.resources(role, rank, cpus, gpus) if placement else Resources(cpus, gpus),
+                local=local,
+            )
+            for rank in range(world_size)
         ]
-        master_addr, master_port = wait(self.workers[0].address.remote())
-        counts = wait([w.setup.remote(self.spec, master_addr, master_port) for w in self.workers])
+        master_addr, master_port = self._wait(self.workers[0].address.remote())
+        counts = self._wait([w.setup.remote(self.spec, master_addr, master_port) for w in self.workers])
         self.num_parameters = counts[0]
+
+    def _wait(self, refs):
+        """The results of calls on the ranks; the first rank that dies stops the group at once (the others may be
+        blocked in a collective waiting for it) with ``LearnerFailedError``."""
+        try:
+            return wait_each(refs)
+        except RayActorError as err:
+            self._failed = True
+            raise LearnerFailedError(f"a learner actor died ({type(err).__name__}): {err}".splitlines()[0]) from err
 
     @property
     def world_size(self) -> int:
@@ -89,11 +115,11 @@ class LearnerGroup:
 
     def train_step(self, batch: TokenBatch, loss: Loss) -> StepResult:
         """One optimizer step over the global ``batch`` with ``loss``; metrics summed over ranks."""
-        results = wait([w.train_step.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
+        results = self._wait([w.train_step.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
         return StepResult(_combine(results), max(r["seconds"] for r in results))
 
     def evaluate_loss(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        results = wait([w.evaluate_loss.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
+        results = self._wait([w.evaluate_loss.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
         return _combine(results)
 
     def compute_logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -112,16 +138,16 @@ class LearnerGroup:
         if batch.num_rows % self.world_size:
             raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
         shards = batch.split(self.world_size)
-        return torch.cat(wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
+        return torch.cat(self._wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
 
     def export_weights(self) -> dict:
         """Full parameters by name (ZeRO-3 shards gathered), for syncing rollout engines or comparing runs."""
-        return wait([w.export_weights.remote() for w in self.workers])[0]
+        return self._wait([w.export_weights.remote() for w in self.workers])[0]
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A Hugging Face model directory (config, safetensors, tokenizer) loadable by transformers and vLLM."""
         out_dir = Path(out_dir).resolve()
-        wait([w.save_pretrained.remote(str(out_dir), self.tokenizer_path) for w in self.workers])
+        self._wait([w.save_pretrained.remote(str(out_dir), self.tokenizer_path) for w in self.workers])
         return out_dir
 
     def save_checkpoint(self, ckpt_dir: str | Path, trainer_state: dict) -> Path:
@@ -130,7 +156,7 @@ class LearnerGroup:
         final = Path(ckpt_dir).resolve()
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        wait([w.save_checkpoint.remote(str(partial)) for w in self.workers])
+        self._wait([w.save_checkpoint.remote(str(partial)) for w in self.workers])
         (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -142,12 +168,13 @@ class LearnerGroup:
         state_file = path / "trainer_state.json"
         if not state_file.exists():
             raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.json)")
-        wait([w.load_checkpoint.remote(str(path)) for w in self.workers])
+        self._wait([w.load_checkpoint.remote(str(path)) for w in self.workers])
         return json.loads(state_file.read_text())
 
     def shutdown(self) -> None:
         try:
-            wait([w.shutdown.remote() for w in self.workers])
+            if not self._failed:
+                wait_each([w.shutdown.remote() for w in self.workers], timeout_s=60)
         finally:
             kill(self.workers)
 

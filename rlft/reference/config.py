@@ -14,3 +14,6 @@ class ReferenceConfig:
     # Rows per forward pass inside a replica.
     micro_batch_size: int = 32
     dtype: str = "float32"
+    # Put replica i in learner i's placement bundle, sharing its node (and GPUs, with fractional
+    # ``num_gpus_per_replica``) instead of taking its own; needs num_replicas <= learner.num_learners.
+    colocate_with_learners: bool = False

@@ -8,11 +8,12 @@ coefficient is 0.
 
 from __future__ import annotations
 
+import ray
 import torch
 
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import Resources, balanced_chunks, kill, spawn, wait
+from rlft.distributed.actors import Resources, WorkerSet, balanced_chunks, spawn, wait
 from rlft.reference.config import ReferenceConfig
 
 class ReferenceWorker:
@@ -51,24 +52,43 @@ class ReferenceWorker:
 
 
 class ReferenceGroup:
-    """Typed facade over ``num_replicas`` reference workers."""
+    """Typed facade over ``num_replicas`` reference workers; a replica that dies is replaced (with the weights it
+    last had) and its rows scored again."""
 
-    def __init__(self, cfg: ReferenceConfig, model_path: str, local: bool = False):
-        resources = Resources(num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
-        self.workers = [
-            spawn(ReferenceWorker, model_path, cfg.dtype, cfg.micro_batch_size, resources=resources, local=local)
-            for _ in range(cfg.num_replicas)
-        ]
+    def __init__(self, cfg: ReferenceConfig, model_path: str, local: bool = False, placement=None,
+                 max_restarts: int = 0):
+        self.cfg, self.model_path, self.local, self.placement = cfg, model_path, local, placement
+        self._weights_ref = None  # the weights of the last ``update_weights``, for replacements
+        self.workers = WorkerSet("reference", self._start_worker, cfg.num_replicas, max_restarts, local)
+
+    def _start_worker(self, slot: int):
+        cfg = self.cfg
+        if self.placement is not None:
+            resources = self.placement.resources("reference", slot, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica)
+        else:
+            resources = Resources(num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
+        worker = spawn(ReferenceWorker, self.model_path, cfg.dtype, cfg.micro_batch_size, resources=resources,
+                       local=self.local)
+        if self._weights_ref is not None:
+            wait(worker.update_weights.remote(self._weights_ref))
+        return worker
+
+    @property
+    def restarts(self) -> int:
+        return self.workers.restarts
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         bounds = balanced_chunks(batch.num_rows, len(self.workers))
-        parts = wait(
-            [w.logprobs.remote(batch.rows(lo, hi)) for w, (lo, hi) in zip(self.workers, bounds) if hi > lo]
-        )
-        return torch.cat(parts)
+        calls = [
+            (slot, lambda w, part=batch.rows(lo, hi): w.logprobs.remote(part))
+            for slot, (lo, hi) in enumerate(bounds)
+            if hi > lo
+        ]
+        return torch.cat(self.workers.call(calls))
 
     def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
-        wait([w.update_weights.remote(weights_by_name) for w in self.workers])
+        self._weights_ref = weights_by_name if self.local else ray.put(weights_by_name)
+        self.workers.call_all(lambda w: w.update_weights.remote(self._weights_ref))
 
     def shutdown(self) -> None:
-        kill(self.workers)
+        self.workers.shutdown()

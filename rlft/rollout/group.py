@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import ray
 import torch
 
-from rlft.distributed.actors import Resources, balanced_chunks, kill, spawn, wait
+from rlft.distributed.actors import Resources, WorkerSet, balanced_chunks, spawn, wait
 from rlft.distributed.weight_sync import SyncStats, pack_buckets, publish_buckets
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
@@ -24,26 +23,58 @@ _MIB = 2**20
 
 
 class RolloutGroup:
-    def __init__(self, model_path: str, cfg: RolloutConfig, local: bool = False):
+    def __init__(self, model_path: str, cfg: RolloutConfig, local: bool = False, placement=None,
+                 max_restarts: int = 0):
         if local and cfg.num_rollout_workers != 1:
             raise ValueError("rollout.num_rollout_workers: the in-process (no Ray) backend runs exactly one worker")
+        self.model_path = model_path
         self.cfg = cfg
         self.local = local
-        resources = Resources(num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker)
-        self.workers = [
-            spawn(RolloutWorker, model_path, cfg, resources=resources, local=local)
-            for _ in range(cfg.num_rollout_workers)
-        ]
-        # Waits until every engine has started, so start-up errors surface here rather than at the first step.
-        self.policy_versions()
+        self.placement = placement
+        # The weights every worker serves (version, object-store buckets), kept so that a worker started later (a
+        # replacement, or one added by ``resize``) gets them before it serves.
+        self._weights: tuple[int, list] | None = None
+        self.workers = WorkerSet("rollout", self._start_worker, cfg.num_rollout_workers, max_restarts, local)
+
+    def _start_worker(self, slot: int):
+        if self.placement is not None:
+            resources = self.placement.resources("rollout", slot, self.cfg.num_cpus_per_worker,
+                                                 self.cfg.num_gpus_per_worker)
+        else:
+            resources = Resources(num_cpus=self.cfg.num_cpus_per_worker, num_gpus=self.cfg.num_gpus_per_worker)
+        worker = spawn(RolloutWorker, self.model_path, self.cfg, resources=resources, local=self.local)
+        # Waits until the engine has started, so start-up errors surface here rather than at the first step.
+        wait(worker.policy_version.remote())
+        if self._weights is not None:
+            version, bucket_refs = self._weights
+            wait(worker.update_weights.remote(version, bucket_refs))
+        return worker
 
     @property
     def num_workers(self) -> int:
         return len(self.workers)
 
+    @property
+    def restarts(self) -> int:
+        return self.workers.restarts
+
+    def resize(self, num_workers: int) -> None:
+        """Add or remove workers (between steps): an added worker starts with the current weights; the next
+        ``generate`` spreads the prompts over the new number."""
+        if self.local and num_workers != 1:
+            raise ValueError("rollout.num_rollout_workers: the in-process (no Ray) backend runs exactly one worker")
+        if num_workers < 1:
+            raise ValueError(f"rollout workers: need at least 1, got {num_workers}")
+        while self.num_workers < num_workers:
+            self.workers.add()
+        while self.num_workers > num_workers:
+            self.workers.remove_last()
+            if self.placement is not None:
+                self.placement.release("rollout", self.num_workers)
+
     def policy_versions(self) -> list[int]:
         """Each worker's current policy version (equal after every completed ``sync_weights``)."""
-        return wait([w.policy_version.remote() for w in self.workers])
+        return self.workers.call_all(lambda w: w.policy_version.remote())
 
     def generate(
         self,
@@ -74,28 +105,24 @@ class RolloutGroup:
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(indices) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
-        pending = {}
-        for worker, (start, stop) in zip(self.workers, balanced_chunks(len(prompts), self.num_workers)):
+        calls = {}
+        for slot, (start, stop) in enumerate(balanced_chunks(len(prompts), self.num_workers)):
             for first, end in balanced_chunks(stop - start, chunks_per_worker):
                 if end > first:
                     a, b = start + first, start + end
-                    ref = worker.generate.remote(prompts[a:b], sampling, num_samples_per_prompt, indices[a:b])
-                    pending[ref] = a
-        while pending:
-            if self.local:
-                ref = next(iter(pending))
-            else:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-            yield pending.pop(ref), wait(ref)
+                    calls[a] = (slot, _generate_call(prompts[a:b], sampling, num_samples_per_prompt, indices[a:b]))
+        # A chunk whose worker died is generated again by its replacement: the samples are the same (seeded by
+        # prompt index and policy version), and each chunk is yielded once.
+        yield from self.workers.as_completed(calls)
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs of given sequences under the workers' current weights (spread like ``generate``)."""
         calls = [
-            worker.token_logprobs.remote(sequences[start:stop])
-            for worker, (start, stop) in zip(self.workers, balanced_chunks(len(sequences), self.num_workers))
+            (slot, lambda w, part=sequences[start:stop]: w.token_logprobs.remote(part))
+            for slot, (start, stop) in enumerate(balanced_chunks(len(sequences), self.num_workers))
             if stop > start
         ]
-        return [row for rows in wait(calls) for row in rows]
+        return [row for rows in self.workers.call(calls) for row in rows]
 
     def sync_weights(self, policy_version: int, weights_by_name: dict[str, torch.Tensor]) -> SyncStats:
         """Give every worker the full weights of ``policy_version`` (e.g. ``LearnerGroup.export_weights()``);
@@ -103,9 +130,14 @@ class RolloutGroup:
         start = time.perf_counter()
         buckets = pack_buckets(weights_by_name, int(self.cfg.weight_sync_bucket_mib * _MIB))
         bucket_refs = publish_buckets(buckets, self.local)
-        wait([w.update_weights.remote(policy_version, bucket_refs) for w in self.workers])
+        self._weights = (policy_version, bucket_refs)
+        # A worker that dies here is replaced, and its replacement starts with these weights.
+        self.workers.call_all(lambda w: w.update_weights.remote(policy_version, bucket_refs))
         return SyncStats.since(start, buckets)
 
     def shutdown(self) -> None:
-        kill(self.workers)
-        self.workers = []
+        self.workers.shutdown()
+
+
+def _generate_call(prompts, sampling, num_samples_per_prompt, indices):
+    return lambda worker: worker.generate.remote(prompts, sampling, num_samples_per_prompt, indices)
