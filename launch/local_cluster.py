@@ -29,7 +29,9 @@ def main() -> int:
     parser.add_argument("--gpus-per-node", type=int, default=0)
     parser.add_argument("--gcs-port", type=int, default=6390)
     parser.add_argument("--dashboard-port", type=int, default=8265, help="the job server (Ray dashboard)")
-    parser.add_argument("--dir", default="/tmp/rlft-cluster", help="auth token, env.sh and Ray's session files")
+    parser.add_argument("--dir", default="/tmp/rlft-cluster",
+                        help="auth token, env.sh and Ray's session files (keep it short: Ray's socket paths in it "
+                        "must stay under 108 bytes)")
     parser.add_argument("--auth", choices=["token", "disabled"], default="token")
     args = parser.parse_args()
 
@@ -50,6 +52,8 @@ def main() -> int:
             token.chmod(0o600)
         env["RAY_AUTH_TOKEN_PATH"] = str(token)
     os.environ.update({k: v for k, v in env.items() if k != "RAY_ADDRESS"})
+    # Jobs' entrypoints (`python -m rlft.cli ...`) run with the Python that started the cluster.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     (out / "env.sh").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
 
     from ray.cluster_utils import Cluster
@@ -64,7 +68,7 @@ def main() -> int:
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": args.dashboard_port,
-            "temp_dir": str(out / "ray"),
+            "temp_dir": str(out / "r"),
         },
     )
     for _ in range(args.worker_nodes):

@@ -1,0 +1,266 @@
+"""Running on a Ray cluster: the fit check and placement, actors replaced when they die, `rlft submit` and
+`rlft scale` against a multi-node cluster on this machine (launch/local_cluster.py, token auth on)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster_helpers import kill_busy_actor, rlft_popen, start_local_cluster, steps_logged, wait_until
+from conftest import ROOT, run_rlft
+from rlft.config import load_config
+from rlft.distributed.actors import Resources, WorkerSet, spawn
+from rlft.distributed.jobs import portable_config
+from rlft.distributed.placement import ClusterFitError, check_fit, job_demands
+from rlft.errors import RestartBudgetError
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each role asks for, and whether it fits: pure functions of the config and the nodes' free resources.
+
+
+def test_demands_follow_the_config_and_colocation_merges_the_reference_into_learner_bundles():
+    cfg = load_config(ROOT / "configs/grpo_tiny.yaml", ["rl.kl_coef=0.1", "rollout.num_rollout_workers=3"])
+    demands = {d.role: d for d in job_demands(cfg, reference=True)}
+    assert (demands["learners"].count, demands["learners"].cpus) == (2, 1.0)
+    assert (demands["rollout"].count, demands["reference"].count, demands["graders"].count) == (3, 1, 1)
+
+    colocated = load_config(
+        ROOT / "configs/grpo_tiny.yaml",
+        ["reference.colocate_with_learners=true", "learner.num_gpus_per_learner=0.75",
+         "reference.num_gpus_per_replica=0.25", "learner.backend=gloo"],
+    )
+    demands = {d.role: d for d in job_demands(colocated, reference=True)}
+    assert "reference" not in demands
+    assert demands["learners"].bundle == {"CPU": 2.0, "GPU": 1.0}
+
+
+def test_colocation_needs_no_more_replicas_than_learners():
+    with pytest.raises(ValueError, match=r"reference.colocate_with_learners: .*num_replicas \(3\)"):
+        load_config(None, ["reference.colocate_with_learners=true", "reference.num_replicas=3"])
+
+
+def test_fit_check_places_bundles_on_nodes_and_names_the_fields_when_it_cannot():
+    cfg = load_config(ROOT / "configs/grpo_tiny.yaml", ["rollout.num_gpus_per_worker=1"])
+    demands = job_demands(cfg, reference=False)
+    check_fit(demands, [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0}])  # 4 CPUs, the GPU where the worker goes
+    with pytest.raises(ClusterFitError) as err:
+        check_fit(demands, [{"CPU": 8.0}])
+    message = str(err.value)
+    assert "needs 4 CPUs and 1 GPUs, the cluster has 8 CPUs and 0 GPUs" in message
+    assert "rollout.num_rollout_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker" in message
+    # Enough CPUs in total, but no node holds a 3-CPU learner bundle: bundles never span nodes.
+    big = job_demands(load_config(ROOT / "configs/grpo_tiny.yaml", ["learner.num_cpus_per_learner=3"]), False)
+    with pytest.raises(ClusterFitError, match="no node has room for one learners actor"):
+        check_fit(big, [{"CPU": 2.0}] * 5)
+
+
+def test_submitted_config_carries_absolute_paths_and_inlined_grader_specs(tmp_path, monkeypatch):
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", '
+                    '"reference": "{{item.answer}}", "operation": "eq"}')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        ROOT / "configs/grpo_tiny.yaml",
+        ["logging.output_dir=runs/x", "graders.items=[{name: exact, type: openai, spec_file: spec.json}]"],
+    )
+    portable = portable_config(cfg)
+    assert portable.logging.output_dir == str(tmp_path / "runs/x")
+    assert portable.data.train_path == "tiny://arithmetic/rft_train.jsonl"
+    assert portable.graders.items[0].spec["operation"] == "eq" and portable.graders.items[0].spec_file == ""
+
+
+def test_train_that_does_not_fit_the_cluster_stops_before_any_actor(tmp_path):
+    proc = run_rlft(
+        "train", str(ROOT / "configs/grpo_tiny.yaml"), "model.path=tiny://model", "rollout.num_gpus_per_worker=1",
+        f"logging.output_dir={tmp_path / 'run'}", cwd=tmp_path, timeout_s=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the job does not fit the cluster" in proc.stderr
+    assert "rollout 1 × (1 CPU, 1 GPU)" in proc.stderr
+    assert "RolloutWorker" not in proc.stdout + proc.stderr  # no actor was started
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WorkerSet: the restart machinery every role facade uses.
+
+
+class _Flaky:
+    """Dies (the whole process) on its first call when ``die_first`` names a file that does not exist yet."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def work(self, x: int) -> int:
+        if self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return x * 10
+
+
+@pytest.mark.ray
+def test_worker_set_replaces_a_dead_actor_and_redoes_its_calls_once(ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test module
+    markers = [str(tmp_path / "slot0_died"), ""]
+    starts = []
+
+    def start(slot):
+        starts.append(slot)
+        return spawn(_Flaky, markers[slot], resources=Resources(num_cpus=0.1))
+
+    workers = WorkerSet("toy", start, 2, max_restarts=1)
+    try:
+        calls = {key: (key % 2, lambda w, key=key: w.work.remote(key)) for key in range(6)}
+        results = list(workers.as_completed(calls))
+        assert sorted(results) == [(key, key * 10) for key in range(6)]  # each call once, none lost
+        assert workers.restarts == 1 and starts == [0, 1, 0]
+        # The budget is spent: the next death stops the role with a clear error.
+        os.remove(markers[0])
+        with pytest.raises(RestartBudgetError, match=r"toy actor 0 died .* ray.max_actor_restarts = 1"):
+            workers.call([(0, lambda w: w.work.remote(1))])
+    finally:
+        workers.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on a multi-node cluster on this machine: 2 nodes of 3 CPUs, token auth on.
+
+SMALL_GRPO = [
+    "model.path=tiny://model",
+    "rl.num_prompts_per_step=16",
+    "rl.num_samples_per_prompt=4",
+    "trainer.global_batch_size=64",
+    "learner.micro_batch_size_per_learner=32",
+    "eval.num_examples=0",
+    "logging.wandb=false",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    cluster = start_local_cluster(worker_nodes=1, cpus_per_node=3)
+    yield cluster
+    cluster.stop()
+
+
+def test_local_cluster_has_two_loopback_nodes_and_token_auth(local_cluster):
+    assert local_cluster.env["RAY_AUTH_MODE"] == "token"
+    probe = (
+        "import ray; ray.init(address='auto', logging_level='ERROR'); "
+        "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"
+    )
+    ok = subprocess.run([sys.executable, "-c", probe], env={**local_cluster.client_env(), "RAY_ADDRESS":
+                        local_cluster.gcs_address}, capture_output=True, text=True, timeout=120)
+    assert ok.stdout.strip() == "['127.0.0.1', '127.0.0.1']", ok.stderr[-2000:]
+    # Without the token the cluster refuses the client.
+    no_token = {k: v for k, v in local_cluster.client_env().items() if k != "RAY_AUTH_TOKEN_PATH"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", "scale", "nope", "--rollout-workers", "2", "--address",
+         local_cluster.job_server], env=no_token, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert refused.returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_submit_follow_and_scale_rollout_workers_while_running(local_cluster, tmp_path):
+    """`rlft submit --follow` runs GRPO through the Jobs API; `rlft scale` takes it from 1 to 2 rollout workers and
+    back to 1 between steps; every step keeps its samples, and an added worker serves the current weights."""
+    out, log = tmp_path / "run", tmp_path / "submit.log"
+    num_steps = 40
+    proc = rlft_popen(
+        "submit", str(ROOT / "configs/grpo_tiny.yaml"), *SMALL_GRPO, f"trainer.max_steps={num_steps}",
+        f"logging.output_dir={out}", "--follow", "--job-id", "rlft-test-scale", "--address", local_cluster.job_server,
+        cwd=tmp_path, env=local_cluster.client_env(), log=log,
+    )
+    metrics = out / "metrics.jsonl"
+    try:
+        wait_until(lambda: len(steps_logged(metrics)) >= 2, "step 2", proc=proc, log=log)
+        up = subprocess.run(
+            [sys.executable, "-m", "rlft.cli", "scale", "rlft-test-scale", "--rollout-workers", "2", "--address",
+             local_cluster.job_server], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "rollout workers 1 -> 2 from the next step" in up.stdout
+        wait_until(lambda: any(r["rollout/num_workers"] == 2 for r in steps_logged(metrics)), "2 workers",
+                   proc=proc, log=log)
+        down = subprocess.run(
+            [sys.executable, "-m", "rlft.cli", "scale", "rlft-test-scale", "--rollout-workers", "1", "--address",
+             local_cluster.gcs_address], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    assert "submitted job rlft-test-scale" in log.read_text()
+    assert "job rlft-test-scale: SUCCEEDED" in log.read_text()
+    steps = steps_logged(metrics)
+    assert [r["step"] for r in steps] == list(range(1, num_steps + 1))
+    workers = [r["rollout/num_workers"] for r in steps]
+    assert workers[0] == 1 and 2 in workers and workers[-1] == 1, workers
+    for r in steps:
+        assert r["rollout/num_samples"] == 16 * 4
+        assert r["rollout/policy_version_lag"] == 0
+        assert r["sync/logprob_max_abs_diff"] < 1e-3, r  # added workers sample with the learner's weights
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_killed_rollout_grader_and_reference_actors_are_replaced_mid_step(local_cluster, tmp_path):
+    """Kill a rollout worker while it generates, a grader worker while it grades and the reference while it
+    scores: each is replaced, its work redone, and the run ends with every step and every sample."""
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    num_steps = 8
+    env = {**local_cluster.client_env(), "RAY_ADDRESS": local_cluster.gcs_address}
+    proc = rlft_popen(
+        "train", str(ROOT / "configs/grpo_tiny.yaml"), *SMALL_GRPO, f"trainer.max_steps={num_steps}",
+        "rl.kl_coef=0.01", "ray.max_actor_restarts=1", f"logging.output_dir={out}", cwd=tmp_path, env=env, log=log,
+    )
+    metrics = out / "metrics.jsonl"
+    killed = {}
+    try:
+        for after_step, title in ((1, "ray::RolloutWorker.generate"), (3, "ray::GraderWorker.grade"),
+                                  (5, "ray::ReferenceWorker.logprobs")):
+            wait_until(lambda n=after_step: len(steps_logged(metrics)) >= n, f"step {after_step}", proc=proc, log=log)
+            killed[title] = kill_busy_actor(title)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    steps = steps_logged(metrics)
+    assert [r["step"] for r in steps] == list(range(1, num_steps + 1))
+    assert all(r["rollout/num_samples"] == 16 * 4 for r in steps)
+    assert all(r["graders/errors"] == 0 and r["graders/timeouts"] == 0 for r in steps)
+    last = steps[-1]
+    assert (last["faults/rollout_restarts"], last["faults/grader_restarts"], last["faults/reference_restarts"]) == (
+        1, 1, 1), last
+    assert all(r["sync/logprob_max_abs_diff"] < 1e-3 for r in steps)
+
+
+def test_scale_names_the_running_jobs_when_the_job_is_unknown(local_cluster, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", "scale", "no-such-job", "--rollout-workers", "2", "--address",
+         local_cluster.gcs_address], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "no running rlft job 'no-such-job' on this cluster" in proc.stderr
+
+
+def test_submit_of_a_bad_config_fails_before_contacting_the_cluster(tmp_path):
+    proc = run_rlft("submit", str(ROOT / "configs/grpo_tiny.yaml"), "rl.clip_low=-1", "--address",
+                    "http://127.0.0.1:9", cwd=tmp_path, timeout_s=120)
+    assert proc.returncode == 2
+    assert "rl.clip_low" in proc.stderr
+
+
+def test_submit_to_an_address_with_no_job_server_is_a_clear_error(tmp_path):
+    proc = run_rlft("submit", str(ROOT / "configs/grpo_tiny.yaml"), "--address", "http://127.0.0.1:9", cwd=tmp_path,
+                    timeout_s=120)
+    assert proc.returncode == 1
+    assert "rlft: cannot reach the cluster" in proc.stderr and "http://127.0.0.1:9" in proc.stderr
+
