@@ -121,7 +121,10 @@ def busy_actor_pid(title: str, timeout_s: float = 120) -> int:
     raise AssertionError(f"no process titled {title!r} within {timeout_s} s")
 
 
-def kill_busy_actor(title: str) -> int:
-    pid = busy_actor_pid(title)
+def kill_actor_during(busy: str, victim: str) -> int:
+    """Once a process titled ``busy`` runs (e.g. ``ray::RolloutWorker.generate``: a step is under way), SIGKILL the
+    one titled ``victim`` (it may be the same). Returns the victim's PID."""
+    busy_actor_pid(busy)
+    pid = busy_actor_pid(victim, timeout_s=5)
     os.kill(pid, signal.SIGKILL)
     return pid

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cluster_helpers import kill_busy_actor, rlft_popen, start_local_cluster, steps_logged, wait_until
+from cluster_helpers import kill_actor_during, rlft_popen, start_local_cluster, steps_logged, wait_until
 from conftest import ROOT, run_rlft
 from rlft.config import load_config
 from rlft.distributed.actors import Resources, WorkerSet, spawn
@@ -212,8 +212,9 @@ def test_submit_follow_and_scale_rollout_workers_while_running(local_cluster, tm
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_killed_rollout_grader_and_reference_actors_are_replaced_mid_step(local_cluster, tmp_path):
-    """Kill a rollout worker while it generates, a grader worker while it grades and the reference while it
-    scores: each is replaced, its work redone, and the run ends with every step and every sample."""
+    """Kill a rollout worker while it generates, and a grader worker and the reference replica while a step is
+    being generated (before they get its work): each is replaced, its work of that step done (again) by the
+    replacement, and the run ends with every step and every sample."""
     out, log = tmp_path / "run", tmp_path / "train.log"
     num_steps = 8
     env = {**local_cluster.client_env(), "RAY_ADDRESS": local_cluster.gcs_address}
@@ -224,10 +225,10 @@ def test_killed_rollout_grader_and_reference_actors_are_replaced_mid_step(local_
     metrics = out / "metrics.jsonl"
     killed = {}
     try:
-        for after_step, title in ((1, "ray::RolloutWorker.generate"), (3, "ray::GraderWorker.grade"),
-                                  (5, "ray::ReferenceWorker.logprobs")):
+        generating = "ray::RolloutWorker.generate"
+        for after_step, victim in ((1, generating), (3, "ray::GraderWorker"), (5, "ray::ReferenceWorker")):
             wait_until(lambda n=after_step: len(steps_logged(metrics)) >= n, f"step {after_step}", proc=proc, log=log)
-            killed[title] = kill_busy_actor(title)
+            killed[victim] = kill_actor_during(generating, victim)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         proc.kill()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cluster_helpers import kill_actor_during, rlft_popen, wait_until
 from conftest import ROOT, run_rlft
 from rlft.metrics import read_metrics
 
@@ -117,9 +118,11 @@ def test_bad_grader_config_stops_before_actors(tmp_path):
     assert "graders.items[0].pattern: invalid regex in grader 'fmt'" in proc.stderr
 
 
-def test_resume_continues_from_the_latest_checkpoint(sft_demo_run, fixed_prompts, tmp_path):
-    """4 steps straight vs 2 steps, then `checkpoint.resume=auto` to 4: the same rewards and losses at steps 3-4
-    (data position, optimizer state and policy version restored; samples are seeded by policy version)."""
+def test_killed_learner_stops_the_job_and_resume_continues_exactly(sft_demo_run, fixed_prompts, tmp_path):
+    """4 steps straight, against: the same job with a learner killed (SIGKILL) in the middle of step 3, which stops
+    cleanly naming the step-2 checkpoint, then `checkpoint.resume=auto`. Steps 1-4 are logged once each and equal
+    the straight run's (data position, RNG, optimizer state and policy version restored; samples are seeded by
+    policy version)."""
     common = [
         "train",
         str(ROOT / "configs/grpo_tiny.yaml"),
@@ -128,26 +131,41 @@ def test_resume_continues_from_the_latest_checkpoint(sft_demo_run, fixed_prompts
         "rl.num_prompts_per_step=8",
         "trainer.global_batch_size=64",
         "learner.micro_batch_size_per_learner=32",
+        "trainer.max_steps=4",
         "checkpoint.every_n_steps=2",
         "checkpoint.keep_last=0",
         "eval.num_examples=0",
         "logging.wandb=false",
+        "logging.progress_bar=false",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_rlft(*common, "trainer.max_steps=4", f"logging.output_dir={straight}", cwd=tmp_path).returncode == 0
-    first = run_rlft(*common, "trainer.max_steps=2", f"logging.output_dir={resumed}", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_rlft(
-        *common, "trainer.max_steps=4", "checkpoint.resume=auto", f"logging.output_dir={resumed}", cwd=tmp_path
-    )
+    assert run_rlft(*common, f"logging.output_dir={straight}", cwd=tmp_path).returncode == 0
+
+    log = tmp_path / "killed.log"
+    killed = rlft_popen(*common, f"logging.output_dir={resumed}", cwd=tmp_path, log=log)
+    try:
+        checkpoint = resumed / "checkpoints/step_000002"
+        wait_until(lambda: (checkpoint / "trainer_state.json").exists(), "the step-2 checkpoint", proc=killed, log=log)
+        kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step")
+        assert killed.wait(timeout=300) == 1, log.read_text()[-3000:]
+    finally:
+        killed.kill()
+    output = log.read_text()
+    assert "rlft: job stopped: a learner actor died" in output
+    assert f"the last checkpoint is {checkpoint}" in output and "checkpoint.resume=auto" in output
+
+    second = run_rlft(*common, "checkpoint.resume=auto", f"logging.output_dir={resumed}", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout + second.stderr
+    assert f"resumed from {checkpoint} at step 2" in second.stdout + second.stderr
 
     def by_step(run):
-        return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "reward/mean" in r}
+        records = [r for r in read_metrics(run / "metrics.jsonl") if "reward/mean" in r]
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        return {r["step"]: r for r in records}
 
     a, b = by_step(straight), by_step(resumed)
-    assert sorted(b) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert b[step]["reward/mean"] == a[step]["reward/mean"], step
-        assert b[step]["train/policy_loss"] == pytest.approx(a[step]["train/policy_loss"], abs=1e-6), step
+    for step in (1, 2, 3, 4):
+        for key in ("reward/mean", "reward/std", "rollout/accuracy", "rollout/response_tokens_mean"):
+            assert b[step][key] == a[step][key], (step, key)
+        for key in ("train/policy_loss", "train/grad_norm", "train/lr", "train/clip_fraction"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-6), (step, key)
