@@ -166,6 +166,47 @@ def test_local_cluster_has_two_loopback_nodes_and_token_auth(local_cluster):
     assert refused.returncode != 0
 
 
+PLACEMENT_PROBE = """
+import json, sys
+import ray
+from ray.util import placement_group_table
+from rlft.config import load_config
+from rlft.distributed.placement import Placement, job_demands
+ray.init(address="auto", logging_level="ERROR")
+cfg = load_config(sys.argv[1], ["rl.kl_coef=0.1", "reference.colocate_with_learners=true", *sys.argv[2:]])
+placement = Placement(job_demands(cfg, reference=True), cfg.ray, colocate_reference=True)
+learners = placement.groups["learners"]
+ref = placement.resources("reference", 1, 1.0, 0.0)
+print(json.dumps({
+    "roles": sorted(placement.groups),
+    "learner_nodes": placement_group_table(learners)["bundles_to_node_id"],
+    "learner_bundle": placement_group_table(learners)["bundles"][0],
+    "reference_in_learner_bundle": ref.placement_group.id == learners.id and ref.bundle_index == 1,
+}))
+placement.remove()
+"""
+
+
+@pytest.mark.parametrize("strategy, same_node", [("strict_spread", False), ("strict_pack", True)])
+def test_placement_groups_follow_the_strategy_and_colocate_the_reference(local_cluster, strategy, same_node):
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-c", PLACEMENT_PROBE, str(ROOT / "configs/grpo_tiny.yaml"),
+         f"ray.placement_strategy={strategy}", "learner.num_cpus_per_learner=1", "reference.num_cpus_per_replica=0.5"],
+        env={**local_cluster.client_env(), "RAY_ADDRESS": local_cluster.gcs_address},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["roles"] == ["learners", "rollout"]  # graders are not placed; the reference shares the learners'
+
+    assert probe["learner_bundle"] == {"CPU": 1.5}  # learner + colocated reference replica
+    nodes = set(probe["learner_nodes"].values())
+    assert len(nodes) == (1 if same_node else 2)
+    assert probe["reference_in_learner_bundle"]
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_submit_follow_and_scale_rollout_workers_while_running(local_cluster, tmp_path):
