@@ -17,9 +17,16 @@ import argparse
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> int:
@@ -68,11 +75,19 @@ def main() -> int:
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": args.dashboard_port,
+            # Ray's fixed default (52365) is taken when another Ray instance runs on this machine; the job server
+            # then finds no agent to run jobs on.
+            "dashboard_agent_listen_port": _free_port(),
             "temp_dir": str(out / "r"),
         },
     )
     for _ in range(args.worker_nodes):
         cluster.add_node(**node, node_ip_address="127.0.0.1")
+    # The job server gives each job's driver the address recorded in its temp dir (Ray's harness records it only
+    # in the default one, where another Ray instance of this machine may have recorded its own).
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.gcs_address, str(out / "r"))
     print(
         f"Ray cluster: 1 head + {args.worker_nodes} worker node(s), {args.cpus_per_node} CPUs each; "
         f"job server {env['RAY_API_SERVER_ADDRESS']}, auth {args.auth}\nclient variables: {out / 'env.sh'}",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import ray
 
 from cluster_helpers import kill_actor_during, rlft_popen, start_local_cluster, steps_logged, wait_until
 from conftest import ROOT, run_rlft
@@ -72,15 +73,19 @@ def test_submitted_config_carries_absolute_paths_and_inlined_grader_specs(tmp_pa
     assert portable.graders.items[0].spec["operation"] == "eq" and portable.graders.items[0].spec_file == ""
 
 
-def test_train_that_does_not_fit_the_cluster_stops_before_any_actor(tmp_path):
-    proc = run_rlft(
-        "train", str(ROOT / "configs/grpo_tiny.yaml"), "model.path=tiny://model", "rollout.num_gpus_per_worker=1",
-        f"logging.output_dir={tmp_path / 'run'}", cwd=tmp_path, timeout_s=300,
+@pytest.mark.ray
+def test_grpo_that_does_not_fit_the_cluster_stops_before_any_actor(ray_cluster, tmp_path):
+    from rlft.controller.grpo import grpo
+
+    cfg = load_config(
+        ROOT / "configs/grpo_tiny.yaml",
+        ["model.path=tiny://model", "rollout.num_gpus_per_worker=1", f"logging.output_dir={tmp_path / 'run'}"],
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "the job does not fit the cluster" in proc.stderr
-    assert "rollout 1 × (1 CPU, 1 GPU)" in proc.stderr
-    assert "RolloutWorker" not in proc.stdout + proc.stderr  # no actor was started
+    actors_before = len(ray.util.list_named_actors(all_namespaces=True)), ray.available_resources()["CPU"]
+    with pytest.raises(ClusterFitError, match=r"(?s)the job does not fit the cluster.*rollout 1 × \(1 CPU, 1 GPU\)"):
+        grpo(cfg)
+    # Nothing was started or reserved.
+    assert (len(ray.util.list_named_actors(all_namespaces=True)), ray.available_resources()["CPU"]) == actors_before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,78 +214,56 @@ def test_placement_groups_follow_the_strategy_and_colocate_the_reference(local_c
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_submit_follow_and_scale_rollout_workers_while_running(local_cluster, tmp_path):
-    """`rlft submit --follow` runs GRPO through the Jobs API; `rlft scale` takes it from 1 to 2 rollout workers and
-    back to 1 between steps; every step keeps its samples, and an added worker serves the current weights."""
+def test_submitted_job_survives_killed_actors_and_scales_its_rollout_workers(local_cluster, tmp_path):
+    """`rlft submit --follow` runs GRPO (with a reference) through the Jobs API. While it runs: a rollout worker is
+    killed while it generates, then a grader worker and the reference replica while a step is being generated
+    (before they get its work); each is replaced and its work of that step done by the replacement. Then
+    `rlft scale` takes the job from 1 to 2 rollout workers and back to 1 between steps. Every step keeps all its
+    samples, and every worker, replaced or added, samples with the learner's current weights."""
     out, log = tmp_path / "run", tmp_path / "submit.log"
-    num_steps = 40
+    num_steps = 60
     proc = rlft_popen(
         "submit", str(ROOT / "configs/grpo_tiny.yaml"), *SMALL_GRPO, f"trainer.max_steps={num_steps}",
-        f"logging.output_dir={out}", "--follow", "--job-id", "rlft-test-scale", "--address", local_cluster.job_server,
+        "rl.kl_coef=0.01", "ray.max_actor_restarts=1", f"logging.output_dir={out}", "--follow",
+        "--job-id", "rlft-test-job", "--address", local_cluster.job_server,
         cwd=tmp_path, env=local_cluster.client_env(), log=log,
     )
     metrics = out / "metrics.jsonl"
-    try:
-        wait_until(lambda: len(steps_logged(metrics)) >= 2, "step 2", proc=proc, log=log)
-        up = subprocess.run(
-            [sys.executable, "-m", "rlft.cli", "scale", "rlft-test-scale", "--rollout-workers", "2", "--address",
-             local_cluster.job_server], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
+
+    def scale(workers: int, address: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "rlft.cli", "scale", "rlft-test-job", "--rollout-workers", str(workers),
+             "--address", address], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
         )
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert "rollout workers 1 -> 2 from the next step" in up.stdout
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    try:
+        generating = "ray::RolloutWorker.generate"
+        for after_step, victim in ((2, generating), (4, "ray::GraderWorker"), (6, "ray::ReferenceWorker")):
+            wait_until(lambda n=after_step: len(steps_logged(metrics)) >= n, f"step {after_step}", proc=proc, log=log)
+            kill_actor_during(generating, victim)
+        assert "rollout workers 1 -> 2 from the next step" in scale(2, local_cluster.job_server)
         wait_until(lambda: any(r["rollout/num_workers"] == 2 for r in steps_logged(metrics)), "2 workers",
                    proc=proc, log=log)
-        down = subprocess.run(
-            [sys.executable, "-m", "rlft.cli", "scale", "rlft-test-scale", "--rollout-workers", "1", "--address",
-             local_cluster.gcs_address], env=local_cluster.client_env(), capture_output=True, text=True, timeout=300,
-        )
-        assert down.returncode == 0, down.stdout + down.stderr
+        scale(1, local_cluster.gcs_address)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         proc.kill()
-    assert "submitted job rlft-test-scale" in log.read_text()
-    assert "job rlft-test-scale: SUCCEEDED" in log.read_text()
+    assert "submitted job rlft-test-job" in log.read_text()
+    assert "job rlft-test-job: SUCCEEDED" in log.read_text()
     steps = steps_logged(metrics)
     assert [r["step"] for r in steps] == list(range(1, num_steps + 1))
     workers = [r["rollout/num_workers"] for r in steps]
     assert workers[0] == 1 and 2 in workers and workers[-1] == 1, workers
-    for r in steps:
-        assert r["rollout/num_samples"] == 16 * 4
-        assert r["rollout/policy_version_lag"] == 0
-        assert r["sync/logprob_max_abs_diff"] < 1e-3, r  # added workers sample with the learner's weights
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_killed_rollout_grader_and_reference_actors_are_replaced_mid_step(local_cluster, tmp_path):
-    """Kill a rollout worker while it generates, and a grader worker and the reference replica while a step is
-    being generated (before they get its work): each is replaced, its work of that step done (again) by the
-    replacement, and the run ends with every step and every sample."""
-    out, log = tmp_path / "run", tmp_path / "train.log"
-    num_steps = 8
-    env = {**local_cluster.client_env(), "RAY_ADDRESS": local_cluster.gcs_address}
-    proc = rlft_popen(
-        "train", str(ROOT / "configs/grpo_tiny.yaml"), *SMALL_GRPO, f"trainer.max_steps={num_steps}",
-        "rl.kl_coef=0.01", "ray.max_actor_restarts=1", f"logging.output_dir={out}", cwd=tmp_path, env=env, log=log,
-    )
-    metrics = out / "metrics.jsonl"
-    killed = {}
-    try:
-        generating = "ray::RolloutWorker.generate"
-        for after_step, victim in ((1, generating), (3, "ray::GraderWorker"), (5, "ray::ReferenceWorker")):
-            wait_until(lambda n=after_step: len(steps_logged(metrics)) >= n, f"step {after_step}", proc=proc, log=log)
-            killed[victim] = kill_actor_during(generating, victim)
-        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
-    finally:
-        proc.kill()
-    steps = steps_logged(metrics)
-    assert [r["step"] for r in steps] == list(range(1, num_steps + 1))
-    assert all(r["rollout/num_samples"] == 16 * 4 for r in steps)
-    assert all(r["graders/errors"] == 0 and r["graders/timeouts"] == 0 for r in steps)
     last = steps[-1]
     assert (last["faults/rollout_restarts"], last["faults/grader_restarts"], last["faults/reference_restarts"]) == (
         1, 1, 1), last
-    assert all(r["sync/logprob_max_abs_diff"] < 1e-3 for r in steps)
+    for r in steps:
+        assert r["rollout/num_samples"] == 16 * 4
+        assert r["graders/errors"] == r["graders/timeouts"] == 0
+        assert r["rollout/policy_version_lag"] == 0
+        assert r["sync/logprob_max_abs_diff"] < 1e-3, r
 
 
 def test_scale_names_the_running_jobs_when_the_job_is_unknown(local_cluster, tmp_path):

@@ -97,6 +97,19 @@ def _client(address: str):
         raise ConnectionError(f"--address {address}: no Ray job server answers there ({err})".splitlines()[0]) from err
 
 
+def _submit_job(client, **kwargs) -> str:
+    """``client.submit_job``, retried for up to a minute while a freshly started head's job agent is not up yet
+    (Ray answers "No available agent to submit job, please try again later")."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit(config: str, overrides: list[str], address: str, follow: bool, env: list[str], job_id: str = "") -> int:
     cfg = portable_config(load_config(config, overrides))
     job = job_id or submission_id(cfg)
@@ -108,7 +121,8 @@ def submit(config: str, overrides: list[str], address: str, follow: bool, env: l
         "env_vars": {**job_env(cfg, env), "RLFT_JOB_ID": job},
     }
     client = _client(address)
-    client.submit_job(
+    _submit_job(
+        client,
         entrypoint="python -m rlft.cli train config.yaml",
         submission_id=job,
         runtime_env=runtime_env,
@@ -155,7 +169,8 @@ def scale(job: str, rollout_workers: int, address: str) -> int:
         raise ConfigError(f"--rollout-workers: need at least 1, got {rollout_workers}")
     if address.startswith(("http://", "https://")):
         client = _client(address)
-        ask = client.submit_job(
+        ask = _submit_job(
+            client,
             entrypoint=f"python -m rlft.cli scale {job} --rollout-workers {rollout_workers} --address auto",
             runtime_env={"py_modules": [str(Path(rlft.__file__).parent)]},
             entrypoint_num_cpus=0,
