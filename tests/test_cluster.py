@@ -88,6 +88,31 @@ def test_grpo_that_does_not_fit_the_cluster_stops_before_any_actor(ray_cluster, 
     assert (len(ray.util.list_named_actors(all_namespaces=True)), ray.available_resources()["CPU"]) == actors_before
 
 
+LOOPBACK_PROBE = """
+import json, os
+import psutil
+import rlft.cli  # imports Ray first, as `rlft train` does
+from rlft.config import RayConfig
+from rlft.distributed.cluster import init_ray
+init_ray(RayConfig(num_cpus=2), 2)
+import ray
+pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+listening = sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in pids})
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": listening}))
+"""
+
+
+def test_a_local_cluster_listens_on_loopback_only():
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["gcs"].startswith("127.0.0.1:")
+    assert probe["listening"] and set(probe["listening"]) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, probe
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # WorkerSet: the restart machinery every role facade uses.
 

@@ -21,12 +21,11 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         return
     for key, value in BASE_ENV.items():
         os.environ.setdefault(key, value)
-    # Without this Ray binds its services to the machine's external address even when asked for loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    _keep_on_loopback()
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     ray.init(
         # "local" starts a fresh cluster even when `ray start` already runs one on this machine.
@@ -48,3 +47,17 @@ def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
     init_ray(cfg.ray, total(demands, "CPU"))
     check_fit(demands, free_node_resources())
     return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)
+
+
+def _keep_on_loopback() -> None:
+    """Make a local cluster's services listen on 127.0.0.1 only.
+
+    Ray replaces a loopback node address with the machine's external one (and its servers then listen on every
+    interface) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads once, when it is imported. rlft imports
+    Ray before it knows whether it will start a cluster or join one, so the setting is applied here as well: in the
+    environment (for the cluster's processes) and in Ray's constant (for this process).
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
