@@ -15,12 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 NUM_STEPS = 15
 
 
-@pytest.fixture(scope="module")
-def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
-    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
-    work = tmp_path_factory.mktemp("grpo")
-    out = work / "run"
-    proc = run_rlft(
+def grpo_args(sft_demo_run, fixed_prompts) -> list[str]:
+    """The GRPO job most tests here check (``grpo_run``); the resume test runs it again, stopped and resumed."""
+    return [
         "train",
         str(ROOT / "configs/grpo_tiny.yaml"),
         f"model.path={sft_demo_run.output_dir / 'final_model'}",
@@ -34,9 +31,16 @@ def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
         "eval.num_samples=2",
         "rollout.chunks_per_worker=2",
         "logging.wandb=false",
-        f"logging.output_dir={out}",
-        cwd=work,
-    )
+        "logging.progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
+    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
+    work = tmp_path_factory.mktemp("grpo")
+    out = work / "run"
+    proc = run_rlft(*grpo_args(sft_demo_run, fixed_prompts), f"logging.output_dir={out}", cwd=work)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -118,34 +122,17 @@ def test_bad_grader_config_stops_before_actors(tmp_path):
     assert "graders.items[0].pattern: invalid regex in grader 'fmt'" in proc.stderr
 
 
-def test_killed_learner_stops_the_job_and_resume_continues_exactly(sft_demo_run, fixed_prompts, tmp_path):
-    """4 steps straight, against: the same job with a learner killed (SIGKILL) in the middle of step 3, which stops
-    cleanly naming the step-2 checkpoint, then `checkpoint.resume=auto`. Steps 1-4 are logged once each and equal
-    the straight run's (data position, RNG, optimizer state and policy version restored; samples are seeded by
-    policy version)."""
-    common = [
-        "train",
-        str(ROOT / "configs/grpo_tiny.yaml"),
-        f"model.path={sft_demo_run.output_dir / 'final_model'}",
-        f"data.train_path={fixed_prompts}",
-        "rl.num_prompts_per_step=8",
-        "trainer.global_batch_size=64",
-        "learner.micro_batch_size_per_learner=32",
-        "trainer.max_steps=4",
-        "checkpoint.every_n_steps=2",
-        "checkpoint.keep_last=0",
-        "eval.num_examples=0",
-        "logging.wandb=false",
-        "logging.progress_bar=false",
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_rlft(*common, f"logging.output_dir={straight}", cwd=tmp_path).returncode == 0
-
-    log = tmp_path / "killed.log"
-    killed = rlft_popen(*common, f"logging.output_dir={resumed}", cwd=tmp_path, log=log)
+def test_killed_learner_stops_the_job_and_resume_continues_exactly(grpo_run, sft_demo_run, fixed_prompts, tmp_path):
+    """The job of ``grpo_run`` again, with a learner killed (SIGKILL) in the middle of step 6: the job stops
+    cleanly, naming the step-5 checkpoint; `checkpoint.resume=auto` then runs steps 6-15. Every step is logged once
+    and equals the uninterrupted run's (data position, RNG, optimizer state and policy version restored; samples are
+    seeded by policy version)."""
+    args = grpo_args(sft_demo_run, fixed_prompts)
+    out, log = tmp_path / "run", tmp_path / "killed.log"
+    killed = rlft_popen(*args, f"logging.output_dir={out}", cwd=tmp_path, log=log)
     try:
-        checkpoint = resumed / "checkpoints/step_000002"
-        wait_until(lambda: (checkpoint / "trainer_state.json").exists(), "the step-2 checkpoint", proc=killed, log=log)
+        checkpoint = out / "checkpoints/step_000005"
+        wait_until(lambda: (checkpoint / "trainer_state.json").exists(), "the step-5 checkpoint", proc=killed, log=log)
         kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step")
         assert killed.wait(timeout=300) == 1, log.read_text()[-3000:]
     finally:
@@ -154,17 +141,17 @@ def test_killed_learner_stops_the_job_and_resume_continues_exactly(sft_demo_run,
     assert "rlft: job stopped: a learner actor died" in output
     assert f"the last checkpoint is {checkpoint}" in output and "checkpoint.resume=auto" in output
 
-    second = run_rlft(*common, "checkpoint.resume=auto", f"logging.output_dir={resumed}", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resumed from {checkpoint} at step 2" in second.stdout + second.stderr
+    resumed = run_rlft(*args, "checkpoint.resume=auto", f"logging.output_dir={out}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step 5" in resumed.stdout + resumed.stderr
 
     def by_step(run):
         records = [r for r in read_metrics(run / "metrics.jsonl") if "reward/mean" in r]
-        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
         return {r["step"]: r for r in records}
 
-    a, b = by_step(straight), by_step(resumed)
-    for step in (1, 2, 3, 4):
+    a, b = by_step(grpo_run), by_step(out)
+    for step in range(1, NUM_STEPS + 1):
         for key in ("reward/mean", "reward/std", "rollout/accuracy", "rollout/response_tokens_mean"):
             assert b[step][key] == a[step][key], (step, key)
         for key in ("train/policy_loss", "train/grad_norm", "train/lr", "train/clip_fraction"):
