@@ -246,7 +246,7 @@ def test_submitted_job_survives_killed_actors_and_scales_its_rollout_workers(loc
     `rlft scale` takes the job from 1 to 2 rollout workers and back to 1 between steps. Every step keeps all its
     samples, and every worker, replaced or added, samples with the learner's current weights."""
     out, log = tmp_path / "run", tmp_path / "submit.log"
-    num_steps = 60
+    num_steps = 30
     proc = rlft_popen(
         "submit", str(ROOT / "configs/grpo_tiny.yaml"), *SMALL_GRPO, f"trainer.max_steps={num_steps}",
         "rl.kl_coef=0.01", "ray.max_actor_restarts=1", f"logging.output_dir={out}", "--follow",

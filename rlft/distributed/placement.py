@@ -14,13 +14,16 @@ its own. Rollout workers added while the job runs (``rlft scale``) get a one-bun
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from rlft.config import Config, RayConfig
 from rlft.distributed.actors import Resources
 from rlft.errors import ConfigError
+
+if TYPE_CHECKING:  # rlft.config imports the role packages, which import this module
+    from rlft.config import Config, RayConfig
 
 # Roles that get placement groups. Grader workers and reward models are light CPU actors scheduled as they come;
 # the fit check counts them all.
@@ -145,6 +148,13 @@ def free_node_resources() -> list[dict[str, float]]:
         {k: float(v) for k, v in resources.items() if k in ("CPU", "GPU")}
         for resources in available_resources_per_node().values()
     ]
+
+
+def role_resources(placement: Placement | None, role: str, index: int, num_cpus: float, num_gpus: float) -> Resources:
+    """Resources for actor ``index`` of ``role``: on its placement bundle when the job has placement groups."""
+    if placement is None:
+        return Resources(num_cpus=num_cpus, num_gpus=num_gpus)
+    return placement.resources(role, index, num_cpus, num_gpus)
 
 
 class Placement:

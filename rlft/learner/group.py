@@ -17,7 +17,8 @@ from ray.exceptions import RayActorError
 
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import Resources, kill, spawn, wait_each
+from rlft.distributed.actors import kill, spawn, wait_each
+from rlft.distributed.placement import role_resources
 from rlft.errors import LearnerFailedError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
 
@@ -79,7 +80,7 @@ class LearnerGroup:
             spawn(
                 LearnerWorker,
                 rank,
-                resources=placement.resources(role, rank, cpus, gpus) if placement else Resources(cpus, gpus),
+                resources=role_resources(placement, role, rank, cpus, gpus),
                 local=local,
             )
             for rank in range(world_size)

@@ -13,7 +13,8 @@ import torch
 
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import Resources, WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.actors import WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.placement import role_resources
 from rlft.reference.config import ReferenceConfig
 
 class ReferenceWorker:
@@ -63,10 +64,8 @@ class ReferenceGroup:
 
     def _start_worker(self, slot: int):
         cfg = self.cfg
-        if self.placement is not None:
-            resources = self.placement.resources("reference", slot, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica)
-        else:
-            resources = Resources(num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
+        resources = role_resources(self.placement, "reference", slot, cfg.num_cpus_per_replica,
+                                   cfg.num_gpus_per_replica)
         worker = spawn(ReferenceWorker, self.model_path, cfg.dtype, cfg.micro_batch_size, resources=resources,
                        local=self.local)
         if self._weights_ref is not None:

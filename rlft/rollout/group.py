@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from rlft.distributed.actors import Resources, WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.actors import WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.placement import role_resources
 from rlft.distributed.weight_sync import SyncStats, pack_buckets, publish_buckets
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
@@ -37,11 +38,8 @@ class RolloutGroup:
         self.workers = WorkerSet("rollout", self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
-        if self.placement is not None:
-            resources = self.placement.resources("rollout", slot, self.cfg.num_cpus_per_worker,
-                                                 self.cfg.num_gpus_per_worker)
-        else:
-            resources = Resources(num_cpus=self.cfg.num_cpus_per_worker, num_gpus=self.cfg.num_gpus_per_worker)
+        cfg = self.cfg
+        resources = role_resources(self.placement, "rollout", slot, cfg.num_cpus_per_worker, cfg.num_gpus_per_worker)
         worker = spawn(RolloutWorker, self.model_path, self.cfg, resources=resources, local=self.local)
         # Waits until the engine has started, so start-up errors surface here rather than at the first step.
         wait(worker.policy_version.remote())
