@@ -1,6 +1,7 @@
 """The ``rlft`` command.
 
     rlft train CONFIG [key.sub=value ...]      run the job the config describes (SFT, GRPO, PPO, DPO, ...)
+    rlft bench CONFIG [key.sub=value ...]      run it for a few steps and report throughput and time per phase
     rlft submit CONFIG [...] --address URL     run it on a Ray cluster through the Ray Jobs API
     rlft scale JOB --rollout-workers N         resize a running job's rollout workers (between steps)
     rlft config show CONFIG [key.sub=value ...] print the resolved config
@@ -20,24 +21,25 @@ from rlft.graders.pool import GraderFailureRateError
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if cfg.algorithm == "sft":
-        from rlft.controller.sft import sft as run
-    elif cfg.algorithm == "grpo":
-        from rlft.controller.grpo import grpo as run
-    elif cfg.algorithm == "ppo":
-        from rlft.controller.ppo import ppo as run
-    elif cfg.algorithm == "dpo":
-        from rlft.controller.dpo import dpo as run
-    elif cfg.algorithm == "online_dpo":
-        from rlft.controller.online_dpo import online_dpo as run
-    else:
-        raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
-    result = run(cfg)
+    from rlft.controller import run_job
+
+    result = run_job(load_config(args.config, args.overrides))
     print(f"final model: {result.final_model_dir}")
     if result.eval_accuracy_end is not None:
         start = "n/a" if result.eval_accuracy_start is None else f"{result.eval_accuracy_start:.3f}"
         print(f"held-out accuracy: {start} -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlft.bench import bench, markdown
+
+    out = Path(args.out or f"runs/bench/{Path(args.config).stem}")
+    result = bench(args.config, args.overrides, args.steps, args.warmup, out)
+    print(markdown(result))
+    print(f"bench: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0
 
 
@@ -82,6 +84,15 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file, e.g. configs/sft_tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-4")
     train.set_defaults(run=_train)
+
+    bench = commands.add_parser("bench", help="measure where a job's step time goes (throughput per phase)")
+    bench.add_argument("config", help="YAML config file, e.g. configs/grpo_tiny.yaml")
+    bench.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_rollout_workers=2")
+    bench.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="steps run first and left out of the figures (default 2)")
+    bench.add_argument("--out", default="", help="where bench.json, bench.md and bench.png go "
+                                                 "(default runs/bench/<config name>)")
+    bench.set_defaults(run=_bench)
 
     submit = commands.add_parser("submit", help="run the job on a Ray cluster (Ray Jobs API)")
     submit.add_argument("config", help="YAML config file")

@@ -124,6 +124,9 @@ class LoggingConfig:
     wandb_project: str = "rlft"
     run_name: str = ""
     progress_bar: bool = True
+    # Log ``engine/<phase>_seconds`` each step: the time spent inside the engines (vLLM, DeepSpeed, graders), next
+    # to the phases' wall times (``rlft bench`` turns it on; it costs one call per actor per step).
+    engine_times: bool = False
 
 
 @dataclass

@@ -181,6 +181,13 @@ def preference_metrics(cfg: Config, policy_P2: torch.Tensor, ref_P2: torch.Tenso
     }
 
 
+def reference_engine_metrics(reference: ReferenceGroup | None) -> dict[str, float]:
+    """``engine/reference_seconds`` of a step with a reference server (see ``rl_steps.engine_metrics``)."""
+    if reference is None:
+        return {}
+    return {"engine/reference_seconds": reference.engine_seconds().get("forward", 0.0)}
+
+
 def dpo(cfg: Config) -> RunResult:
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
@@ -233,6 +240,8 @@ def dpo(cfg: Config) -> RunResult:
 
         accuracy_start = evaluate(start_step, f"step{start_step}") if start_step == 0 else None
         loss = loss_of(cfg)
+        if cfg.logging.engine_times:
+            reference_engine_metrics(reference)  # start-up is not the first step's work
         progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not cfg.logging.progress_bar)
         for step in range(start_step + 1, total_steps + 1):
             timer = PhaseTimer()
@@ -254,6 +263,11 @@ def dpo(cfg: Config) -> RunResult:
                     **timer.metrics(),
                     "time/step_seconds": time.perf_counter() - step_start,
                     "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
+                    "train/batch_tokens": m["num_tokens"],
+                    "train/update_tokens": m["num_tokens"],
+                    # The slowest rank's time inside DeepSpeed (ranks wait for each other).
+                    "engine/update_seconds": result.seconds_slowest_rank,
+                    **(reference_engine_metrics(reference) if cfg.logging.engine_times else {}),
                 },
             )
             progress.update(1)

@@ -124,6 +124,8 @@ def grpo(cfg: Config) -> RunResult:
                     **timer.metrics(),
                     "time/step_seconds": time.perf_counter() - step_start,
                     "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                    "train/batch_tokens": batch.num_tokens,
+                    "train/update_tokens": batch.num_tokens * rl.num_epochs_per_step,
                     "perf/update_tokens_per_second": batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
                 },
             )

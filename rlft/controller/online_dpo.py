@@ -50,8 +50,11 @@ def online_dpo(cfg: Config) -> RunResult:
     num_pairs = cfg.rl.num_prompts_per_step
     run = start_rl_run(rows_config(cfg), with_critic=False)
     try:
-        reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode,
-                                   placement=run.placement, max_restarts=cfg.ray.max_actor_restarts)
+        # On the run, so that its restarts are counted and it stops with the other roles.
+        if run.reference is None:
+            run.reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode,
+                                           placement=run.placement, max_restarts=cfg.ray.max_actor_restarts)
+        reference = run.reference
     except BaseException:
         run.shutdown()
         raise
@@ -78,6 +81,7 @@ def online_dpo(cfg: Config) -> RunResult:
                     m = run.learners.train_step(batch, loss).metrics
                 update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
                                                         "rejected_logps", "grad_norm", "lr")}
+                update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
             with timer.phase("sync"):
                 weights = run.learners.export_weights()
                 sync = run.rollout.sync_weights(step, weights)
@@ -100,5 +104,4 @@ def online_dpo(cfg: Config) -> RunResult:
             )
         return finish(run)
     finally:
-        reference.shutdown()
         run.shutdown()

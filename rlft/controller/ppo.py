@@ -127,6 +127,9 @@ def ppo(cfg: Config) -> RunResult:
                     **timer.metrics(),
                     "time/step_seconds": time.perf_counter() - step_start,
                     "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                    "train/batch_tokens": batch.num_tokens,
+                    # The policy and the critic each take the batch.
+                    "train/update_tokens": 2 * batch.num_tokens * rl.num_epochs_per_step,
                     "perf/update_tokens_per_second": 2 * batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
                 },
             )

@@ -293,6 +293,8 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
         run.logger = MetricsLogger(cfg, resume_step=run.start_step if resume_from else None)
         if eval_prompts and run.start_step == 0:
             run.eval_accuracy_start = evaluate(run, 0, "step0")
+        if cfg.logging.engine_times:
+            engine_metrics(run)  # start-up and the first evaluation are not the first step's work
         run.progress = tqdm(
             total=total_steps, initial=run.start_step, desc=cfg.algorithm, disable=not cfg.logging.progress_bar
         )
@@ -333,6 +335,8 @@ def save_checkpoint(run: RLRun, step: int) -> None:
 def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
     """Log the step, then checkpoint and evaluate when due, then apply requests (``rlft scale``) and report."""
     cfg = run.cfg
+    if cfg.logging.engine_times:
+        metrics = {**metrics, **engine_metrics(run)}
     run.logger.log(step, {**metrics, **fault_metrics(run)})
     run.progress.update(1)
     run.progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
@@ -342,9 +346,34 @@ def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
         if run.eval_prompts and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
             evaluate(run, step, f"step{step}")
         apply_requests(run)
+    if cfg.logging.engine_times:
+        engine_metrics(run)  # evaluation and checkpoints are not the next step's work
     if run.control is not None:
         run.control.report.remote({"step": step, "total_steps": run.total_steps,
                                    "rollout_workers": run.rollout.num_workers})
+
+
+def engine_metrics(run: RLRun) -> dict[str, float]:
+    """``engine/<phase>_seconds``: how long the engines worked in each phase since the last call (for each role
+    the slowest worker's share, as workers run side by side). Against ``time/<phase>_seconds`` this shows what
+    dispatch, transfers and the controller add (``rlft bench``)."""
+    rollout, learner, graders = run.rollout.engine_seconds(), run.learners.engine_seconds(), run.graders.engine_seconds()
+    critic = run.critic.engine_seconds() if run.critic is not None else {}
+    reference = run.reference.engine_seconds() if run.reference is not None else {}
+    by_phase = {
+        "generate": [rollout.get("generate")],
+        "grade": [graders.get("grade")],
+        "old_logprobs": [learner.get("forward")],
+        "values": [critic.get("forward")],
+        "reference": [reference.get("forward")],
+        "update": [learner.get("train"), critic.get("train")],
+        "sync": [learner.get("export"), rollout.get("load_weights"), reference.get("load_weights")],
+    }
+    return {
+        f"engine/{phase}_seconds": sum(s for s in parts if s is not None)
+        for phase, parts in by_phase.items()
+        if any(s is not None for s in parts)
+    }
 
 
 def fault_metrics(run: RLRun) -> dict[str, float]:
@@ -408,6 +437,7 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
         "reward/mean": rewards_S.mean().item(),
         "reward/std": rewards_S.std().item(),
         "rollout/num_samples": len(samples),
+        "rollout/response_tokens": sum(len(s.response_token_ids) for s in samples),
         "rollout/accuracy": sum(correct) / max(len(correct), 1),
         "rollout/response_tokens_mean": statistics.mean(len(s.response_token_ids) for s in samples),
         "rollout/truncated_fraction": statistics.mean(s.finish_reason == "length" for s in samples),

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config
 from rlft.controller.common import (
+    PhaseTimer,
     RunResult,
     prepare_output_dir,
     resolve_paths,
@@ -106,21 +107,27 @@ def sft(cfg: Config) -> RunResult:
             total=total_steps, initial=start_step, desc="sft", disable=not cfg.logging.progress_bar, dynamic_ncols=True
         )
         for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
-            t_data = time.perf_counter() - t0
-            result = learners.train_step(batch, loss)
-            step_seconds = time.perf_counter() - t0
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            with timer.phase("data"):
+                batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
+            with timer.phase("update"):
+                result = learners.train_step(batch, loss)
+            step_seconds = time.perf_counter() - step_start
+            num_tokens = result.metrics["num_tokens"]
             metrics = {
                 "train/loss": result.metrics["loss"],
                 "train/grad_norm": result.metrics["grad_norm"],
                 "train/lr": result.metrics["lr"],
                 "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
-                "train/num_tokens": result.metrics["num_tokens"],
-                "perf/tokens_per_second": result.metrics["num_tokens"] / step_seconds,
-                "perf/step_seconds": step_seconds,
-                "perf/data_seconds": t_data,
-                "perf/learner_seconds": result.seconds_slowest_rank,
+                "train/num_tokens": num_tokens,
+                "train/batch_tokens": num_tokens,
+                "train/update_tokens": num_tokens,
+                **timer.metrics(),
+                "time/step_seconds": step_seconds,
+                # The slowest rank's time inside DeepSpeed (ranks wait for each other).
+                "engine/update_seconds": result.seconds_slowest_rank,
+                "perf/tokens_per_second": num_tokens / step_seconds,
             }
             logger.log(step, metrics)
             progress.update(1)

@@ -34,7 +34,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from rlft.distributed.actors import Resources, spawn, wait
+from rlft.distributed.actors import EngineClock, Resources, slowest, spawn, wait
 from rlft.errors import RestartBudgetError
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
@@ -78,6 +78,11 @@ class GraderWorker:
         ]
         self.timeout_s = cfg.timeout_s
         self._stuck: list[threading.Thread] = []
+        self.clock = EngineClock()
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds spent grading since the last call (``grade``)."""
+        return self.clock.take()
 
     def ready(self) -> bool:
         """Answers once the worker is built (user functions imported), so start-up is never charged to a deadline."""
@@ -87,7 +92,8 @@ class GraderWorker:
         """Every grader's outcome on every request; graders run one after another, each in its own thread.
         ``extra_fields`` are the extra columns user functions get (those of the whole batch, not just this share)."""
         examples: dict[str, str] = {}
-        outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
+        with self.clock.timing("grade"):
+            outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
         self._stuck = [thread for thread in self._stuck if thread.is_alive()]
         return WorkerResult(outcomes, len(self._stuck), examples)
 
@@ -332,6 +338,10 @@ class GraderPool:
             for name, reason in by_first[first][1].items():
                 examples.setdefault(name, reason)
         return self._result(outcomes, handle.num_requests, examples)
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds spent grading since the last call (the slowest worker's)."""
+        return slowest(wait([worker.engine_seconds.remote() for worker in self.workers]))
 
     def shutdown(self) -> None:
         """Kill the worker actors (abandoned threads included) and the reward-model actors."""

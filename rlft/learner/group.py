@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError
 
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import kill, spawn, wait_each
+from rlft.distributed.actors import kill, slowest, spawn, wait_each
 from rlft.distributed.placement import role_resources
 from rlft.errors import LearnerFailedError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
@@ -140,6 +140,11 @@ class LearnerGroup:
             raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
         shards = batch.split(self.world_size)
         return torch.cat(self._wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export`` (the slowest
+        rank's; ranks wait for each other in collectives)."""
+        return slowest(self._wait([w.engine_seconds.remote() for w in self.workers]))
 
     def export_weights(self) -> dict:
         """Full parameters by name (ZeRO-3 shards gathered), for syncing rollout engines or comparing runs."""

@@ -20,6 +20,7 @@ import torch
 from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
+from rlft.distributed.actors import EngineClock
 
 # A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
 # (so the shares of all micro-batches on all ranks add up to the step's loss) and additive metrics.
@@ -85,6 +86,11 @@ class LearnerWorker:
         self.engine = None
         self.spec: LearnerSpec | None = None
         self._last_grad_norm = float("nan")
+        self.clock = EngineClock()
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export``."""
+        return self.clock.take()
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -144,6 +150,10 @@ class LearnerWorker:
 
     def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; returns additive metrics and step info."""
+        with self.clock.timing("train"):
+            return self._train_step(batch, loss_fn)
+
+    def _train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         spec = self.spec
         start = time.perf_counter()
         micro_batches = batch.split(spec.gradient_accumulation_steps)
@@ -188,6 +198,11 @@ class LearnerWorker:
     def per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
         """This rank's share under the current weights, no gradient: ``logprobs_BT`` for a causal LM (the RL
         step's "old" log-probabilities), ``values_BT`` for a value head (see ``rlft.algorithms.token_values``)."""
+        with self.clock.timing("forward"):
+            return self._per_token_outputs(batch)
+
+    @torch.no_grad()
+    def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
         self.engine.eval()
         out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
         size = self.spec.micro_batch_size
@@ -206,6 +221,10 @@ class LearnerWorker:
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full (gathered) parameters by name on rank 0, None on the others. Every rank must call it."""
+        with self.clock.timing("export"):
+            return self._export_weights()
+
+    def _export_weights(self) -> dict[str, torch.Tensor] | None:
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ import torch
 
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.actors import EngineClock, WorkerSet, balanced_chunks, slowest, spawn, wait
 from rlft.distributed.placement import role_resources
 from rlft.reference.config import ReferenceConfig
 
@@ -31,17 +31,28 @@ class ReferenceWorker:
         self.model.requires_grad_(False)
         self.device = device
         self.micro_batch_size = micro_batch_size
+        self.clock = EngineClock()
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside the model since the last call, by kind: ``forward``, ``load_weights``."""
+        return self.clock.take()
 
     def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
         """Replace the frozen weights (e.g. online DPO refreshing its reference from the policy)."""
         # Tied parameters (an output head sharing the embedding) come once, so some names may be missing.
-        result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights_by_name.items()}, strict=False)
+        with self.clock.timing("load_weights"):
+            result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights_by_name.items()},
+                                                strict=False)
         if result.unexpected_keys:
             raise KeyError(f"weights the reference model does not have: {result.unexpected_keys[:5]}")
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
+        with self.clock.timing("forward"):
+            return self._logprobs(batch)
+
+    def _logprobs(self, batch: TokenBatch) -> torch.Tensor:
         out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
         for start in range(0, batch.num_rows, self.micro_batch_size):
             micro = batch.rows(start, start + self.micro_batch_size).trimmed()
@@ -84,6 +95,10 @@ class ReferenceGroup:
             if hi > lo
         ]
         return torch.cat(self.workers.call(calls))
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside the replicas since the last call, by kind (the slowest replica's)."""
+        return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
 
     def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
         self._weights_ref = weights_by_name if self.local else ray.put(weights_by_name)

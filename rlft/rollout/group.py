@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlft.distributed.actors import WorkerSet, balanced_chunks, spawn, wait
+from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
 from rlft.distributed.placement import role_resources
 from rlft.distributed.weight_sync import SyncStats, pack_buckets, publish_buckets
 from rlft.rollout.config import RolloutConfig, SamplingConfig
@@ -69,6 +69,10 @@ class RolloutGroup:
             self.workers.remove_last()
             if self.placement is not None:
                 self.placement.release("rollout", self.num_workers)
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside the engines since the last call, by kind (the slowest worker's)."""
+        return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
 
     def policy_versions(self) -> list[int]:
         """Each worker's current policy version (equal after every completed ``sync_weights``)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
+from rlft.distributed.actors import EngineClock
 from rlft.distributed.weight_sync import BucketRef, fetch_buckets, iter_bucket_weights
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.engines import make_engine
@@ -26,6 +27,11 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig):
         self.engine = make_engine(model_path, cfg)
         self._policy_version = 0
+        self.clock = EngineClock()
+
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds inside the engine since the last call, by kind: ``generate``, ``load_weights``, ``score``."""
+        return self.clock.take()
 
     def policy_version(self) -> int:
         """The version of the weights the engine holds: 0 for the model it started from, then as synced."""
@@ -40,7 +46,8 @@ class RolloutWorker:
     ) -> list[Sample]:
         """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
-        completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
+        with self.clock.timing("generate"):
+            completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
                 prompt_index=index,
@@ -59,9 +66,12 @@ class RolloutWorker:
         """Apply a full set of weights (all buckets in one engine update) and take on their version."""
         if policy_version < self._policy_version:
             raise ValueError(f"policy version {policy_version} is older than the current {self._policy_version}")
-        self.engine.update_weights(iter_bucket_weights(fetch_buckets(bucket_refs)))
+        buckets = fetch_buckets(bucket_refs)
+        with self.clock.timing("load_weights"):
+            self.engine.update_weights(iter_bucket_weights(buckets))
         self._policy_version = policy_version
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
-        return self.engine.token_logprobs(sequences)
+        with self.clock.timing("score"):
+            return self.engine.token_logprobs(sequences)
