@@ -11,7 +11,6 @@ vLLM's usual engine process. Weights reach vLLM through ``VLLMWeightReloader``, 
 from __future__ import annotations
 
 import os
-import time
 from typing import Iterable, Protocol
 
 import torch
@@ -36,14 +35,6 @@ class RolloutEngine(Protocol):
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """For each sequence, log p(token t | tokens before t) for t = 1 .. len - 1."""
-
-
-def make_engine(model_path: str, cfg: RolloutConfig) -> RolloutEngine:
-    if cfg.engine == "vllm":
-        return VLLMEngine(model_path, cfg)
-    if cfg.engine == "simulated":
-        return SimulatedEngine(model_path, cfg)
-    return HFEngine(model_path, cfg)
 
 
 # ------------------------------------------------------------------------------------------------ vLLM
@@ -280,42 +271,3 @@ class HFEngine:
             result.append(logprobs_TV.gather(-1, input_ids_1T[0, 1:, None])[:, 0].tolist())
         return result
 
-
-# ------------------------------------------------------------------------------------------------ simulated
-
-
-class SimulatedEngine:
-    """An engine that computes nothing: each call sleeps ``simulated_seconds_per_token`` for every response token
-    it returns and every response is ``max_new_tokens`` copies of the eos token. With it, a step's generate phase
-    takes a known time per worker, so what a run measures beyond that is the controller's dispatch and transfers.
-    Weights are taken (fetched and read through) like a real engine's, then dropped."""
-
-    def __init__(self, model_path: str, cfg: RolloutConfig):
-        import json
-        from pathlib import Path
-
-        config = json.loads((Path(model_path) / "config.json").read_text())
-        eos = config.get("eos_token_id")
-        self.token_id = (eos[0] if isinstance(eos, list) else eos) or 0
-        self.seconds_per_token = cfg.simulated_seconds_per_token
-
-    def generate(
-        self,
-        prompt_token_ids: list[list[int]],
-        sampling: SamplingConfig,
-        num_samples_per_prompt: int,
-        seeds: list[int],
-    ) -> list[list[Completion]]:
-        length = sampling.max_new_tokens
-        time.sleep(self.seconds_per_token * length * num_samples_per_prompt * len(prompt_token_ids))
-        return [
-            [Completion([self.token_id] * length, [0.0] * length, "", "length") for _ in range(num_samples_per_prompt)]
-            for _ in prompt_token_ids
-        ]
-
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for _ in weights:
-            pass
-
-    def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        return [[0.0] * (len(seq) - 1) for seq in sequences]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 
 from rlft.distributed.actors import EngineClock
-from rlft.distributed.weight_sync import BucketRef, fetch_buckets, iter_bucket_weights
 from rlft.rollout.config import RolloutConfig, SamplingConfig
-from rlft.rollout.engines import make_engine
 from rlft.rollout.types import Sample
 
 # Seeds stay below this, leaving room for vLLM's per-sample offsets (sample j of a prompt uses seed + j).
@@ -21,6 +19,21 @@ def prompt_seed(seed: int, policy_version: int, prompt_index: int) -> int:
     """The sampling seed of one prompt: fixed by (seed, policy_version, prompt_index), unrelated across prompts."""
     digest = hashlib.blake2b(f"{seed}:{policy_version}:{prompt_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+def make_engine(model_path: str, cfg: RolloutConfig):
+    """The engine ``rollout.engine`` names. Imported here, not at the top: a simulated worker never imports torch."""
+    if cfg.engine == "simulated":
+        from rlft.rollout.simulated import SimulatedEngine
+
+        return SimulatedEngine(model_path, cfg)
+    if cfg.engine == "vllm":
+        from rlft.rollout.engines import VLLMEngine
+
+        return VLLMEngine(model_path, cfg)
+    from rlft.rollout.engines import HFEngine
+
+    return HFEngine(model_path, cfg)
 
 
 class RolloutWorker:
@@ -62,8 +75,10 @@ class RolloutWorker:
             for c in per_prompt
         ]
 
-    def update_weights(self, policy_version: int, bucket_refs: list[BucketRef]) -> None:
+    def update_weights(self, policy_version: int, bucket_refs: list) -> None:
         """Apply a full set of weights (all buckets in one engine update) and take on their version."""
+        from rlft.distributed.weight_sync import fetch_buckets, iter_bucket_weights
+
         if policy_version < self._policy_version:
             raise ValueError(f"policy version {policy_version} is older than the current {self._policy_version}")
         buckets = fetch_buckets(bucket_refs)

@@ -37,7 +37,7 @@ BUILD_INFO_NAME = "BUILD_INFO.json"
 DEFAULT_CACHE_DIR = "~/.cache/rlft"
 URL_PREFIX = "tiny://"
 # ``tiny://<alias>`` names a file of another preset's build: (preset, path inside that build).
-PRESET_ALIASES: dict[str, tuple[str, str]] = {"small-model": ("small", "model")}
+PRESET_ALIASES: dict[str, tuple[str, str]] = {"small-model": ("small", "model"), "half-b-model": ("half_b", "model")}
 # A build takes seconds; waiting this long for another process's build means it is stuck.
 BUILD_LOCK_TIMEOUT_S = 600
 
@@ -151,7 +151,8 @@ def resolve(path: str) -> str:
     """The absolute local path for a ``tiny://`` path (building the cache on first use); other paths unchanged.
 
     ``tiny://model`` is the model directory, ``tiny://<task>/<file>.jsonl`` a data file, ``tiny://small-model``
-    the model of the "small" preset. Unknown ``tiny://`` paths raise ``FileNotFoundError`` listing what exists.
+    and ``tiny://half-b-model`` the models of the "small" and "half_b" presets. Unknown ``tiny://`` paths raise
+    ``FileNotFoundError`` listing what exists.
     """
     if not path.startswith(URL_PREFIX):
         return path

@@ -47,6 +47,18 @@ PRESETS: dict[str, ModelPreset] = {
         intermediate_size=1536,
         max_position_embeddings=512,
     ),
+    # About 0.50B parameters (495,889,920 with the embedded 293-token vocabulary, tied embeddings): a model big
+    # enough that one GPU's generation, training and weight sync are real work (benchmarks/gpu_bench.py). Its
+    # float32 checkpoint is 2 GB; build it on the machine that uses it.
+    "half_b": ModelPreset(
+        hidden_size=1280,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_hidden_layers=24,
+        intermediate_size=4352,
+        max_position_embeddings=1024,
+    ),
 }
 
 
