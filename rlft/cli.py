@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     tiny_build = tiny_commands.add_parser("build", help="build the tiny model, tokenizer and task data")
     tiny_build.add_argument("--out", required=True, help="output directory")
     tiny_build.add_argument("--seed", type=int, default=0)
-    tiny_build.add_argument("--preset", default="tiny", help="model size preset (tiny, small)")
+    tiny_build.add_argument("--preset", default="tiny", help="model size preset (tiny, small, half_b)")
     tiny_build.set_defaults(run=_tiny_build)
     return top
 
