@@ -70,8 +70,10 @@ def rlft_overrides(algorithm: str, model: str, completion_tokens: int) -> tuple[
     ]
 
 
-def run_rlft(algorithm: str, model: str, steps: int, warmup: int, completion_tokens: int, out: Path) -> dict:
+def run_rlft(algorithm: str, model: str, steps: int, warmup: int, completion_tokens: int, out: Path,
+             extra: list[str]) -> dict:
     config, overrides = rlft_overrides(algorithm, model, completion_tokens)
+    overrides += extra
     cmd = [sys.executable, "-m", "rlft.cli", "bench", config, *overrides, "logging.progress_bar=false",
            "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
     _run(cmd, out / "log.txt")
@@ -168,7 +170,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def compare(models: list[str], algorithms: list[str], repeats: int, steps: int, warmup: int,
-            completion_tokens: int, out: Path) -> dict:
+            completion_tokens: int, out: Path, rlft_extra: list[str]) -> dict:
     runs = []
     for repeat in range(repeats):
         for model in models:
@@ -178,7 +180,8 @@ def compare(models: list[str], algorithms: list[str], repeats: int, steps: int, 
                     where = out / f"{algorithm}-{model}-{framework}-{repeat}"
                     started = time.time()
                     if framework == "rlft":
-                        figures = run_rlft(algorithm, MODELS[model], steps, warmup, completion_tokens, where)
+                        figures = run_rlft(algorithm, MODELS[model], steps, warmup, completion_tokens, where,
+                                           rlft_extra)
                     else:
                         cmd = [sys.executable, __file__, "trl", "--algorithm", algorithm, "--model", MODELS[model],
                                "--steps", str(steps), "--warmup", str(warmup), "--completion-tokens",
@@ -207,7 +210,7 @@ def compare(models: list[str], algorithms: list[str], repeats: int, steps: int, 
                 "load_average_1m": statistics.median(r["load_average_1m"] for r in runs
                                                      if (r["model"], r["algorithm"]) == (model, algorithm)),
             })
-    result = {"repeats": repeats, "steps": steps, "warmup": warmup, "completion_tokens": completion_tokens,
+    result = {"rlft_overrides": rlft_extra, "repeats": repeats, "steps": steps, "warmup": warmup, "completion_tokens": completion_tokens,
               "machine": f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "runs": runs,
               "summary": summary}
     (out / "trl_compare.json").write_text(json.dumps(result, indent=1))
@@ -240,13 +243,16 @@ def main() -> None:
     top.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "small"])
     top.add_argument("--algorithms", nargs="+", choices=["grpo", "dpo"], default=["grpo", "dpo"])
     top.add_argument("--repeats", type=int, default=3)
+    top.add_argument("--rlft", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="more overrides for the rlft runs, e.g. rollout.num_cpus_per_worker=2")
     args = top.parse_args()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "trl":
         run_trl(args.algorithm, args.model, args.steps, args.warmup, args.completion_tokens, out)
         return
-    result = compare(args.models, args.algorithms, args.repeats, args.steps, args.warmup, args.completion_tokens, out)
+    result = compare(args.models, args.algorithms, args.repeats, args.steps, args.warmup, args.completion_tokens, out,
+                     args.rlft)
     print(markdown(result))
 
 
