@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,21 +129,3 @@ class EpochSampler:
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
-
-
-class PhaseTimer:
-    """Wall seconds of each named phase of a step: ``with timer.phase("generate"): ...``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{name}_seconds": value for name, value in self.seconds.items()}

@@ -29,7 +29,6 @@ from transformers import AutoTokenizer
 from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
 from rlft.config import Config
 from rlft.controller.common import (
-    PhaseTimer,
     RunResult,
     prepare_output_dir,
     resolve_paths,
@@ -47,6 +46,7 @@ from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
 from rlft.reference import ReferenceGroup
+from rlft.timing import PhaseTimer
 from rlft.tiny import resolve
 
 # Pairs per reference (or policy) scoring call when scoring a whole data set.

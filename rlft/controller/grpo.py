@@ -45,7 +45,7 @@ from rlft.algorithms.advantages import (
     sequence_to_token,
 )
 from rlft.config import Config
-from rlft.controller.common import PhaseTimer, RunResult
+from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
     end_step,
     finish,
@@ -58,6 +58,7 @@ from rlft.controller.rl_steps import (
     sync_metrics,
     with_aggregation_weights,
 )
+from rlft.timing import PhaseTimer
 
 
 def critic_free_advantages(rewards_PG: torch.Tensor, response_BT: torch.Tensor, cfg: Config) -> torch.Tensor:

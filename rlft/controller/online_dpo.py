@@ -21,12 +21,13 @@ import time
 import torch
 
 from rlft.config import Config
-from rlft.controller.common import PhaseTimer, RunResult
+from rlft.controller.common import RunResult
 from rlft.controller.dpo import Pairs, loss_of, pair_batch, rows_config
 from rlft.controller.rl_steps import end_step, finish, generate_and_grade, rollout_metrics, start_rl_run, sync_metrics
 from rlft.data.tokenize import TokenizedExample
 from rlft.reference import ReferenceGroup
 from rlft.rollout import Sample
+from rlft.timing import PhaseTimer
 
 
 def best_and_worst(samples: list[Sample], rewards_PG: torch.Tensor) -> tuple[Pairs, int]:

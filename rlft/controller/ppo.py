@@ -43,7 +43,7 @@ from rlft.algorithms.advantages import gae
 from rlft.algorithms.kl import kl_estimate
 from rlft.algorithms.policy_loss import ValueBatch, ValueLoss
 from rlft.config import Config
-from rlft.controller.common import PhaseTimer, RunResult
+from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
     end_step,
     finish,
@@ -56,6 +56,7 @@ from rlft.controller.rl_steps import (
     sync_metrics,
     with_aggregation_weights,
 )
+from rlft.timing import PhaseTimer
 
 
 def ppo(cfg: Config) -> RunResult:

@@ -22,7 +22,6 @@ from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
 from rlft.config import Config, ConfigError
 from rlft.controller.common import (
     EpochSampler,
-    PhaseTimer,
     RunResult,
     prepare_output_dir,
     prune_checkpoints,
@@ -50,6 +49,7 @@ from rlft.metrics import MetricsLogger
 from rlft.reference import ReferenceGroup
 from rlft.rollout import Sample, SamplingConfig
 from rlft.rollout.group import RolloutGroup
+from rlft.timing import PhaseTimer
 
 
 @dataclass

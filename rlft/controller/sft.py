@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config
 from rlft.controller.common import (
-    PhaseTimer,
     RunResult,
     prepare_output_dir,
     resolve_paths,
@@ -40,6 +39,7 @@ from rlft.distributed.cluster import start_cluster
 from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
 from rlft.metrics import MetricsLogger
+from rlft.timing import PhaseTimer
 
 
 def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[str, int]]:

@@ -13,7 +13,6 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,27 +45,6 @@ def role_env(num_gpus: float) -> dict[str, str]:
     if num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
     return env
-
-
-class EngineClock:
-    """Seconds a role actor spends inside its engine, by kind of work (``generate``, ``train``, ...), summed since
-    the last ``take()``. ``rlft bench`` sets them against the controller's phase times: what is left is
-    orchestration (dispatch, transfers, the controller's own work)."""
-
-    def __init__(self):
-        self._seconds: dict[str, float] = {}
-
-    @contextmanager
-    def timing(self, kind: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._seconds[kind] = self._seconds.get(kind, 0.0) + time.perf_counter() - start
-
-    def take(self) -> dict[str, float]:
-        taken, self._seconds = self._seconds, {}
-        return taken
 
 
 def slowest(per_worker: list[dict[str, float]]) -> dict[str, float]:

@@ -34,12 +34,13 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from rlft.distributed.actors import EngineClock, Resources, slowest, spawn, wait
+from rlft.distributed.actors import Resources, slowest, spawn, wait
 from rlft.errors import RestartBudgetError
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
 from rlft.graders.reward_model import RewardModelGroup
+from rlft.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class GraderWorker:
         ]
         self.timeout_s = cfg.timeout_s
         self._stuck: list[threading.Thread] = []
-        self.clock = EngineClock()
+        self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds spent grading since the last call (``grade``)."""
@@ -92,7 +93,7 @@ class GraderWorker:
         """Every grader's outcome on every request; graders run one after another, each in its own thread.
         ``extra_fields`` are the extra columns user functions get (those of the whole batch, not just this share)."""
         examples: dict[str, str] = {}
-        with self.clock.timing("grade"):
+        with self.clock.phase("grade"):
             outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
         self._stuck = [thread for thread in self._stuck if thread.is_alive()]
         return WorkerResult(outcomes, len(self._stuck), examples)

@@ -20,7 +20,7 @@ import torch
 from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import EngineClock
+from rlft.timing import PhaseTimer
 
 # A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
 # (so the shares of all micro-batches on all ranks add up to the step's loss) and additive metrics.
@@ -86,7 +86,7 @@ class LearnerWorker:
         self.engine = None
         self.spec: LearnerSpec | None = None
         self._last_grad_norm = float("nan")
-        self.clock = EngineClock()
+        self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export``."""
@@ -150,7 +150,7 @@ class LearnerWorker:
 
     def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; returns additive metrics and step info."""
-        with self.clock.timing("train"):
+        with self.clock.phase("train"):
             return self._train_step(batch, loss_fn)
 
     def _train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
@@ -198,7 +198,7 @@ class LearnerWorker:
     def per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
         """This rank's share under the current weights, no gradient: ``logprobs_BT`` for a causal LM (the RL
         step's "old" log-probabilities), ``values_BT`` for a value head (see ``rlft.algorithms.token_values``)."""
-        with self.clock.timing("forward"):
+        with self.clock.phase("forward"):
             return self._per_token_outputs(batch)
 
     @torch.no_grad()
@@ -221,7 +221,7 @@ class LearnerWorker:
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full (gathered) parameters by name on rank 0, None on the others. Every rank must call it."""
-        with self.clock.timing("export"):
+        with self.clock.phase("export"):
             return self._export_weights()
 
     def _export_weights(self) -> dict[str, torch.Tensor] | None:

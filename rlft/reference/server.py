@@ -13,9 +13,10 @@ import torch
 
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
-from rlft.distributed.actors import EngineClock, WorkerSet, balanced_chunks, slowest, spawn, wait
+from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
 from rlft.distributed.placement import role_resources
 from rlft.reference.config import ReferenceConfig
+from rlft.timing import PhaseTimer
 
 class ReferenceWorker:
     """One replica: a frozen Hugging Face causal LM in eval mode."""
@@ -31,7 +32,7 @@ class ReferenceWorker:
         self.model.requires_grad_(False)
         self.device = device
         self.micro_batch_size = micro_batch_size
-        self.clock = EngineClock()
+        self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the model since the last call, by kind: ``forward``, ``load_weights``."""
@@ -40,7 +41,7 @@ class ReferenceWorker:
     def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
         """Replace the frozen weights (e.g. online DPO refreshing its reference from the policy)."""
         # Tied parameters (an output head sharing the embedding) come once, so some names may be missing.
-        with self.clock.timing("load_weights"):
+        with self.clock.phase("load_weights"):
             result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights_by_name.items()},
                                                 strict=False)
         if result.unexpected_keys:
@@ -49,7 +50,7 @@ class ReferenceWorker:
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
-        with self.clock.timing("forward"):
+        with self.clock.phase("forward"):
             return self._logprobs(batch)
 
     def _logprobs(self, batch: TokenBatch) -> torch.Tensor:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 
-from rlft.distributed.actors import EngineClock
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
+from rlft.timing import PhaseTimer
 
 # Seeds stay below this, leaving room for vLLM's per-sample offsets (sample j of a prompt uses seed + j).
 _SEED_LIMIT = 2**62
@@ -40,7 +40,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig):
         self.engine = make_engine(model_path, cfg)
         self._policy_version = 0
-        self.clock = EngineClock()
+        self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the engine since the last call, by kind: ``generate``, ``load_weights``, ``score``."""
@@ -59,7 +59,7 @@ class RolloutWorker:
     ) -> list[Sample]:
         """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
-        with self.clock.timing("generate"):
+        with self.clock.phase("generate"):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
@@ -82,11 +82,11 @@ class RolloutWorker:
         if policy_version < self._policy_version:
             raise ValueError(f"policy version {policy_version} is older than the current {self._policy_version}")
         buckets = fetch_buckets(bucket_refs)
-        with self.clock.timing("load_weights"):
+        with self.clock.phase("load_weights"):
             self.engine.update_weights(iter_bucket_weights(buckets))
         self._policy_version = policy_version
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
-        with self.clock.timing("score"):
+        with self.clock.phase("score"):
             return self.engine.token_logprobs(sequences)
