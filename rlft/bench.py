@@ -28,8 +28,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +146,9 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, out: Path)
     run_job(cfg)
     records = [r for r in read_metrics(job_dir / "metrics.jsonl") if "time/step_seconds" in r]
     result = summarize(records[warmup:], config, overrides, cfg.algorithm)
-    result.environment = environment(cfg, load_before, os.getloadavg(), started)
+    command = shlex.join(["rlft", "bench", config, *overrides, "--steps", str(steps), "--warmup", str(warmup),
+                          "--out", str(out)])
+    result.environment = environment(cfg, load_before, os.getloadavg(), started, command)
     write_report(result, records, warmup, out)
     return result
 
@@ -211,7 +213,7 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
     )
 
 
-def environment(cfg: Config, load_before: tuple, load_after: tuple, started: float) -> dict:
+def environment(cfg: Config, load_before: tuple, load_after: tuple, started: float, command: str) -> dict:
     """Where and when the figures were taken: machine, versions, the job's shape, the load around the run."""
     import torch
 
@@ -232,7 +234,7 @@ def environment(cfg: Config, load_before: tuple, load_after: tuple, started: flo
         "model": cfg.model.path,
         "learners": f"{cfg.learner.num_learners} x ZeRO-{cfg.learner.zero_stage}",
         "rollout": f"{cfg.rollout.num_rollout_workers} x {cfg.rollout.engine}",
-        "command": " ".join(["rlft", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("rlft") else "",
+        "command": command,
     }
 
 
