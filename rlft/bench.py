@@ -278,6 +278,7 @@ def markdown(result: BenchResult) -> str:
         f"- {env.get('machine', '')}; {env.get('date', '')}; load average before {env.get('load_average_before')}, "
         f"after {env.get('load_average_after')}",
         f"- medians over steps {result.steps[0]}-{result.steps[-1]} ({len(result.steps)} steps after the warm-up)",
+        f"- command: `{env.get('command', '')}`",
         "",
         "| phase | work per step | wall s | engine s | throughput (wall) | throughput (engine) |",
         "|---|---|---|---|---|---|",
