@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cluster_helpers import wait_until
 from conftest import ROOT, run_rlft
 from rlft.bench import summarize
 from rlft.metrics import read_metrics
@@ -120,9 +121,12 @@ def test_summary_medians_and_overhead():
 def test_simulated_workers_share_a_step_and_report_engine_time(ray_cluster, tiny_model_dir):
     """Four simulated workers: every prompt's samples come back once, in order, and each worker's engine time is
     the modelled time of its share."""
+    import ray
+
     from rlft.rollout.config import RolloutConfig, SamplingConfig
     from rlft.rollout.group import RolloutGroup
 
+    cpus_free = ray.available_resources()["CPU"]
     group = RolloutGroup(tiny_model_dir, RolloutConfig(engine="simulated", num_rollout_workers=4,
                                                        num_cpus_per_worker=0.01,
                                                        simulated_seconds_per_token=0.001))
@@ -135,3 +139,5 @@ def test_simulated_workers_share_a_step_and_report_engine_time(ray_cluster, tiny
         assert group.engine_seconds() == {}
     finally:
         group.shutdown()
+        # The session's cluster is shared: leave it with the CPUs it had (killed actors return theirs a moment later).
+        wait_until(lambda: ray.available_resources().get("CPU") == cpus_free, "the workers' CPUs to be released", 30)
