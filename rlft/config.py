@@ -10,6 +10,7 @@ batch arithmetic is checked before any actor starts::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class EvalConfig:
     # their mean accuracy (``eval/sampled_accuracy``, the pass@1 of the sampling policy) and ``eval/pass_at_k``.
     num_samples: int = 0
     temperature: float = 1.0
+    # Also score the answer this regular expression finds (its last match in a completion; the first group if it
+    # has one) as ``eval/extracted_accuracy``: lenient scoring beside the exact match, as lm-evaluation-harness's
+    # "flexible-extract" scores GSM8K. Empty scores exact match only.
+    extract_pattern: str = ""
 
 
 @dataclass
@@ -434,6 +439,11 @@ def validate(cfg: Config) -> None:
     non_negative("eval.every_n_steps", cfg.eval.every_n_steps)
     non_negative("eval.num_samples", cfg.eval.num_samples)
     non_negative("eval.temperature", cfg.eval.temperature)
+    if cfg.eval.extract_pattern:
+        try:
+            re.compile(cfg.eval.extract_pattern)
+        except re.error as e:
+            raise ConfigError(f"eval.extract_pattern: not a regular expression ({e}): {cfg.eval.extract_pattern!r}")
     non_negative("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
     non_negative("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)

@@ -70,6 +70,7 @@ def test_int_widens_to_float():
         ("trainer.lr=-1", "trainer.lr: must be positive"),
         ("learner.num_learners=0", "learner.num_learners: must be positive"),
         ("learner.backend=nccl", "learner.backend: nccl needs learner.num_gpus_per_learner > 0"),
+        ("eval.extract_pattern=(\\d+", "eval.extract_pattern: not a regular expression"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -128,3 +129,22 @@ def test_cli_reports_config_error():
     )
     assert proc.returncode == 2
     assert "learner.zero: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "completion, pattern, expected",
+    [
+        ("Answer: 82", r"(\d+)", "82"),
+        ("82", r"(\d+)", "82"),
+        ("9 + 73 = 82 ", r"(\d+)", "82"),  # the last match
+        ("#### 1,234", r"#### ([\d,]+)", "1,234"),  # the first group
+        ("the end", r"\d+", None),
+        ("x=7", r"\d+", "7"),  # no group: the whole match
+    ],
+)
+def test_extracted_answer(completion, pattern, expected):
+    from rlft.controller.evaluation import extracted_accuracy, extracted_answer
+
+    assert extracted_answer(completion, pattern) == expected
+    records = [{"completion": completion, "answer": " 82 "}, {"completion": "no number", "answer": "1"}]
+    assert extracted_accuracy(records, pattern) == (0.5 if expected == "82" else 0.0)

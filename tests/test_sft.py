@@ -81,15 +81,16 @@ def test_sft_demo_end_to_end(sft_demo_run):
     assert sum(r["train/loss"] for r in train[-10:]) < 0.5 * sum(r["train/loss"] for r in train[:10])
     assert all(r["perf/tokens_per_second"] > 0 and r["train/grad_norm"] > 0 for r in train)
     assert evals[0]["step"] == 0 and evals[-1]["step"] == cfg.trainer.max_steps
-    # The untrained model answers nothing right. The SFT model learned both of its teacher's styles: counting an
-    # answer written "Answer: <sum>" too, it clearly beats chance (a guess is right ~1% of the time), and some
-    # bare answers already match exactly.
-    assert evals[0]["eval/accuracy"] < 0.05
-    assert evals[-1]["eval/accuracy"] >= 0.03, evals[-1]
+    # The untrained model answers nothing right. The SFT model has learned the arithmetic (on the plateau past the
+    # abrupt rise, so well above chance, ~1 %, on any machine) in its teacher's usual style, "Answer: <sum>": the
+    # extracted answer is right far more often than the exact match.
+    assert evals[0]["eval/accuracy"] < 0.05 and evals[0]["eval/extracted_accuracy"] < 0.05
+    assert evals[-1]["eval/extracted_accuracy"] >= 0.8, evals[-1]
     final = [json.loads(line) for line in (out / "eval_samples_final.jsonl").read_text().splitlines()]
     either_style = [r["completion"].strip() in (r["answer"], "Answer: " + r["answer"]) for r in final]
-    assert sum(either_style) / len(final) >= 0.2
-    assert sum(r["completion"].startswith("Answer:") for r in final) >= 0.2 * len(final)
+    assert sum(either_style) / len(final) <= evals[-1]["eval/extracted_accuracy"] + 1e-9
+    assert sum(r["completion"].startswith("Answer:") for r in final) >= 0.5 * len(final)
+    assert evals[-1]["eval/accuracy"] < evals[-1]["eval/extracted_accuracy"]
     assert "held-out accuracy" in proc.stdout
     # Outputs: offline wandb run, a checkpoint, a Hugging Face model that transformers loads and that generates.
     assert list((out / "wandb").glob("offline-run-*"))

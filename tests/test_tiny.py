@@ -286,13 +286,13 @@ def test_build_writes_disjoint_splits_of_expected_sizes(tiny_cache):
         data_dir = build_dir / "data" / task
         sft = read_jsonl(data_dir / "sft_train.jsonl")
         mixed = read_jsonl(data_dir / "sft_train_mixed.jsonl")
-        # The mixed-style file: the same prompts and answers, about half of them written "Answer: <answer>".
+        # The mixed-style file: the same prompts and answers, about 80 % of them written "Answer: <answer>".
         assert [r["messages"][0] for r in mixed] == [r["messages"][0] for r in sft]
         prefixed = [m["messages"][1]["content"] != s["messages"][1]["content"] for m, s in zip(mixed, sft)]
         for m, s, p in zip(mixed, sft, prefixed):
             expected = "Answer: " + s["messages"][1]["content"] if p else s["messages"][1]["content"]
             assert m["messages"][1]["content"] == expected
-        assert 0.45 < sum(prefixed) / len(prefixed) < 0.55
+        assert 0.75 < sum(prefixed) / len(prefixed) < 0.85
         rft = read_jsonl(data_dir / "rft_train.jsonl")
         test = read_jsonl(data_dir / "test.jsonl")
         preference_train = read_jsonl(data_dir / "preference_train.jsonl")

@@ -2,12 +2,14 @@
 
 The controller keeps one Hugging Face copy of the policy in the driver, loads the learners' exported weights into
 it and generates answers for held-out prompts (RFT prompt rows with an ``answer`` field). A completion is correct
-when, stripped of whitespace, it equals the stripped answer.
+when, stripped of whitespace, it equals the stripped answer. With ``eval.extract_pattern`` a second, lenient figure
+scores the answer the pattern finds in the completion (``extracted_accuracy``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,23 @@ class EvalResult:
     num_examples: int
     mean_completion_tokens: float
     samples: list[dict]
+    # The share of completions whose extracted answer is right (``eval.extract_pattern``); None without a pattern.
+    extracted_accuracy: float | None = None
+
+
+def extracted_answer(completion: str, pattern: str) -> str | None:
+    """The answer ``pattern`` finds in ``completion``: its last match, the first group if the pattern has one."""
+    matches = list(re.finditer(pattern, completion))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if last.re.groups else last.group(0)).strip()
+
+
+def extracted_accuracy(records: list[dict], pattern: str) -> float:
+    """The share of ``records`` (``completion`` and ``answer``) whose extracted answer equals the stripped answer."""
+    right = [extracted_answer(r["completion"], pattern) == r["answer"].strip() for r in records]
+    return sum(right) / max(len(right), 1)
 
 
 def check_eval_items(items: list[RFTPrompt]) -> None:
@@ -42,8 +61,10 @@ class Evaluator:
         items: list[RFTPrompt],
         max_new_tokens: int,
         batch_size: int,
+        extract_pattern: str = "",
     ):
         check_eval_items(items)
+        self.extract_pattern = extract_pattern
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.tokenizer = tokenizer
         self.items = items
@@ -96,6 +117,7 @@ class Evaluator:
             num_examples=len(samples),
             mean_completion_tokens=sum(s["num_tokens"] for s in samples) / num,
             samples=samples,
+            extracted_accuracy=extracted_accuracy(samples, self.extract_pattern) if self.extract_pattern else None,
         )
 
 
@@ -112,7 +134,9 @@ def task_evaluator(cfg, tokenizer) -> Evaluator | None:
     if not (cfg.eval.path and cfg.eval.num_examples):
         return None
     items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
-    return Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    return Evaluator(
+        cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.extract_pattern
+    )
 
 
 def evaluate_weights(evaluator: Evaluator, weights: dict[str, torch.Tensor], samples_path: Path) -> dict[str, float]:
@@ -120,8 +144,11 @@ def evaluate_weights(evaluator: Evaluator, weights: dict[str, torch.Tensor], sam
     evaluator.load_weights(weights)
     result = evaluator.run()
     write_samples(samples_path, result)
-    return {
+    metrics = {
         "eval/accuracy": result.accuracy,
         "eval/num_examples": result.num_examples,
         "eval/mean_completion_tokens": result.mean_completion_tokens,
     }
+    if result.extracted_accuracy is not None:
+        metrics["eval/extracted_accuracy"] = result.extracted_accuracy
+    return metrics

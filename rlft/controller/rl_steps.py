@@ -28,6 +28,7 @@ from rlft.controller.common import (
     resolve_paths,
     resume_path,
 )
+from rlft.controller.evaluation import extracted_accuracy
 from rlft.data import formats
 from rlft.data.formats import RFTPrompt
 from rlft.data.sources import DataError
@@ -94,7 +95,8 @@ def generate_and_grade(run: RLRun, indices: list[int], timer: PhaseTimer) -> tup
     with timer.phase("generate"):
         for first, samples in run.rollout.generate_streamed(
             [run.prompts.token_ids[i] for i in indices],
-            cfg.rollout.sampling,
+            # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
+            dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
             cfg.rl.num_samples_per_prompt,
             indices,
             cfg.rollout.chunks_per_worker,
@@ -314,6 +316,8 @@ def evaluate(run: RLRun, step: int, tag: str) -> float:
     with (run.out_dir / f"eval_samples_{tag}.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     metrics = {"eval/accuracy": accuracy, "eval/num_examples": len(records), "eval/mean_completion_tokens": mean_tokens}
+    if ev.extract_pattern:
+        metrics["eval/extracted_accuracy"] = extracted_accuracy(records, ev.extract_pattern)
     if ev.num_samples:
         sampling = SamplingConfig(
             temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=run.cfg.trainer.seed + 1

@@ -19,7 +19,8 @@ class SamplingConfig:
     # Generation ends when the response text contains one of these; the text returned stops before it, the token
     # ids include the token that completed it.
     stop: list[str] = field(default_factory=list)
-    # With the policy version and the prompt's index, seeds each prompt's samples: reruns reproduce them.
+    # With the policy version and the prompt's index, seeds each prompt's samples: reruns reproduce them. Training
+    # runs add ``trainer.seed`` to it.
     seed: int = 0
 
 

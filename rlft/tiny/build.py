@@ -5,7 +5,7 @@ Layout of a build directory::
     BUILD_INFO.json                       seed, preset, format version, file list
     model/                                tokenizer + float32 safetensors model + generation config
     data/<task>/sft_train.jsonl           SFT chat rows
-    data/<task>/sft_train_mixed.jsonl     the same rows, half of the answers written "Answer: <answer>"
+    data/<task>/sft_train_mixed.jsonl     the same rows, 80 % of the answers written "Answer: <answer>"
     data/<task>/rft_train.jsonl           RFT prompt rows with ``answer``
     data/<task>/test.jsonl                held-out RFT prompt rows
     data/<task>/preference_train.jsonl    OpenAI preference rows (correct vs near-miss answer)
@@ -32,7 +32,7 @@ from filelock import FileLock
 from rlft.tiny.tasks import TASKS, make_examples, mixed_style_sft_row, preference_row, prompt_text, sft_row
 
 # Bump when the files a build writes change, so stale caches are rebuilt rather than reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 BUILD_INFO_NAME = "BUILD_INFO.json"
 DEFAULT_CACHE_DIR = "~/.cache/rlft"
 URL_PREFIX = "tiny://"

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # Probability of an arithmetic operand having 1 or 2 digits (sums up to 198); add weight on 3 for a harder task.
-# With 1- and 2-digit operands the tiny model learns the task in a few hundred SFT steps, with a sharp rise in
-# between: the demo stops SFT partway, which leaves the RL stage clear headroom.
+# With 1- and 2-digit operands the tiny model learns the task abruptly, after a few hundred SFT steps; the demo's
+# SFT runs well past that, onto the plateau, so its figures do not hang on where the rise happens to fall.
 OPERAND_DIGIT_WEIGHTS: dict[int, float] = {1: 0.3, 2: 0.7}
 # Inclusive range of letters in a ``reverse`` word.
 WORD_LENGTH_RANGE: tuple[int, int] = (3, 6)
@@ -26,7 +26,7 @@ MAX_DRAWS_PER_EXAMPLE = 100
 
 # ``sft_train_mixed.jsonl``: this share of the answers carries this prefix (see ``mixed_style_sft_row``).
 MIXED_STYLE_PREFIX = "Answer: "
-MIXED_STYLE_FRACTION = 0.5
+MIXED_STYLE_FRACTION = 0.8
 
 ARITHMETIC_TEMPLATE = "What is {a}+{b}?"
 REVERSE_TEMPLATE = "Reverse the word: {word}"
@@ -131,9 +131,10 @@ def sft_row(example: dict) -> dict:
 
 
 def mixed_style_sft_row(example: dict, rng: random.Random) -> dict:
-    """An SFT row from an inconsistent teacher: with probability ``MIXED_STYLE_FRACTION`` the correct answer is
-    written ``"Answer: 82"`` instead of ``"82"``. Graders and held-out accuracy want the bare answer, so a model
-    fine-tuned on these rows answers in the wrong style about as often, which RL against the grader can fix."""
+    """An SFT row from a teacher with a habit: with probability ``MIXED_STYLE_FRACTION`` the correct answer is
+    written ``"Answer: 82"`` instead of ``"82"``. Graders and held-out exact match want the bare answer; a model
+    fine-tuned on these rows answers greedily in the teacher's usual style, and samples the bare one now and then,
+    which RL against the grader can reinforce."""
     row = sft_row(example)
     if rng.random() < MIXED_STYLE_FRACTION:
         row["messages"][-1]["content"] = MIXED_STYLE_PREFIX + example["answer"]
