@@ -29,7 +29,7 @@ Matched settings (values of configs/grpo_tiny.yaml and configs/dpo_tiny.yaml wit
 | setting | rlft | TRL 1.16 |
 |---|---|---|
 | start model | ``model.path`` = ``--start-model`` (float32) | the same directory, float32, ``use_cpu``, no bf16 |
-| seed | ``trainer.seed`` = ``rollout.sampling.seed`` = S (the data order, the rollout's draws) | ``seed`` = S |
+| seed | ``trainer.seed`` = S (the data order, the learners' RNG, the rollout's draws) | ``seed`` = S |
 | steps | ``trainer.max_steps`` = ``--steps`` (60) | ``max_steps`` |
 | optimizer | torch AdamW: ``trainer.lr`` (1e-4), ``adam_betas`` (0.9, 0.95), ``adam_eps`` (1e-8), ``weight_decay`` (0) | ``optim="adamw_torch"``, ``learning_rate``, ``adam_beta1/2``, ``adam_epsilon``, ``weight_decay`` |
 | schedule | ``lr_scheduler: constant`` with ``warmup_steps`` (GRPO 10, DPO 5) linear warm-up | ``constant_with_warmup``, ``warmup_steps`` (linear → linear, cosine → cosine) |
@@ -387,8 +387,7 @@ def rlft_overrides(algorithm: str, start_model: str, seed: int, steps: int, eval
               f"eval.every_n_steps={eval_every}", f"logging.output_dir={run_dir / 'job'}",
               "logging.progress_bar=false", "logging.wandb=false"]
     if algorithm == "grpo":
-        # rollout.sampling.seed too: the rollout's draws follow the seed whether or not trainer.seed shifts them.
-        specific = [f"rollout.sampling.seed={seed}", f"eval.num_examples={eval_examples}", "eval.num_samples=0"]
+        specific = [f"eval.num_examples={eval_examples}", "eval.num_samples=0"]
     else:
         # Plain DPO on both sides; the held-out figure is the preference accuracy, task accuracy only at the end.
         specific = ["dpo.rpo_alpha=0", f"dpo.eval_num_pairs={eval_examples}", "eval.num_examples=0"]
