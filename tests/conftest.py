@@ -84,3 +84,62 @@ def fixed_prompts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rl_data") / "prompts.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+GRPO_NUM_STEPS = 15
+
+
+def grpo_args(sft_demo_run, fixed_prompts) -> list[str]:
+    """The GRPO job most of tests/test_grpo.py checks (``grpo_run``); the resume test runs it again, stopped and
+    resumed, and tests/test_reproducibility.py runs its first steps again."""
+    return [
+        "train",
+        str(ROOT / "configs/grpo_tiny.yaml"),
+        f"model.path={sft_demo_run.output_dir / 'final_model'}",
+        f"data.train_path={fixed_prompts}",
+        f"trainer.max_steps={GRPO_NUM_STEPS}",
+        "trainer.lr=1e-4",
+        "trainer.warmup_steps=0",
+        "checkpoint.every_n_steps=5",
+        "eval.num_examples=100",
+        "eval.every_n_steps=0",
+        "eval.num_samples=2",
+        "rollout.chunks_per_worker=2",
+        "logging.wandb=false",
+        "logging.progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory) -> Path:
+    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
+    work = tmp_path_factory.mktemp("grpo")
+    out = work / "run"
+    proc = run_rlft(*grpo_args(sft_demo_run, fixed_prompts), f"logging.output_dir={out}", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def dpo_runs(sft_demo_run, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """configs/dpo_tiny.yaml for 30 steps, then for 4, with one cache directory (the second run reuses the
+    reference sums; tests/test_reproducibility.py compares its steps with the first run's)."""
+    assert sft_demo_run.proc.returncode == 0
+    work = tmp_path_factory.mktemp("dpo")
+    outs = []
+    for name, steps in (("first", 30), ("second", 4)):
+        out = work / name
+        proc = run_rlft(
+            "train", str(ROOT / "configs/dpo_tiny.yaml"),
+            f"model.path={sft_demo_run.output_dir / 'final_model'}",
+            f"dpo.cache_dir={work / 'cache'}",
+            f"trainer.max_steps={steps}",
+            "eval.every_n_steps=0",
+            "eval.num_examples=200",
+            "logging.wandb=false",
+            f"logging.output_dir={out}",
+            cwd=work,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs.append(out)
+    return work, outs

@@ -54,30 +54,6 @@ def test_malformed_preference_row_stops_before_actors(tmp_path):
     assert f"{bad}:2: rejected" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def dpo_runs(sft_demo_run, tmp_path_factory):
-    """The demo config for 30 steps, twice with one cache directory (the second run reuses the reference sums)."""
-    assert sft_demo_run.proc.returncode == 0
-    work = tmp_path_factory.mktemp("dpo")
-    outs = []
-    for name, steps in (("first", 30), ("second", 2)):
-        out = work / name
-        proc = run_rlft(
-            "train", str(ROOT / "configs/dpo_tiny.yaml"),
-            f"model.path={sft_demo_run.output_dir / 'final_model'}",
-            f"dpo.cache_dir={work / 'cache'}",
-            f"trainer.max_steps={steps}",
-            "eval.every_n_steps=0",
-            "eval.num_examples=200",
-            "logging.wandb=false",
-            f"logging.output_dir={out}",
-            cwd=work,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        outs.append(out)
-    return work, outs
-
-
 @pytest.mark.slow
 def test_dpo_raises_preference_and_task_accuracy(dpo_runs):
     _, (first, _) = dpo_runs

@@ -7,42 +7,12 @@ import json
 import pytest
 
 from cluster_helpers import kill_actor_during, rlft_popen, wait_until
-from conftest import ROOT, run_rlft
+from conftest import GRPO_NUM_STEPS, ROOT, grpo_args, run_rlft
 from rlft.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
-NUM_STEPS = 15
-
-
-def grpo_args(sft_demo_run, fixed_prompts) -> list[str]:
-    """The GRPO job most tests here check (``grpo_run``); the resume test runs it again, stopped and resumed."""
-    return [
-        "train",
-        str(ROOT / "configs/grpo_tiny.yaml"),
-        f"model.path={sft_demo_run.output_dir / 'final_model'}",
-        f"data.train_path={fixed_prompts}",
-        f"trainer.max_steps={NUM_STEPS}",
-        "trainer.lr=1e-4",
-        "trainer.warmup_steps=0",
-        "checkpoint.every_n_steps=5",
-        "eval.num_examples=100",
-        "eval.every_n_steps=0",
-        "eval.num_samples=2",
-        "rollout.chunks_per_worker=2",
-        "logging.wandb=false",
-        "logging.progress_bar=false",
-    ]
-
-
-@pytest.fixture(scope="module")
-def grpo_run(sft_demo_run, fixed_prompts, tmp_path_factory):
-    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
-    work = tmp_path_factory.mktemp("grpo")
-    out = work / "run"
-    proc = run_rlft(*grpo_args(sft_demo_run, fixed_prompts), f"logging.output_dir={out}", cwd=work)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+NUM_STEPS = GRPO_NUM_STEPS
 
 
 def test_reward_rises(grpo_run):
