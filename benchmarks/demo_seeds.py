@@ -15,24 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from rlft.tiny.tasks import MIXED_STYLE_PREFIX  # noqa: E402
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[3:6])} ... failed ({proc.returncode}); its log: {log}")
+from logged_run import run_logged
+from rlft.tiny.tasks import MIXED_STYLE_PREFIX
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -59,7 +47,7 @@ def demo_run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
         if not (where / stage / "summary.json").exists():
             cmd = [sys.executable, "-m", "rlft.cli", "train", config, *common, *more, *extra,
                    f"logging.output_dir={where / stage}"]
-            _run(cmd, where / f"{stage}.log")
+            run_logged(cmd, where / f"{stage}.log")
     # The job's own wall time (start-up, training, evaluations, saving; not the interpreter's imports).
     seconds = {stage: round(json.loads((where / stage / "summary.json").read_text())["seconds"], 1)
                for stage in ("sft", "grpo")}

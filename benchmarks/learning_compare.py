@@ -82,7 +82,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +89,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from logged_run import run_logged
 from rlft.algorithms.sft import token_logprobs
 from rlft.config import Config, load_config
 from rlft.controller.common import resolve_paths
@@ -395,7 +395,7 @@ def rlft_overrides(algorithm: str, start_model: str, seed: int, steps: int, eval
 
 
 def run_rlft(algorithm: str, config: str, overrides: list[str], run_dir: Path) -> dict:
-    _run([sys.executable, "-m", "rlft.cli", "train", config, *overrides], run_dir / "log.txt")
+    run_logged([sys.executable, "-m", "rlft.cli", "train", config, *overrides], run_dir / "log.txt")
     job = run_config(config, overrides).logging.output_dir
     records = [json.loads(line) for line in (Path(job) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     key = RLFT_CURVE_KEY[algorithm]
@@ -408,18 +408,6 @@ def run_rlft(algorithm: str, config: str, overrides: list[str], run_dir: Path) -
 
 
 # ------------------------------------------------------------------------------------------------ driver
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/rlft/torch_extensions"))
-    with log.open("w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}); its log: {log}")
 
 
 def final_scores(algorithm: str, cfg: Config, model_dir: str, eval_examples: int, where: Path,
@@ -458,7 +446,7 @@ def compare(algorithms: list[str], starts: list[tuple[str, str]], seeds: list[in
                     if framework == "rlft":
                         figures = run_rlft(algorithm, configs[algorithm], overrides, run_dir)
                     else:
-                        _run([sys.executable, __file__, "trl", "--algorithm", algorithm, "--config", configs[algorithm],
+                        run_logged([sys.executable, __file__, "trl", "--algorithm", algorithm, "--config", configs[algorithm],
                               "--out", str(run_dir), "--overrides", *overrides], run_dir / "log.txt")
                         figures = json.loads((run_dir / "trl_run.json").read_text())
                     seconds = time.time() - started

@@ -31,12 +31,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from logged_run import run_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny://model", "small": "tiny://small-model"}
@@ -76,7 +77,7 @@ def run_rlft(algorithm: str, model: str, steps: int, warmup: int, completion_tok
     overrides += extra
     cmd = [sys.executable, "-m", "rlft.cli", "bench", config, *overrides, "logging.progress_bar=false",
            "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
-    _run(cmd, out / "log.txt")
+    run_logged(cmd, out / "log.txt")
     bench = json.loads((out / "bench.json").read_text())
     job = [json.loads(line) for line in (out / "job/metrics.jsonl").read_text().splitlines()]
     measured = [r for r in job if "time/step_seconds" in r][warmup:]
@@ -160,15 +161,6 @@ def run_trl(algorithm: str, model_url: str, steps: int, warmup: int, completion_
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed ({proc.returncode}); its log: {log}")
-
-
 def compare(models: list[str], algorithms: list[str], repeats: int, steps: int, warmup: int,
             completion_tokens: int, out: Path, rlft_extra: list[str]) -> dict:
     runs = []
@@ -186,7 +178,7 @@ def compare(models: list[str], algorithms: list[str], repeats: int, steps: int, 
                         cmd = [sys.executable, __file__, "trl", "--algorithm", algorithm, "--model", MODELS[model],
                                "--steps", str(steps), "--warmup", str(warmup), "--completion-tokens",
                                str(completion_tokens), "--out", str(where)]
-                        _run(cmd, where / "log.txt")
+                        run_logged(cmd, where / "log.txt")
                         figures = json.loads((where / "trl.json").read_text())
                     run = {"framework": framework, "model": model, "algorithm": algorithm, "repeat": repeat,
                            "seconds": round(time.time() - started, 1), "load_average_1m": os.getloadavg()[0],
