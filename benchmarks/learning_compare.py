@@ -459,15 +459,16 @@ def compare(algorithms: list[str], starts: list[tuple[str, str]], seeds: list[in
                     runs.append(run)
                     print(json.dumps({k: v for k, v in run.items() if k not in ("curve", "train_curve", "trl_args")}),
                           flush=True)
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs", "steps": steps,
-        "eval_every": eval_every, "eval_examples": eval_examples, "seeds": seeds, "configs": configs,
-        "start_models": dict(starts), "rlft_overrides": rlft_extra, "runs": runs,
-        "summary": summarize(runs, algorithms, [label for label, _ in starts]),
-    }
-    (out / "learning_compare.json").write_text(json.dumps(result, indent=1))
-    (out / "learning_compare.md").write_text(markdown(result))
-    plot(result, out / "learning_compare.png")
+                    # The report so far, after every run: a sweep cut short still leaves its finished seeds.
+                    result = {
+                        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs", "steps": steps,
+                        "eval_every": eval_every, "eval_examples": eval_examples, "seeds": seeds,
+                        "configs": configs, "start_models": dict(starts), "rlft_overrides": rlft_extra, "runs": runs,
+                        "summary": summarize(runs, algorithms, [label for label, _ in starts]),
+                    }
+                    (out / "learning_compare.json").write_text(json.dumps(result, indent=1))
+                    (out / "learning_compare.md").write_text(markdown(result))
+                    plot(result, out / "learning_compare.png")
     return result
 
 
