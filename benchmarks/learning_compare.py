@@ -79,6 +79,7 @@ one panel per algorithm and label, rlft solid and TRL dashed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -94,7 +95,7 @@ from rlft.algorithms.sft import token_logprobs
 from rlft.config import Config, load_config
 from rlft.controller.common import resolve_paths
 from rlft.controller.dpo import Pairs, load_pairs, summed_logprobs
-from rlft.controller.evaluation import Evaluator, write_samples
+from rlft.controller.evaluation import Evaluator, task_evaluator, write_samples
 from rlft.data import formats
 from rlft.graders.graders import exact_match
 from rlft.tiny import resolve
@@ -117,15 +118,16 @@ def run_config(config: str, overrides: list[str]) -> Config:
     return resolve_paths(load_config(ROOT / config, overrides))
 
 
-def task_evaluator(cfg: Config, model_dir: str, num_examples: int) -> Evaluator:
-    """Greedy exact match on the first ``num_examples`` prompts of ``eval.path``, with the run's generation length."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    items = formats.load_examples(resolve(cfg.eval.path), formats.parse_rft, limit=num_examples).examples
-    return Evaluator(model_dir, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+def held_out_evaluator(cfg: Config, model_dir: str, num_examples: int) -> Evaluator:
+    """rlft's greedy exact-match evaluator (``task_evaluator``) of ``model_dir`` on the first ``num_examples``
+    prompts of ``eval.path``, with the run's generation length."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_dir),
+                              eval=dataclasses.replace(cfg.eval, num_examples=num_examples))
+    return task_evaluator(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer_path))
 
 
 def task_accuracy(cfg: Config, model_dir: str, num_examples: int, samples_path: Path) -> float:
-    result = task_evaluator(cfg, model_dir, num_examples).run()
+    result = held_out_evaluator(cfg, model_dir, num_examples).run()
     write_samples(samples_path, result)
     return result.accuracy
 
@@ -281,7 +283,7 @@ def grpo_trainer(cfg: Config, model, tokenizer, out: Path):
     data = Dataset.from_list([{"prompt": p.messages, answer_field: p.extra[answer_field]} for p in prompts])
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args), train_dataset=data,
                           processing_class=tokenizer)
-    evaluator = task_evaluator(cfg, cfg.model.path, cfg.eval.num_examples)
+    evaluator = held_out_evaluator(cfg, cfg.model.path, cfg.eval.num_examples)
 
     def score(live_model) -> float:
         evaluator.load_weights(live_model.state_dict())
