@@ -6,6 +6,8 @@
     rlft scale JOB --rollout-workers N         resize a running job's rollout workers (between steps)
     rlft config show CONFIG [key.sub=value ...] print the resolved config
     rlft tiny build --out DIR                  build the embedded tiny model, tokenizer and task data
+
+Each command imports what it needs when it runs: ``rlft config show`` loads no Ray, torch or vLLM.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import argparse
 import os
 import sys
 
-from rlft.config import ConfigError, load_config, to_yaml
-from rlft.data.sources import DataError
-from rlft.errors import LearnerFailedError, RestartBudgetError
-from rlft.graders.pool import GraderFailureRateError
+from rlft.config import load_config, to_yaml
+from rlft.errors import ConfigError, DataError, GraderFailureRateError, LearnerFailedError, RestartBudgetError
 
 
 def _train(args: argparse.Namespace) -> int:
+    _name_the_cpu_accelerator()
     from rlft.controller import run_job
 
     result = run_job(load_config(args.config, args.overrides))
@@ -32,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    _name_the_cpu_accelerator()
     from pathlib import Path
 
     from rlft.bench import bench, markdown
@@ -61,6 +63,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _grade(args: argparse.Namespace) -> int:
+    _name_the_cpu_accelerator()
     from rlft.graders.offline import grade_file, report
 
     grades = grade_file(args.grader_config, args.samples)
@@ -69,6 +72,7 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _tiny_build(args: argparse.Namespace) -> int:
+    _name_the_cpu_accelerator()
     from rlft.tiny import build
 
     path = build(args.out, seed=args.seed, preset=args.preset)
@@ -137,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _name_the_cpu_accelerator() -> None:
     """DeepSpeed (imported by transformers when a model loads) prints a warning on stdout when it has to guess
-    the accelerator; on a machine without a GPU, say it is the CPU."""
+    the accelerator; on a machine without a GPU, say it is the CPU. Called by the commands that load models."""
     import torch
 
     if not torch.cuda.is_available():
@@ -146,7 +150,6 @@ def _name_the_cpu_accelerator() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _name_the_cpu_accelerator()
     try:
         return args.run(args)
     except ConfigError as exc:

@@ -19,13 +19,20 @@ from typing import Any, Literal
 
 import yaml
 
-from rlft.algorithms.aggregation import AggregationMode
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, validate_graders
 from rlft.reference.config import ReferenceConfig
 from rlft.rollout.config import RolloutConfig, validate_rollout_config
 
 __all__ = ["Config", "ConfigError", "load_config", "to_yaml"]
+
+# Names shared with the loss math in ``rlft.algorithms``, which imports them from here: loading and checking a
+# config (``rlft config show``) imports no torch. Aggregation: how a per-token loss becomes one number; KL: the
+# per-token estimator; advantage scale: what GRPO divides group-centred rewards by; DPO: the preference losses.
+AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+KLKind = Literal["k1", "k2", "k3"]
+AdvantageScale = Literal["group", "batch", "none"]
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero")
 
 
 @dataclass
@@ -174,7 +181,7 @@ class RLConfig:
     # (group mean subtracted first). PPO always uses GAE with its critic.
     advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     # GRPO: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO).
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: AdvantageScale = "group"
     # PPO: GAE discount and lambda.
     gamma: float = 1.0
     gae_lambda: float = 0.95
@@ -185,7 +192,7 @@ class RLConfig:
     dual_clip: float | None = None
     # KL to the reference policy; 0 starts no reference server.
     kl_coef: float = 0.0
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    kl_kind: KLKind = "k3"
     # ``loss``: a KL term in the policy loss (GRPO); ``reward``: a per-token penalty on the reward (PPO).
     kl_mode: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
@@ -493,8 +500,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_dpo(dpo: DPOConfig) -> None:
-    from rlft.algorithms.dpo import DPO_LOSS_TYPES
-
     if dpo.loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"dpo.loss_type: {dpo.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
     if dpo.beta <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,38 @@ def test_cli_config_show():
     ).stdout
     assert "lr: 0.125" in out
     assert "zero_stage: 2" in out
+
+
+# Reading and checking a config (on a laptop, before a job starts) must not import these.
+HEAVY_MODULES = ("ray", "torch", "vllm", "math_verify", "transformers")
+
+
+def run_and_list_heavy_imports(code: str, *args: str) -> tuple[str, list[str]]:
+    """Run ``code`` (with ``args`` as ``sys.argv[1:]``) in a fresh interpreter; return its stdout and which of
+    ``HEAVY_MODULES`` it had imported by the end."""
+    report = f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)), file=sys.stderr)"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import json, sys\n{code}\n{report}", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout, json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["rlft.config", "rlft.rollout.config", "rlft.reference.config", "rlft.graders.config"])
+def test_config_modules_import_no_heavy_dependency(module):
+    _, imported = run_and_list_heavy_imports(f"import {module}")
+    assert imported == []
+
+
+@pytest.mark.parametrize("name", ["grpo_tiny.yaml", "dpo_tiny.yaml"])
+def test_cli_config_show_imports_no_heavy_dependency(name):
+    path = ROOT / "configs" / name
+    show = "from rlft.cli import main\nassert main(sys.argv[1:]) == 0"
+    out, imported = run_and_list_heavy_imports(show, "config", "show", str(path))
+    assert imported == []
+    assert out == to_yaml(load_config(path))
 
 
 def test_cli_reports_config_error():

@@ -17,9 +17,9 @@ Every estimator returns a target, not a graph: results carry no gradient.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
+
+from rlft.config import AdvantageScale
 
 
 @torch.no_grad()
@@ -52,9 +52,7 @@ def gae(
 
 
 @torch.no_grad()
-def grpo_advantages(
-    rewards_BG: torch.Tensor, scale: Literal["group", "batch", "none"], eps: float = 1e-6
-) -> torch.Tensor:
+def grpo_advantages(rewards_BG: torch.Tensor, scale: AdvantageScale, eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantages: A_i = (r_i − mean(r_group)) / s, one per sample.
 
     Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",

@@ -3,6 +3,7 @@
 Public API:
 
 - ``AggregationMode``: ``"token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "seq_mean_token_sum_norm"``
+  (defined in ``rlft.config``, which loads without torch)
 - ``aggregate(loss_BT, mask_BT, mode, constant=None) -> loss``
 - ``aggregation_weights(mask_BT, mode, constant=None) -> weights_BT``
 
@@ -17,11 +18,11 @@ of the whole step (tokens, sequences) cannot be applied per micro-batch. The bat
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
-AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+from rlft.config import AggregationMode
 
 
 def aggregate(

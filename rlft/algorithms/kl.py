@@ -2,17 +2,15 @@
 
 Public API:
 
-- ``KLKind``: ``"k1" | "k2" | "k3"``
+- ``KLKind``: ``"k1" | "k2" | "k3"`` (defined in ``rlft.config``, which loads without torch)
 - ``kl_estimate(logprobs_BT, ref_logprobs_BT, kind) -> kl_BT``
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-KLKind = Literal["k1", "k2", "k3"]
+from rlft.config import KLKind
 
 # k3 exponentiates a log-ratio; clamping it to ±K3_MAX_LOG_RATIO keeps exp() finite (k3 ≤ e^10 − 11 ≈ 2.2e4) when a
 # token is far more likely under one policy than the other. Past the clamp the estimate is flat (no gradient).

@@ -20,26 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import DataError
+
 SUPPORTED_KINDS = "a .jsonl file, a .parquet file, or a directory written by datasets' save_to_disk"
-
-
-class DataError(ValueError):
-    """A problem with one row (or one file) of training data.
-
-    ``str()`` reads ``"{where}: {field}: {problem}"``, e.g. ``"train.jsonl:12: messages[2].role: ..."``; a problem
-    with a whole file has no field and reads ``"{where}: {problem}"``.
-    """
-
-    def __init__(self, where: str, field: str, problem: str):
-        self.where = where
-        self.field = field
-        self.problem = problem
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        if self.field:
-            return f"{self.where}: {self.field}: {self.problem}"
-        return f"{self.where}: {self.problem}"
 
 
 @dataclass

@@ -8,16 +8,17 @@ before any actor starts, with errors that name the dotted field and the grader::
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
 from rlft.errors import ConfigError
-from rlft.graders.graders import load_function
 from rlft.graders.openai_spec import parse_spec
 from rlft.graders.sandbox import SandboxLimits
 
@@ -134,6 +135,17 @@ def load_spec(item: GraderItemConfig) -> dict:
     if item.spec_file:
         return json.loads(Path(item.spec_file).read_text())
     return item.spec
+
+
+def load_function(path: str) -> Callable:
+    """The callable named by ``"module:function"``, imported now (import errors propagate as they are)."""
+    module_name, sep, attribute = path.partition(":")
+    if not (sep and module_name and attribute):
+        raise ValueError("expected 'module:function', e.g. 'my_rewards:format_reward'")
+    fn = getattr(importlib.import_module(module_name), attribute)
+    if not callable(fn):
+        raise TypeError(f"{path} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def _validate_item(item: GraderItemConfig, where: str, cfg: GraderConfig) -> None:

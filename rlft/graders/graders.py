@@ -15,18 +15,16 @@ them under a deadline and turns exceptions and values that are not finite number
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from math_verify import parse, verify
 
+from rlft.graders.config import GraderItemConfig, api_key_of, load_function, load_spec
+from rlft.graders.openai_spec import parse_spec, sample_of
 from rlft.graders.sandbox import SandboxLimits
-
-if TYPE_CHECKING:
-    from rlft.graders.config import GraderItemConfig
 
 # A reference answer without one of these is wrapped in ``$...$`` so math-verify reads it as LaTeX
 # (bare ``x+1`` does not parse; ``$x+1$`` does).
@@ -90,17 +88,6 @@ def regex_match(completion: str, pattern: re.Pattern, fullmatch: bool) -> float:
     return float(found is not None)
 
 
-def load_function(path: str) -> Callable:
-    """The callable named by ``"module:function"``, imported now (import errors propagate as they are)."""
-    module_name, sep, attribute = path.partition(":")
-    if not (sep and module_name and attribute):
-        raise ValueError("expected 'module:function', e.g. 'my_rewards:format_reward'")
-    fn = getattr(importlib.import_module(module_name), attribute)
-    if not callable(fn):
-        raise TypeError(f"{path} is a {type(fn).__name__}, not a function")
-    return fn
-
-
 def build_grader(
     item: GraderItemConfig,
     limits: SandboxLimits | None = None,
@@ -110,9 +97,6 @@ def build_grader(
     """The grader an (already validated) config item describes; ``limits`` bound sandboxed Python graders,
     ``concurrency`` is how many requests a judge grader keeps open, ``reward_models`` holds the
     ``RewardModelGroup`` of each reward_model grader by name."""
-    from rlft.graders.config import api_key_of, load_spec
-    from rlft.graders.openai_spec import parse_spec
-
     limits = limits or SandboxLimits()
     if item.type == "exact_match":
         return SampleGrader(
@@ -173,8 +157,6 @@ def spec_style(grader) -> Callable[[list[GradeRequest], list[str]], list]:
     completion, ``item`` from the row's extra fields. Failures come back as ``GraderFailure`` values."""
 
     def score(requests: list[GradeRequest], extra_fields: list[str]) -> list:
-        from rlft.graders.openai_spec import sample_of
-
         return grader.score([sample_of(r.completion) for r in requests], [dict(r.extra) for r in requests])
 
     return score

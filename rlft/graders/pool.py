@@ -35,7 +35,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from rlft.distributed.actors import Resources, slowest, spawn, wait
-from rlft.errors import RestartBudgetError
+from rlft.errors import GraderFailureRateError, RestartBudgetError
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
@@ -241,10 +241,6 @@ class GradeResult:
             if scores:
                 out[f"graders/{name}/mean"] = sum(scores) / len(scores)
         return out
-
-
-class GraderFailureRateError(RuntimeError):
-    """A grader failed on too many of a step's samples (``graders.max_error_rate``); the job stops."""
 
 
 @dataclass
