@@ -35,3 +35,12 @@ class RestartBudgetError(RuntimeError):
 class LearnerFailedError(RuntimeError):
     """A learner actor died. The ranks share one sharded optimizer state, so the job stops; the last checkpoint
     is intact and ``checkpoint.resume=auto`` continues from it."""
+
+
+class WeightSyncError(RuntimeError):
+    """Weights did not reach a consumer: a peer of the weight transfer failed or did not answer in time. The
+    message names the peer (``rollout worker 1``, ``learner rank 0``)."""
+
+
+class PeerTimeoutError(TimeoutError):
+    """A role's actor did not answer a call in time; the message names the role and the actor."""

@@ -30,6 +30,10 @@ def test_step_metrics_and_weight_sync(grpo_run):
         # sampled tokens match the sampler's.
         assert r["sync/logprob_max_abs_diff"] < 1e-3, r
         assert r["sync/bytes"] > 0 and r["sync/seconds"] > 0
+        # The weights go from the learner ranks to the workers: the driver only sees the handle (tables and
+        # references), and the whole step hands it far less than one copy of the weights.
+        assert 0 < r["sync/driver_bytes"] < r["sync/bytes"] / 100, r
+        assert r["driver/received_bytes"] < r["sync/bytes"] / 10, r
         assert r["rollout/policy_version_lag"] == 0
         assert r["graders/errors"] == r["graders/timeouts"] == r["graders/invalid"] == 0
         phases = ["generate", "grade", "advantages", "old_logprobs", "update", "sync"]

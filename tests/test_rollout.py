@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from rlft.config import ConfigError
 from rlft.data.tokenize import tokenize_prompt
-from rlft.distributed.weight_sync import fetch_buckets, iter_bucket_weights, pack_buckets, publish_buckets
+from rlft.distributed.weight_sync import StateDictSource, iter_bucket_weights, pack_buckets, receive_buckets
 from rlft.rollout import RolloutConfig, SamplingConfig, validate_rollout_config
 from rlft.distributed.actors import balanced_chunks
 from rlft.rollout.group import RolloutGroup
@@ -61,7 +61,7 @@ def synced(vllm_group, new_weights, prompts):
     """The vLLM group after syncing ``new_weights`` as the next version; its greedy samples from before the sync."""
     before = vllm_group.generate(prompts, GREEDY, 1)
     version = vllm_group.policy_versions()[0] + 1
-    stats = vllm_group.sync_weights(version, new_weights)
+    stats = vllm_group.sync_from(StateDictSource(new_weights), version)
     return vllm_group, version, stats, before
 
 
@@ -109,8 +109,9 @@ def test_buckets_round_trip_every_dtype_and_respect_the_size():
     }
     buckets = pack_buckets(weights, bucket_bytes=256)
     assert len(buckets) == 3
-    assert [slot.name for slot in buckets[1].slots] == ["big"]
-    unpacked = list(iter_bucket_weights(fetch_buckets(publish_buckets(buckets, local=True))))
+    assert [slot.name for slot in buckets[1].table.slots] == ["big"]
+    assert all(bucket.table.buffer_bytes <= 256 for bucket in buckets if len(bucket.table.slots) > 1)
+    unpacked = list(iter_bucket_weights(buckets))
     assert [name for name, _ in unpacked] == list(weights)
     for (_, got), want in zip(unpacked, weights.values()):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
@@ -119,8 +120,9 @@ def test_buckets_round_trip_every_dtype_and_respect_the_size():
 @pytest.mark.ray
 def test_buckets_travel_through_the_object_store(ray_cluster):
     weights = {"w": torch.randn(64, 64), "b": torch.randn(64).to(torch.bfloat16)}
-    refs = publish_buckets(pack_buckets(weights, bucket_bytes=2**20), local=False)
-    got = dict(iter_bucket_weights(fetch_buckets(refs)))
+    handle = StateDictSource(weights).publish_weights(3, "object_store", bucket_bytes=2**20)
+    assert handle.version == 3 and handle.num_bytes == 64 * 64 * 4 + 64 * 2
+    got = dict(iter_bucket_weights(receive_buckets(handle)))
     assert all(torch.equal(got[name], weights[name]) for name in weights)
 
 
@@ -230,7 +232,7 @@ def test_weight_sync_makes_vllm_generate_like_the_new_model(synced, new_model, p
 def test_hf_engine_matches_vllm_on_the_same_weights(synced, new_weights, prompts, tiny_model_dir):
     vllm_group, version, _, _ = synced
     hf_group = RolloutGroup(tiny_model_dir, RolloutConfig(engine="hf"), local=True)
-    stats = hf_group.sync_weights(version, new_weights)
+    stats = hf_group.sync_from(StateDictSource(new_weights), version)
     assert stats.num_buckets >= 1 and hf_group.policy_versions() == [version]
 
     vllm_greedy = vllm_group.generate(prompts, GREEDY, 1)
@@ -265,7 +267,7 @@ def test_two_workers_share_the_prompts_and_keep_their_order(synced, new_weights,
     cfg = RolloutConfig(num_rollout_workers=2, num_cpus_per_worker=0.5)
     group = RolloutGroup(tiny_model_dir, cfg)
     try:
-        stats = group.sync_weights(version, new_weights)
+        stats = group.sync_from(StateDictSource(new_weights), version)
         assert group.policy_versions() == [version, version]
         assert stats.num_bytes > 0
         # Five prompts: three go to the first worker, two to the second; both must hold the new weights.

@@ -13,7 +13,7 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
                                    ▼
              learner update: rl.num_mini_batches optimizer steps × rl.num_epochs_per_step, PolicyLoss
                                    ▼
-             weight sync learner ──► every rollout worker (bucketed, versioned)
+             weight sync learner ranks ──► every rollout worker (WeightHandle: object store or collective)
 ```
 
 | phase | waits for |
@@ -110,7 +110,7 @@ def grpo(cfg: Config) -> RunResult:
                     for mini in batch.split(rl.num_mini_batches)
                 ]
             with timer.phase("sync"):
-                sync = run.rollout.sync_weights(step, run.learners.export_weights())
+                sync = run.rollout.sync_from(run.learners, step)
 
             response_BT = batch.loss_weights_BT != 0
             end_step(

@@ -84,10 +84,9 @@ def online_dpo(cfg: Config) -> RunResult:
                                                         "rejected_logps", "grad_norm", "lr")}
                 update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
             with timer.phase("sync"):
-                weights = run.learners.export_weights()
-                sync = run.rollout.sync_weights(step, weights)
+                sync = run.rollout.sync_from(run.learners, step)
                 if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
-                    reference.update_weights(weights)
+                    reference.sync_from(run.learners, step)
 
             end_step(
                 run,

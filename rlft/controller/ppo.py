@@ -15,7 +15,7 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
                                    ▼
      policy update (PolicyLoss) and critic update (ValueLoss), rl.num_mini_batches × rl.num_epochs_per_step
                                    ▼
-     weight sync learner ──► every rollout worker (bucketed, versioned)
+     weight sync learner ranks ──► every rollout worker (WeightHandle: object store or collective)
 ```
 
 | phase | waits for |
@@ -113,7 +113,7 @@ def ppo(cfg: Config) -> RunResult:
                     for mini in critic_batch.split(rl.num_mini_batches):
                         critic_results.append(run.critic.train_step(with_aggregation_weights(mini, cfg), value_loss).metrics)
             with timer.phase("sync"):
-                sync = run.rollout.sync_weights(step, run.learners.export_weights())
+                sync = run.rollout.sync_from(run.learners, step)
 
             end_step(
                 run,

@@ -34,6 +34,7 @@ from rlft.data.formats import RFTPrompt
 from rlft.data.sources import DataError
 from rlft.data.tokenize import tokenize_prompt
 from rlft.distributed.cluster import start_cluster
+from rlft.distributed.actors import DRIVER_INBOX
 from rlft.distributed.control import job_id, start_control
 from rlft.distributed.placement import (
     ClusterFitError,
@@ -290,13 +291,14 @@ def start_rl_run(cfg: Config, with_critic: bool) -> RLRun:
                 run.critic.load_checkpoint(resume_from / "critic")
             sampler.load_state(state["data"])
             run.start_step = state["step"]
-            run.rollout.sync_weights(run.start_step, run.learners.export_weights())
+            run.rollout.sync_from(run.learners, run.start_step)
             tqdm.write(f"resumed from {resume_from} at step {run.start_step}")
         run.logger = MetricsLogger(cfg, resume_step=run.start_step if resume_from else None)
         if eval_prompts and run.start_step == 0:
             run.eval_accuracy_start = evaluate(run, 0, "step0")
         if cfg.logging.engine_times:
             engine_metrics(run)  # start-up and the first evaluation are not the first step's work
+        DRIVER_INBOX.take()
         run.progress = tqdm(
             total=total_steps, initial=run.start_step, desc=cfg.algorithm, disable=not cfg.logging.progress_bar
         )
@@ -339,6 +341,8 @@ def save_checkpoint(run: RLRun, step: int) -> None:
 def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
     """Log the step, then checkpoint and evaluate when due, then apply requests (``rlft scale``) and report."""
     cfg = run.cfg
+    # Everything role calls handed back to the driver this step (samples, grades, handles, metrics).
+    metrics = {**metrics, "driver/received_bytes": DRIVER_INBOX.take()}
     if cfg.logging.engine_times:
         metrics = {**metrics, **engine_metrics(run)}
     run.logger.log(step, {**metrics, **fault_metrics(run)})
@@ -352,6 +356,7 @@ def end_step(run: RLRun, step: int, metrics: dict[str, float]) -> None:
         apply_requests(run)
     if cfg.logging.engine_times:
         engine_metrics(run)  # evaluation and checkpoints are not the next step's work
+    DRIVER_INBOX.take()
     if run.control is not None:
         run.control.report.remote({"step": step, "total_steps": run.total_steps,
                                    "rollout_workers": run.rollout.num_workers})
@@ -456,7 +461,8 @@ def sync_metrics(
     """Seconds, bytes and GB/s of a weight sync. Given the learner's recomputed log-probabilities of the sampled
     tokens and the sampler's own, also their largest gap: after a correct sync they agree up to numerics, so this is
     the check that rollout workers run the learner's weights."""
-    metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s}
+    metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s,
+               "sync/driver_bytes": sync.driver_bytes}
     if old_logprobs_BT is not None:
         gap = (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item()
         metrics["sync/logprob_max_abs_diff"] = gap

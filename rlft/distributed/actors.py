@@ -8,6 +8,7 @@ a role. Facades such as ``LearnerGroup`` are the only callers; the controller ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlft.errors import RestartBudgetError
+from rlft.errors import PeerTimeoutError, RestartBudgetError
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,99 @@ def spawn(cls: type, *args, resources: Resources, local: bool = False, name: str
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
 
 
-def wait(refs):
+class DriverInbox:
+    """Bytes of the results that role calls hand back to this process (the driver), by the size of what they
+    hold: tensors and arrays by their buffers, strings by length, references and numbers as a few bytes. The
+    driver should see rewards, lengths, token ids and metrics; a weight or a log-probability tensor here is a
+    payload that went the wrong way. ``take()`` returns the count since the last call."""
+
+    def __init__(self):
+        self.num_bytes = 0
+
+    def add(self, value: Any) -> Any:
+        self.num_bytes += payload_bytes(value)
+        return value
+
+    def take(self) -> int:
+        num_bytes, self.num_bytes = self.num_bytes, 0
+        return num_bytes
+
+
+DRIVER_INBOX = DriverInbox()
+
+
+def payload_bytes(value: Any, _depth: int = 0) -> int:
+    """The size of ``value``'s contents (see ``DriverInbox``)."""
+    if _depth > 64:
+        return 0
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if hasattr(value, "nbytes") and hasattr(value, "shape"):  # numpy arrays
+        return int(value.nbytes)
+    if hasattr(value, "element_size") and hasattr(value, "numel"):  # torch tensors
+        return int(value.element_size() * value.numel())
+    if isinstance(value, dict):
+        return sum(payload_bytes(k, _depth + 1) + payload_bytes(v, _depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(payload_bytes(v, _depth + 1) for v in value) + 8
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(payload_bytes(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value))
+    return 8  # numbers, None, object references, handles
+
+
+def _get(refs):
+    return DRIVER_INBOX.add(ray.get(refs))
+
+
+def wait(refs, timeout_s: float | None = None):
     """``ray.get`` that also accepts the results of local calls (one ref or a list)."""
     if isinstance(refs, list):
         if all(isinstance(r, _Done) for r in refs):
             return [r.value for r in refs]
-        return ray.get(refs)
-    return refs.value if isinstance(refs, _Done) else ray.get(refs)
+        return _get_within(refs, timeout_s)
+    return refs.value if isinstance(refs, _Done) else _get_within(refs, timeout_s)
+
+
+def _get_within(refs, timeout_s: float | None):
+    return DRIVER_INBOX.add(ray.get(refs, timeout=timeout_s))
+
+
+def wait_peers(calls: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
+    """Wait for calls on named peers (``"rollout worker 1"``: ref) that take part in one exchange, e.g. a
+    collective. All are waited for until ``timeout_s``, not only until the first failure: a peer that failed
+    makes the others fail too, and the message has to name the peer that did not answer. Raises
+    ``WeightSyncError`` naming the peers that did not finish in time and the errors of those that failed."""
+    from rlft.errors import WeightSyncError
+
+    if all(isinstance(r, _Done) for r in calls.values()):
+        return {name: r.value for name, r in calls.items()}
+    names = {ref: name for name, ref in calls.items()}
+    ready, pending = ray.wait(list(names), num_returns=len(names), timeout=timeout_s)
+    results, failed = {}, {}
+    for ref in ready:
+        try:
+            results[names[ref]] = DRIVER_INBOX.add(ray.get(ref))
+        except Exception as err:  # noqa: BLE001 (reported below, by peer)
+            failed[names[ref]] = err
+    if pending or failed:
+        parts = []
+        if pending:
+            parts.append(f"{', '.join(names[r] for r in pending)} did not finish within {timeout_s:g} s")
+        for name, err in failed.items():
+            parts.append(f"{name} failed: {_first_line(err)}")
+        error = WeightSyncError(f"{what}: " + "; ".join(parts))
+        error.failed = failed
+        error.pending = [names[r] for r in pending]
+        raise error
+    return {name: results[name] for name in calls}
+
+
+def _first_line(err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def wait_each(refs, timeout_s: float | None = None):
@@ -135,7 +222,7 @@ def wait_each(refs, timeout_s: float | None = None):
         if not ready:
             raise ray.exceptions.GetTimeoutError(f"{len(pending)} calls not done within {timeout_s} s")
         ray.get(ready)  # raises the call's error now
-    return ray.get(refs)
+    return _get(refs)
 
 
 def kill(handles: list) -> None:
@@ -193,9 +280,12 @@ class WorkerSet:
         self.handles[slot] = self._start(slot)
         self._generations[slot] += 1
 
-    def as_completed(self, calls: dict[Any, tuple[int, Callable[[Any], Any]]]) -> Iterator[tuple[Any, Any]]:
+    def as_completed(
+        self, calls: dict[Any, tuple[int, Callable[[Any], Any]]], timeout_s: float | None = None
+    ) -> Iterator[tuple[Any, Any]]:
         """``calls`` maps a key to ``(slot, fn)``, ``fn(handle)`` making the remote call; yields ``(key, result)``
-        as calls finish, redoing on a replacement the calls of an actor that died."""
+        as calls finish, redoing on a replacement the calls of an actor that died. With ``timeout_s``, a wait of
+        that long with no call finishing raises ``PeerTimeoutError`` naming the actors still busy."""
         pending = {}
 
         def send(key):
@@ -208,7 +298,13 @@ class WorkerSet:
             if self.local:
                 ref = next(iter(pending))
             else:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+                if not done:
+                    slots = sorted({calls[key][0] for key, _ in pending.values()})
+                    raise PeerTimeoutError(
+                        f"{self.role} actor(s) {', '.join(map(str, slots))} did not answer within {timeout_s:g} s"
+                    )
+                (ref,) = done
             key, generation = pending.pop(ref)
             try:
                 result = wait(ref)
@@ -220,14 +316,14 @@ class WorkerSet:
                 continue
             yield key, result
 
-    def call(self, calls: list[tuple[int, Callable[[Any], Any]]]) -> list:
+    def call(self, calls: list[tuple[int, Callable[[Any], Any]]], timeout_s: float | None = None) -> list:
         """Like ``as_completed``, the results in the order of ``calls``."""
-        results = dict(self.as_completed(dict(enumerate(calls))))
+        results = dict(self.as_completed(dict(enumerate(calls)), timeout_s))
         return [results[i] for i in range(len(calls))]
 
-    def call_all(self, fn: Callable[[Any], Any]) -> list:
+    def call_all(self, fn: Callable[[Any], Any], timeout_s: float | None = None) -> list:
         """``fn(handle)`` on every actor; results in slot order."""
-        return self.call([(slot, fn) for slot in range(len(self.handles))])
+        return self.call([(slot, fn) for slot in range(len(self.handles))], timeout_s)
 
     def shutdown(self) -> None:
         kill(self.handles)

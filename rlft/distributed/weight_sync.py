@@ -1,35 +1,53 @@
-"""Weight transfer learner → rollout workers, in buckets through the Ray object store.
+"""Weights learner → rollout workers (and the reference server), without passing through the driver.
 
-The learner's full weights (``LearnerGroup.export_weights()``, tensors by name) are packed into buckets: each
-bucket is one contiguous byte buffer of several tensors (at most ``bucket_bytes``, a bigger tensor goes alone) with
-a table saying where each tensor lies. Each bucket is put into the object store once; every rollout worker receives
-the list of references, reads the buffers from shared memory without copying them, and applies all buckets in one
-engine update::
+The learner ranks publish a new policy version themselves (``LearnerGroup.publish_weights``). What the driver gets
+back is a ``WeightHandle``: the version, the bucket tables (which tensor lies where) and either object-store
+references or the collective to join. Consumers apply it with ``receive_buckets`` and one engine update::
 
-    buckets = pack_buckets(weights_by_name, bucket_bytes)                   # driver
-    bucket_refs = publish_buckets(buckets, local)                           # driver
-    engine.update_weights(iter_bucket_weights(fetch_buckets(bucket_refs)))  # each rollout worker
+    learner ranks:  gather parameter by parameter (ZeRO-3) ──► fill bucket k ──► emit bucket k
+                    emit = ray.put (object_store) | broadcast on the weight group (collective) | IPC handle (cuda_ipc)
+    driver:         handle = learners.publish_weights(version)       # a few KB: tables and references
+    each worker:    engine.update_weights(iter_bucket_weights(receive_buckets(handle, receiver)))
+
+A bucket is one contiguous byte buffer of several tensors (at most ``bucket_bytes``; a bigger tensor goes alone)
+with a table saying where each tensor lies. The tables are planned from names, dtypes and shapes alone, so every
+rank and every consumer knows them before any byte moves.
+
+Transports (``rollout.weight_transport``):
+
+- ``object_store``: the learner process puts each bucket once; every worker on a node maps it from shared memory
+  without copying. The default, on CPU and across nodes. A worker started between syncs (a replacement, ``rlft
+  scale``) is served from the last object-store handle.
+- ``collective``: a process group of its own (``WeightGroup``), outside the learners' group: learner rank 0 is its
+  rank 0 and every rollout worker (every tensor-parallel rank of it) joins it. Each bucket is broadcast from rank 0.
+  gloo on CPU, NCCL (vLLM's ``PyNcclCommunicator`` over a stateless group) on GPU. The group is formed again when
+  the set of workers changes.
+- ``cuda_ipc``: a rollout worker on the learner's GPU opens the learner's bucket buffers through CUDA IPC handles.
 
 Why one engine update for all buckets: vLLM reloads layer by layer and processes a layer once all its weights
 arrived within one reload; q/k/v (or gate/up) projections split over two reloads leave the fused layer corrupt.
-Without Ray (the in-process backend) the buckets themselves stand where the references would. GPU workers go
-through the object store too (host memory); a direct NCCL or CUDA-IPC transfer is not implemented.
+Without Ray (the in-process backend) the buckets themselves stand where the references would.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Iterator, Mapping, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 import ray
 import torch
 
+from rlft.errors import WeightSyncError
+
 # Tensors start at multiples of this many bytes in a bucket's buffer, so every dtype can be viewed in place.
 _ALIGN_BYTES = 64
+
+TRANSPORTS = ("object_store", "collective", "cuda_ipc")
 
 
 @dataclass(frozen=True)
@@ -43,23 +61,73 @@ class TensorSlot:
     num_bytes: int
 
 
-@dataclass
-class WeightBucket:
-    """Several named tensors packed back to back into one byte buffer (one object-store object)."""
+@dataclass(frozen=True)
+class BucketTable:
+    """The tensors of one bucket and the size of its buffer (alignment included)."""
 
-    slots: list[TensorSlot]
-    buffer: np.ndarray  # uint8, 1-D
+    slots: tuple[TensorSlot, ...]
+    buffer_bytes: int
 
     @property
     def num_bytes(self) -> int:
         return sum(slot.num_bytes for slot in self.slots)
 
+
+@dataclass
+class WeightBucket:
+    """A bucket's table with its filled buffer (uint8, 1-D: a numpy array read from the object store, or a torch
+    tensor received over a collective or opened through CUDA IPC)."""
+
+    table: BucketTable
+    buffer: Any
+
+    @property
+    def num_bytes(self) -> int:
+        return self.table.num_bytes
+
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors as views of the buffer (no copy); read them only."""
-        data = _uint8_tensor(self.buffer)
-        for slot in self.slots:
+        data = as_uint8_tensor(self.buffer)
+        for slot in self.table.slots:
             raw = data[slot.offset_bytes : slot.offset_bytes + slot.num_bytes]
             yield slot.name, raw.view(getattr(torch, slot.dtype)).reshape(slot.shape)
+
+
+@dataclass(frozen=True)
+class CollectiveSpec:
+    """The weight group to join: where its rendezvous listens, its size, and how long any peer may keep the others
+    waiting. ``generation`` counts re-formations (a new group each time the set of workers changes)."""
+
+    backend: str  # "gloo" | "nccl"
+    address: str
+    port: int
+    world_size: int
+    generation: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class WeightHandle:
+    """One published policy version, as the driver and every consumer see it. Small: tables and references only.
+
+    ``bucket_refs``: object-store references, one per bucket (``object_store``; in-process, the buckets themselves).
+    ``collective``: the group whose rank 0 broadcasts the buckets (``collective``); ``sending`` are the learner
+    ranks' calls doing it, which the consumer side waits for together with its own receives.
+    ``ipc_handles``: per bucket, the CUDA IPC handle of the learner's buffer (``cuda_ipc``).
+    """
+
+    version: int
+    transport: str
+    tables: tuple[BucketTable, ...]
+    bucket_refs: tuple = ()
+    collective: CollectiveSpec | None = None
+    sending: tuple = field(default=(), compare=False)
+    ipc_handles: tuple = ()
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of one copy of the weights (every consumer receives all of them)."""
+        return sum(table.num_bytes for table in self.tables)
 
 
 # What a rollout worker receives per bucket: an object-store reference on Ray, the bucket itself in-process.
@@ -68,46 +136,175 @@ BucketRef = Union[ray.ObjectRef, WeightBucket]
 
 @dataclass
 class SyncStats:
-    """One weight sync as seen by the driver: from packing to the last worker having applied the weights."""
+    """One weight sync, from the learners starting to publish to the last consumer having applied the weights.
+    The one definition of the sync figure: ``gb_per_s`` = bytes of one copy of the weights / ``seconds``."""
 
     seconds: float
-    # Bytes of one copy of the weights (every worker receives all of them).
     num_bytes: int
     gb_per_s: float
     num_buckets: int
+    transport: str
+    # What the driver received while syncing (handles, versions): it must stay tiny next to ``num_bytes``.
+    driver_bytes: int = 0
 
     @classmethod
-    def since(cls, start_s: float, buckets: list[WeightBucket]) -> SyncStats:
+    def since(cls, start_s: float, handle: WeightHandle, driver_bytes: int = 0) -> SyncStats:
         seconds = time.perf_counter() - start_s
-        num_bytes = sum(bucket.num_bytes for bucket in buckets)
-        return cls(seconds, num_bytes, num_bytes / seconds / 1e9, len(buckets))
+        return cls(seconds, handle.num_bytes, handle.num_bytes / seconds / 1e9, len(handle.tables), handle.transport,
+                   driver_bytes)
 
 
-def pack_buckets(weights: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[WeightBucket]:
-    """Group ``weights`` in their order into buckets of at most ``bucket_bytes`` and copy each group into one
-    buffer. Keeping the order keeps the tensors of one layer together, which vLLM's layerwise reload prefers."""
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    group_bytes = 0
-    for name, tensor in weights.items():
-        size = _aligned(tensor.numel() * tensor.element_size())
-        if groups[-1] and group_bytes + size > bucket_bytes:
+# --------------------------------------------------------------------------------------------- bucket planning
+
+
+def plan_buckets(tensors: Iterable[tuple[str, str, tuple[int, ...]]], bucket_bytes: int) -> list[BucketTable]:
+    """Group ``(name, dtype, shape)`` in their order into buckets of at most ``bucket_bytes``. Keeping the order
+    keeps the tensors of one layer together, which vLLM's layerwise reload prefers."""
+    groups: list[list[TensorSlot]] = [[]]
+    offset = 0
+    for name, dtype, shape in tensors:
+        num_bytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        size = _aligned(num_bytes)
+        if groups[-1] and offset + size > bucket_bytes:
             groups.append([])
-            group_bytes = 0
-        groups[-1].append((name, tensor))
-        group_bytes += size
-    return [_pack(group) for group in groups if group]
+            offset = 0
+        groups[-1].append(TensorSlot(name, dtype, tuple(shape), offset, num_bytes))
+        offset += size
+    return [
+        BucketTable(tuple(slots), slots[-1].offset_bytes + _aligned(slots[-1].num_bytes)) for slots in groups if slots
+    ]
 
 
-def publish_buckets(buckets: list[WeightBucket], local: bool) -> list[BucketRef]:
-    """Put each bucket into the object store once (shared by every worker); in-process, pass them as they are."""
-    return list(buckets) if local else [ray.put(bucket) for bucket in buckets]
+def tensor_meta(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...]]:
+    """``(name, dtype, full shape)`` of a parameter; under ZeRO-3 the local tensor is a shard, ``ds_shape`` whole."""
+    shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+    return name, str(tensor.dtype).removeprefix("torch."), shape
 
 
-def fetch_buckets(bucket_refs: list[BucketRef]) -> list[WeightBucket]:
-    """The buckets behind the references, fetched together (read from shared memory, not copied)."""
-    if all(isinstance(ref, WeightBucket) for ref in bucket_refs):
-        return list(bucket_refs)
-    return ray.get(list(bucket_refs))
+def fill_bucket(table: BucketTable, tensors: Iterable[torch.Tensor], device: str = "cpu") -> torch.Tensor:
+    """A new buffer with ``tensors`` (in the table's order) copied into their slots."""
+    buffer = torch.empty(table.buffer_bytes, dtype=torch.uint8, device=device)
+    for slot, tensor in zip(table.slots, tensors, strict=True):
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        buffer[slot.offset_bytes : slot.offset_bytes + slot.num_bytes].copy_(raw)
+    return buffer
+
+
+def pack_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[WeightBucket]:
+    """Whole weights (a state dict) as filled buckets; for tests and tools that already hold the tensors."""
+    tables = plan_buckets((tensor_meta(n, t) for n, t in weights.items()), bucket_bytes)
+    values = iter(weights.values())
+    return [
+        WeightBucket(table, fill_bucket(table, itertools.islice(values, len(table.slots))).numpy())
+        for table in tables
+    ]
+
+
+class StateDictSource:
+    """Weights this process already holds (a state dict), published the way a ``LearnerGroup`` publishes them,
+    through the object store: for tests and tools that sync chosen weights into rollout workers."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> WeightHandle:
+        if transport != "object_store":
+            raise ValueError(f"a state dict held by the caller is published through the object store, not {transport}")
+        buckets = pack_buckets(self.weights, bucket_bytes)
+        refs = [ray.put(bucket) for bucket in buckets] if ray.is_initialized() else buckets
+        return WeightHandle(version, transport, tuple(b.table for b in buckets), bucket_refs=tuple(refs))
+
+
+# --------------------------------------------------------------------------------------------- the weight group
+
+
+class WeightGroup:
+    """A process group of its own for broadcasting weights: rank 0 is learner rank 0, the others are rollout
+    workers (or their tensor-parallel ranks). Every operation has ``spec.timeout_s``; a peer that does not take part
+    in time becomes ``WeightSyncError`` here, and the driver names which peer it was."""
+
+    def __init__(self, spec: CollectiveSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        if spec.backend == "nccl":
+            # vLLM's stateless group: its own TCP rendezvous, nothing shared with torch.distributed's default group.
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            pg = StatelessProcessGroup.create(
+                host=spec.address, port=spec.port, rank=rank, world_size=spec.world_size,
+                store_timeout=int(spec.timeout_s),
+            )
+            self._nccl = PyNcclCommunicator(pg, device=torch.cuda.current_device())
+            self._gloo = None
+        else:
+            from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
+            store = TCPStore(spec.address, spec.port, spec.world_size, is_master=rank == 0, timeout=timeout)
+            self._store = store  # the master's store must outlive the group
+            self._gloo = ProcessGroupGloo(PrefixStore(f"rlft-weights-{spec.generation}/", store), rank,
+                                          spec.world_size, timeout)
+            self._nccl = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self._nccl is not None else "cpu"
+
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        """Rank 0's ``buffer`` into every other rank's ``buffer`` (same size)."""
+        try:
+            if self._nccl is not None:
+                self._nccl.broadcast(buffer, src=0, stream=torch.cuda.current_stream())
+                torch.cuda.current_stream().synchronize()
+            else:
+                from torch.distributed import BroadcastOptions
+
+                options = BroadcastOptions()
+                options.rootRank = 0
+                self._gloo.broadcast([buffer], options).wait()
+        except RuntimeError as err:
+            raise WeightSyncError(
+                f"weight group (generation {self.spec.generation}, rank {self.rank} of {self.spec.world_size}): "
+                f"broadcast failed within {self.spec.timeout_s:g} s: {str(err).splitlines()[0]}"
+            ) from err
+
+
+# --------------------------------------------------------------------------------------------- consumers
+
+
+def receive_buckets(handle: WeightHandle, group: WeightGroup | None = None) -> list[WeightBucket]:
+    """The filled buckets of ``handle`` on a consumer: mapped from the object store, received over the weight
+    group (``group``: this consumer's membership), or opened through CUDA IPC."""
+    if handle.transport == "object_store":
+        refs = list(handle.bucket_refs)
+        if all(isinstance(ref, WeightBucket) for ref in refs):
+            return refs
+        return ray.get(refs)
+    if handle.transport == "collective":
+        if group is None or group.spec != handle.collective:
+            raise WeightSyncError(f"weights version {handle.version}: this worker is not in the weight group "
+                                  f"(generation {handle.collective.generation})")
+        buckets = []
+        for table in handle.tables:
+            buffer = torch.empty(table.buffer_bytes, dtype=torch.uint8, device=group.device)
+            group.broadcast(buffer)
+            buckets.append(WeightBucket(table, buffer))
+        return buckets
+    if handle.transport == "cuda_ipc":
+        # Each handle is (rebuild function, arguments) from torch.multiprocessing.reductions.reduce_tensor.
+        return [WeightBucket(table, rebuild(*args)) for table, (rebuild, args) in zip(handle.tables,
+                                                                                   handle.ipc_handles)]
+    raise ValueError(f"unknown weight transport {handle.transport!r}; expected one of {TRANSPORTS}")
+
+
+def table_to_plain(table: BucketTable) -> list:
+    """A table as lists, strings and numbers only (what vLLM's RPC between its processes carries)."""
+    return [table.buffer_bytes, [[s.name, s.dtype, list(s.shape), s.offset_bytes, s.num_bytes] for s in table.slots]]
+
+
+def table_from_plain(plain: list) -> BucketTable:
+    buffer_bytes, slots = plain
+    return BucketTable(tuple(TensorSlot(n, d, tuple(shape), o, b) for n, d, shape, o, b in slots), buffer_bytes)
 
 
 def iter_bucket_weights(buckets: list[WeightBucket]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -115,27 +312,15 @@ def iter_bucket_weights(buckets: list[WeightBucket]) -> Iterator[tuple[str, torc
     return itertools.chain.from_iterable(bucket.named_tensors() for bucket in buckets)
 
 
-def _pack(named: list[tuple[str, torch.Tensor]]) -> WeightBucket:
-    slots, offset = [], 0
-    for name, tensor in named:
-        num_bytes = tensor.numel() * tensor.element_size()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        slots.append(TensorSlot(name, dtype, tuple(tensor.shape), offset, num_bytes))
-        offset += _aligned(num_bytes)
-    buffer = torch.empty(offset, dtype=torch.uint8)
-    for slot, (_, tensor) in zip(slots, named):
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        buffer[slot.offset_bytes : slot.offset_bytes + slot.num_bytes] = raw
-    return WeightBucket(slots, buffer.numpy())
-
-
 def _aligned(num_bytes: int) -> int:
     return -(-num_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
 
 
-def _uint8_tensor(buffer: np.ndarray) -> torch.Tensor:
+def as_uint8_tensor(buffer) -> torch.Tensor:
     """The buffer as a torch tensor sharing its memory. Arrays read from the object store are read-only, which
     torch warns about; the tensors are only ever copied from, so the warning is silenced here."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(buffer)

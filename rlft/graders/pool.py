@@ -398,7 +398,7 @@ class GraderPool:
             deadline += time.monotonic() - before
             if self._generations[share.worker] == share.generation:
                 self._starting[share.worker] = None
-        return ray.get(share.ref, timeout=max(0.0, deadline - time.monotonic()))
+        return wait(share.ref, timeout_s=max(0.0, deadline - time.monotonic()))
 
     def _count_death(self, worker: int, reason: str) -> None:
         if self.max_restarts is not None and self.restarts >= self.max_restarts:

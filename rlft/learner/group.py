@@ -19,7 +19,8 @@ from rlft.config import Config
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import kill, slowest, spawn, wait_each
 from rlft.distributed.placement import role_resources
-from rlft.errors import LearnerFailedError
+from rlft.distributed.weight_sync import CollectiveSpec, WeightHandle
+from rlft.errors import LearnerFailedError, WeightSyncError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
 
 # Metrics every rank reports the same value of (the rest are summed over ranks).
@@ -76,6 +77,8 @@ class LearnerGroup:
         role = "critic" if head == "value" else "learners"
         cpus, gpus = learner.num_cpus_per_learner, learner.num_gpus_per_learner
         self._failed = False
+        self._weight_spec = None  # the open weight group (``collective`` transport), None until one is opened
+        self._weight_generation = 0
         self.workers = [
             spawn(
                 LearnerWorker,
@@ -147,8 +150,33 @@ class LearnerGroup:
         return slowest(self._wait([w.engine_seconds.remote() for w in self.workers]))
 
     def export_weights(self) -> dict:
-        """Full parameters by name (ZeRO-3 shards gathered), for syncing rollout engines or comparing runs."""
+        """Full parameters by name (ZeRO-3 shards gathered), brought to the caller: for tests and comparing runs.
+        Syncing consumers goes through ``publish_weights``, which never brings weights to the driver."""
         return self._wait([w.export_weights.remote() for w in self.workers])[0]
+
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> WeightHandle:
+        """The ranks publish the current weights as ``version`` and the small ``WeightHandle`` comes back.
+
+        ``object_store`` and ``cuda_ipc``: returns once every bucket is out. ``collective``: returns at once with
+        the ranks' sending calls in ``handle.sending``; the buckets flow while the consumers receive them (the group
+        must have been opened with ``open_weight_group``)."""
+        if transport != "collective":
+            return self._wait([w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers])[0]
+        if self._weight_spec is None:
+            raise WeightSyncError("collective weight transport: the weight group is not open (open_weight_group)")
+        tables = self._wait(self.workers[0].weight_tables.remote(bucket_bytes))
+        sending = tuple(w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers)
+        return WeightHandle(version, transport, tuple(tables), collective=self._weight_spec, sending=sending)
+
+    def open_weight_group(self, num_receivers: int, timeout_s: float):
+        """Start forming a new weight group of learner rank 0 and ``num_receivers`` consumer ranks; returns its
+        ``CollectiveSpec`` and rank 0's pending join, which completes once every consumer has joined."""
+        address, port = self._wait(self.workers[0].address.remote())
+        self._weight_generation += 1
+        backend = "nccl" if self.spec.backend == "nccl" else "gloo"
+        self._weight_spec = CollectiveSpec(backend, address, port, 1 + num_receivers, self._weight_generation,
+                                           timeout_s)
+        return self._weight_spec, self.workers[0].join_weight_group.remote(self._weight_spec)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A Hugging Face model directory (config, safetensors, tokenizer) loadable by transformers and vLLM."""

@@ -7,6 +7,7 @@ gradients, reduces them across ranks and steps the optimizer at the last one.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -87,6 +88,8 @@ class LearnerWorker:
         self.spec: LearnerSpec | None = None
         self._last_grad_norm = float("nan")
         self.clock = PhaseTimer()
+        self._weight_group = None  # rank 0: the weight group it broadcasts on (``collective`` transport)
+        self._ipc_buffers: list[torch.Tensor] = []
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export``."""
@@ -219,22 +222,84 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------------ weights
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full (gathered) parameters by name on rank 0, None on the others. Every rank must call it."""
-        with self.clock.phase("export"):
-            return self._export_weights()
+    def weight_tables(self, bucket_bytes: int) -> list:
+        """How the parameters fall into buckets (names, dtypes, full shapes; no data moves)."""
+        from rlft.distributed.weight_sync import plan_buckets, tensor_meta
 
-    def _export_weights(self) -> dict[str, torch.Tensor] | None:
+        return plan_buckets((tensor_meta(n, p) for n, p in self.engine.module.named_parameters()), bucket_bytes)
+
+    def join_weight_group(self, spec) -> None:
+        """Rank 0 only: open the weight group (its rank 0, hosting the rendezvous) and wait for every consumer."""
+        from rlft.distributed.weight_sync import WeightGroup
+
+        self._weight_group = None
+        self._weight_group = WeightGroup(spec, 0)
+
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int):
+        """Publish this version's weights bucket by bucket; every rank must call it (under ZeRO-3 each parameter is
+        gathered in turn, so no rank ever holds a second full copy). Rank 0 fills one bucket at a time and emits it:
+        into the object store, onto the weight group, or as a CUDA IPC handle. Returns the ``WeightHandle`` on rank
+        0 (None on the others)."""
+        with self.clock.phase("export"):
+            return self._publish_weights(version, transport, bucket_bytes)
+
+    def _publish_weights(self, version: int, transport: str, bucket_bytes: int):
+        import ray
+
+        from rlft.distributed.weight_sync import WeightBucket, WeightHandle, fill_bucket
+
+        tables = self.weight_tables(bucket_bytes)
+        params = self._full_parameters()
+        device = "cpu"
+        group = self._weight_group
+        if transport == "cuda_ipc" or (transport == "collective" and group is not None and group.device == "cuda"):
+            device = "cuda"
+        emitted = []
+        if transport == "cuda_ipc":
+            self._ipc_buffers = []  # the consumers open these; they live until the next publish
+        for table in tables:
+            tensors = (tensor for _, tensor in itertools.islice(params, len(table.slots)))
+            if self.rank != 0:
+                for _ in tensors:  # take part in the gathers
+                    pass
+                continue
+            buffer = fill_bucket(table, tensors, device)
+            if transport == "object_store":
+                bucket = WeightBucket(table, buffer.numpy())
+                emitted.append(ray.put(bucket) if ray.is_initialized() else bucket)
+            elif transport == "collective":
+                self._weight_group.broadcast(buffer)
+            else:
+                from torch.multiprocessing.reductions import reduce_tensor
+
+                self._ipc_buffers.append(buffer)
+                emitted.append(reduce_tensor(buffer))
+        if self.rank != 0:
+            return None
+        return WeightHandle(
+            version, transport, tuple(tables),
+            bucket_refs=tuple(emitted) if transport == "object_store" else (),
+            ipc_handles=tuple(emitted) if transport == "cuda_ipc" else (),
+        )
+
+    def _full_parameters(self):
+        """(name, whole parameter) in order, each gathered across ranks under ZeRO-3 while it is looked at."""
         import deepspeed
 
-        out: dict[str, torch.Tensor] = {}
         for name, param in self.engine.module.named_parameters():
             if self.spec.zero_stage == 3:
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.rank == 0:
-                        out[name] = param.data.detach().to("cpu", copy=True)
-            elif self.rank == 0:
-                out[name] = param.data.detach().to("cpu", copy=True)
+                    yield name, param.data
+            else:
+                yield name, param.data
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full (gathered) parameters by name on rank 0, None on the others; for saving and comparing runs, not
+        for syncing (that is ``publish_weights``). Every rank must call it."""
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self._full_parameters():
+            if self.rank == 0:
+                out[name] = tensor.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
 
     def save_pretrained(self, out_dir: str, tokenizer_path: str) -> None:

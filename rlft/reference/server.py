@@ -8,7 +8,6 @@ coefficient is 0.
 
 from __future__ import annotations
 
-import ray
 import torch
 
 from rlft.algorithms.sft import token_logprobs
@@ -38,11 +37,15 @@ class ReferenceWorker:
         """Seconds inside the model since the last call, by kind: ``forward``, ``load_weights``."""
         return self.clock.take()
 
-    def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
-        """Replace the frozen weights (e.g. online DPO refreshing its reference from the policy)."""
+    def update_weights(self, handle) -> None:
+        """Replace the frozen weights with a published version (a ``WeightHandle`` from the object store or CUDA
+        IPC), e.g. online DPO refreshing its reference from the policy."""
+        from rlft.distributed.weight_sync import iter_bucket_weights, receive_buckets
+
+        buckets = receive_buckets(handle)
         # Tied parameters (an output head sharing the embedding) come once, so some names may be missing.
         with self.clock.phase("load_weights"):
-            result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights_by_name.items()},
+            result = self.model.load_state_dict({k: v.to(self.device) for k, v in iter_bucket_weights(buckets)},
                                                 strict=False)
         if result.unexpected_keys:
             raise KeyError(f"weights the reference model does not have: {result.unexpected_keys[:5]}")
@@ -71,7 +74,7 @@ class ReferenceGroup:
     def __init__(self, cfg: ReferenceConfig, model_path: str, local: bool = False, placement=None,
                  max_restarts: int = 0):
         self.cfg, self.model_path, self.local, self.placement = cfg, model_path, local, placement
-        self._weights_ref = None  # the weights of the last ``update_weights``, for replacements
+        self._weights = None  # the ``WeightHandle`` of the last ``sync_from``, for replacements
         self.workers = WorkerSet("reference", self._start_worker, cfg.num_replicas, max_restarts, local)
 
     def _start_worker(self, slot: int):
@@ -80,8 +83,8 @@ class ReferenceGroup:
                                    cfg.num_gpus_per_replica)
         worker = spawn(ReferenceWorker, self.model_path, cfg.dtype, cfg.micro_batch_size, resources=resources,
                        local=self.local)
-        if self._weights_ref is not None:
-            wait(worker.update_weights.remote(self._weights_ref))
+        if self._weights is not None:
+            wait(worker.update_weights.remote(self._weights))
         return worker
 
     @property
@@ -101,9 +104,11 @@ class ReferenceGroup:
         """Seconds inside the replicas since the last call, by kind (the slowest replica's)."""
         return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
 
-    def update_weights(self, weights_by_name: dict[str, torch.Tensor]) -> None:
-        self._weights_ref = weights_by_name if self.local else ray.put(weights_by_name)
-        self.workers.call_all(lambda w: w.update_weights.remote(self._weights_ref))
+    def sync_from(self, learners, version: int, bucket_bytes: int = 64 * 2**20, timeout_s: float = 300.0) -> None:
+        """Take the learners' current weights as the new reference: they publish them to the object store and
+        every replica maps them (the weights never pass through the driver)."""
+        self._weights = learners.publish_weights(version, "object_store", bucket_bytes)
+        self.workers.call_all(lambda w: w.update_weights.remote(self._weights), timeout_s)
 
     def shutdown(self) -> None:
         self.workers.shutdown()

@@ -2,7 +2,7 @@
 
     group = RolloutGroup(model_path, cfg.rollout)                         # rlft.rollout.group
     samples = group.generate(prompt_token_ids, cfg.rollout.sampling, num_samples_per_prompt=8)
-    stats = group.sync_weights(policy_version=1, weights_by_name=learners.export_weights())
+    stats = group.sync_from(learners, policy_version=1)   # the learners publish, the workers take the handle
 
 This package's top level holds only the configuration and result types, so ``rlft.config`` can import them without
 pulling in torch, Ray or vLLM.

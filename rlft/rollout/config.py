@@ -45,8 +45,14 @@ class RolloutConfig:
     # Skip CUDA graph capture / torch.compile: faster start, slower generation.
     enforce_eager: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Weight sync groups tensors into object-store objects of at most this size (a bigger tensor goes alone).
+    # How new weights reach the workers (``rlft/distributed/weight_sync.py``): ``object_store`` (the learner puts
+    # buckets, workers map them; CPU and across nodes), ``collective`` (a broadcast group of learner rank 0 and the
+    # workers: gloo on CPU, NCCL on GPU; needs Ray) or ``cuda_ipc`` (workers on the learner's GPU).
+    weight_transport: Literal["object_store", "collective", "cuda_ipc"] = "object_store"
+    # Weights move in buckets of at most this size (a bigger tensor goes alone).
     weight_sync_bucket_mib: float = 64.0
+    # A weight sync that a worker (or the learner) has not finished after this long fails, naming that peer.
+    weight_sync_timeout_s: float = 300.0
     # Each worker generates its share of a step in this many consecutive calls; the samples of a finished call are
     # graded while the next is generated (1: one call per worker, grading starts when a worker's share is done).
     chunks_per_worker: int = 1
@@ -83,6 +89,12 @@ def validate_rollout_config(cfg: RolloutConfig, path: str = "rollout") -> None:
     )
     check(
         cfg.weight_sync_bucket_mib > 0, "weight_sync_bucket_mib", f"must be positive, got {cfg.weight_sync_bucket_mib}"
+    )
+    check(cfg.weight_sync_timeout_s > 0, "weight_sync_timeout_s", f"must be positive, got {cfg.weight_sync_timeout_s}")
+    check(
+        cfg.weight_transport in ("object_store", "collective", "cuda_ipc"),
+        "weight_transport",
+        f"must be object_store, collective or cuda_ipc, got {cfg.weight_transport!r}",
     )
     check(sampling.temperature >= 0, "sampling.temperature", f"must not be negative, got {sampling.temperature}")
     check(0 < sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")

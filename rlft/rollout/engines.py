@@ -5,16 +5,29 @@ Both take token ids and give ``Completion`` objects with sampler logprobs, updat
 j-th sample from ``seeds[i] + j`` in vLLM), so a prompt's samples do not depend on what else is in the batch.
 
 vLLM on CPU runs its engine in the worker's own process (start in seconds, no extra processes); on GPU it runs
-vLLM's usual engine process. Weights reach vLLM through ``VLLMWeightReloader``, mixed into vLLM's worker class.
+vLLM's usual engine process. Weights reach vLLM through ``VLLMWeightReloader``, mixed into vLLM's worker class:
+from the worker's own process when the engine shares it, or each vLLM process receiving them itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterable, Protocol
 
 import torch
 
+from rlft.distributed.weight_sync import (
+    CollectiveSpec,
+    WeightBucket,
+    WeightGroup,
+    WeightHandle,
+    as_uint8_tensor,
+    iter_bucket_weights,
+    receive_buckets,
+    table_from_plain,
+    table_to_plain,
+)
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Completion, FinishReason
 
@@ -30,8 +43,12 @@ class RolloutEngine(Protocol):
     ) -> list[list[Completion]]:
         """``num_samples_per_prompt`` completions of each prompt, in prompt order; prompt i seeded by ``seeds[i]``."""
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the model's weights in place with the full set of (name, tensor) pairs (Hugging Face names)."""
+    # True when the model lives in other processes than the worker (vLLM's engine process, tensor-parallel ranks):
+    # weights then go to those processes, which join the weight group themselves.
+    weights_cross_processes: bool
+
+    def update_weights(self, buckets: list[WeightBucket]) -> None:
+        """Replace the model's weights in place with the full set in ``buckets`` (Hugging Face names)."""
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """For each sequence, log p(token t | tokens before t) for t = 1 .. len - 1."""
@@ -44,19 +61,39 @@ class VLLMWeightReloader:
     """Mixed into vLLM's worker class (``worker_extension_cls``; ``self`` is vLLM's worker), so weight updates run
     in the process that holds the model.
 
-    ``rlft_reload_weights`` takes (name, tensor) pairs when the engine shares the caller's process, or the path of
-    a safetensors file when the weights cross a process boundary (vLLM's RPC turns tensors into lists).
+    In the worker's own process (vLLM's engine in-process on CPU) ``rlft_reload_weights`` takes (name, tensor)
+    pairs. Across processes (vLLM's engine process, tensor-parallel ranks on GPU) vLLM's RPC carries plain data
+    only, so: ``rlft_load_buckets`` takes the object-store buckets as bytes; ``rlft_join_weight_group`` and
+    ``rlft_receive_weights`` make each of these processes a member of the weight group that receives the
+    broadcast itself (NCCL on GPU); ``rlft_open_ipc`` opens the learner's buffers through CUDA IPC. None of them
+    writes weights to a file.
     """
 
-    def rlft_reload_weights(self, weights: str | Iterable[tuple[str, torch.Tensor]]) -> None:
-        from safetensors import safe_open
-
-        if isinstance(weights, str):
-            with safe_open(weights, framework="pt") as f:
-                self.reload_weights(weights_iterator=((name, f.get_tensor(name)) for name in f.keys()))
-        else:
-            self.reload_weights(weights_iterator=iter(weights))
+    def rlft_reload_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=iter(weights))
         _refresh_embedding_kernels(self.model_runner.get_model())
+
+    def rlft_load_buckets(self, plain_buckets: list) -> None:
+        import numpy as np
+
+        buckets = [WeightBucket(table_from_plain(table), np.frombuffer(data, dtype=np.uint8))
+                   for table, data in plain_buckets]
+        self.rlft_reload_weights(iter_bucket_weights(buckets))
+
+    def rlft_join_weight_group(self, plain_spec: dict, first_rank: int) -> None:
+        self._rlft_weight_group = WeightGroup(CollectiveSpec(**plain_spec), first_rank + self.rank)
+
+    def rlft_receive_weights(self, version: int, plain_tables: list, plain_spec: dict) -> None:
+        handle = WeightHandle(version, "collective", tuple(table_from_plain(t) for t in plain_tables),
+                              collective=CollectiveSpec(**plain_spec))
+        self.rlft_reload_weights(iter_bucket_weights(receive_buckets(handle, self._rlft_weight_group)))
+
+    def rlft_open_ipc(self, version: int, plain_tables: list, pickled_ipc_handles: bytes) -> None:
+        import pickle
+
+        handle = WeightHandle(version, "cuda_ipc", tuple(table_from_plain(t) for t in plain_tables),
+                              ipc_handles=pickle.loads(pickled_ipc_handles))
+        self.rlft_reload_weights(iter_bucket_weights(receive_buckets(handle)))
 
 
 def _refresh_embedding_kernels(model: torch.nn.Module) -> None:
@@ -105,7 +142,8 @@ class VLLMEngine:
             **options,
         )
         # Tensor parallel workers are processes of their own even when the engine is not.
-        self._weights_cross_processes = not in_process or cfg.tensor_parallel_size > 1
+        self.weights_cross_processes = not in_process or cfg.tensor_parallel_size > 1
+        self._tensor_parallel_size = cfg.tensor_parallel_size
 
     def generate(
         self,
@@ -134,24 +172,33 @@ class VLLMEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[_vllm_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    @property
+    def weight_ranks(self) -> int:
+        return self._tensor_parallel_size
+
+    def update_weights(self, buckets: list[WeightBucket]) -> None:
         """One in-place reload of all weights (no restart), then drop the prefix cache: its KV entries were
-        computed with the old weights.
-
-        When vLLM's workers are other processes the weights go through one safetensors file in the temporary
-        directory (``TMPDIR``; point it at ``/dev/shm`` to keep it in memory), read back lazily by each worker.
-        """
-        if self._weights_cross_processes:
-            import tempfile
-
-            from safetensors.torch import save_file
-
-            with tempfile.TemporaryDirectory(prefix="rlft-weights-") as tmp:
-                path = os.path.join(tmp, "model.safetensors")
-                save_file({name: t.contiguous() for name, t in weights}, path)
-                self.llm.collective_rpc("rlft_reload_weights", args=(path,))
+        computed with the old weights. Across processes the buckets travel as bytes in vLLM's RPC (no file)."""
+        if self.weights_cross_processes:
+            plain = [(table_to_plain(b.table), as_uint8_tensor(b.buffer).cpu().numpy().tobytes()) for b in buckets]
+            self.llm.collective_rpc("rlft_load_buckets", args=(plain,))
         else:
-            self.llm.collective_rpc("rlft_reload_weights", args=(weights,))
+            self.llm.collective_rpc("rlft_reload_weights", args=(iter_bucket_weights(buckets),))
+        self.llm.reset_prefix_cache()
+
+    def join_weight_group(self, spec: CollectiveSpec, first_rank: int) -> None:
+        self.llm.collective_rpc("rlft_join_weight_group", args=(dataclasses.asdict(spec), first_rank))
+
+    def receive_weights(self, handle: WeightHandle) -> None:
+        """The engine's processes receive ``handle`` themselves: over the weight group, or through CUDA IPC."""
+        import pickle
+
+        tables = [table_to_plain(t) for t in handle.tables]
+        if handle.transport == "collective":
+            args = (handle.version, tables, dataclasses.asdict(handle.collective))
+            self.llm.collective_rpc("rlft_receive_weights", args=args)
+        else:
+            self.llm.collective_rpc("rlft_open_ipc", args=(handle.version, tables, pickle.dumps(handle.ipc_handles)))
         self.llm.reset_prefix_cache()
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -255,9 +302,11 @@ class HFEngine:
                 return Completion(token_ids[: t + 1], logprobs[: t + 1], text, "stop")
         return Completion(token_ids, logprobs, text, "length")
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    weights_cross_processes = False
+
+    def update_weights(self, buckets: list[WeightBucket]) -> None:
         """Copy the weights into the model; a tied output head may be absent (it shares the embedding)."""
-        missing, unexpected = self.model.load_state_dict(dict(weights), strict=False)
+        missing, unexpected = self.model.load_state_dict(dict(iter_bucket_weights(buckets)), strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
             raise ValueError(f"weights do not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")

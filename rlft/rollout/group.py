@@ -2,8 +2,9 @@
 
 The controller hands it a step's prompts; the group cuts them into contiguous, balanced chunks, one per worker,
 generates on all workers at once and returns the samples in prompt order (``generate``), or hands each chunk over
-as soon as it is done (``generate_streamed``), so that grading overlaps generation. ``sync_weights`` pushes a new policy
-version to every worker through the object store (``rlft/distributed/weight_sync.py``).
+as soon as it is done (``generate_streamed``), so that grading overlaps generation. ``sync_from(learners, version)``
+has the learners publish a new policy version and every worker take it, by ``rollout.weight_transport``
+(``rlft/distributed/weight_sync.py``); the weights never pass through this process.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import torch
+from ray.exceptions import RayActorError
 
-from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
+from rlft.distributed.actors import DRIVER_INBOX, WorkerSet, balanced_chunks, slowest, spawn, wait, wait_peers
 from rlft.distributed.placement import role_resources
-from rlft.distributed.weight_sync import SyncStats, pack_buckets, publish_buckets
+from rlft.distributed.weight_sync import SyncStats
+from rlft.errors import WeightSyncError
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
 from rlft.rollout.worker import RolloutWorker
@@ -32,9 +34,12 @@ class RolloutGroup:
         self.cfg = cfg
         self.local = local
         self.placement = placement
-        # The weights every worker serves (version, object-store buckets), kept so that a worker started later (a
-        # replacement, or one added by ``resize``) gets them before it serves.
-        self._weights: tuple[int, list] | None = None
+        # How a worker started after the first sync (a replacement, or one added by ``resize``) gets the weights the
+        # others serve: an object-store ``WeightHandle``, made when first needed.
+        self._serving = None  # (version, function returning the handle)
+        self._object_store_handle = None
+        # The workers that formed the current weight group (``collective``): it is formed again when they change.
+        self._group_members: list = []
         self.workers = WorkerSet("rollout", self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
@@ -43,10 +48,15 @@ class RolloutGroup:
         worker = spawn(RolloutWorker, self.model_path, self.cfg, resources=resources, local=self.local)
         # Waits until the engine has started, so start-up errors surface here rather than at the first step.
         wait(worker.policy_version.remote())
-        if self._weights is not None:
-            version, bucket_refs = self._weights
-            wait(worker.update_weights.remote(version, bucket_refs))
+        if self._serving is not None:
+            wait(worker.update_weights.remote(self._current_object_store_handle()), self.cfg.weight_sync_timeout_s)
         return worker
+
+    def _current_object_store_handle(self):
+        version, publish = self._serving
+        if self._object_store_handle is None or self._object_store_handle.version != version:
+            self._object_store_handle = publish()
+        return self._object_store_handle
 
     @property
     def num_workers(self) -> int:
@@ -75,7 +85,7 @@ class RolloutGroup:
         return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
 
     def policy_versions(self) -> list[int]:
-        """Each worker's current policy version (equal after every completed ``sync_weights``)."""
+        """Each worker's current policy version (equal after every completed ``sync_from``)."""
         return self.workers.call_all(lambda w: w.policy_version.remote())
 
     def generate(
@@ -126,16 +136,69 @@ class RolloutGroup:
         ]
         return [row for rows in self.workers.call(calls) for row in rows]
 
-    def sync_weights(self, policy_version: int, weights_by_name: dict[str, torch.Tensor]) -> SyncStats:
-        """Give every worker the full weights of ``policy_version`` (e.g. ``LearnerGroup.export_weights()``);
-        returns when all workers generate with them."""
-        start = time.perf_counter()
-        buckets = pack_buckets(weights_by_name, int(self.cfg.weight_sync_bucket_mib * _MIB))
-        bucket_refs = publish_buckets(buckets, self.local)
-        self._weights = (policy_version, bucket_refs)
-        # A worker that dies here is replaced, and its replacement starts with these weights.
-        self.workers.call_all(lambda w: w.update_weights.remote(policy_version, bucket_refs))
-        return SyncStats.since(start, buckets)
+    def sync_from(self, learners, policy_version: int) -> SyncStats:
+        """Have ``learners`` (a ``LearnerGroup``) publish their current weights as ``policy_version`` and every
+        worker take them; returns when all workers generate with them. A worker that dies meanwhile is replaced
+        (its replacement starts with these weights from the object store); one that does not answer within
+        ``rollout.weight_sync_timeout_s`` is a ``WeightSyncError`` naming it."""
+        cfg = self.cfg
+        start, inbox_before = time.perf_counter(), DRIVER_INBOX.num_bytes
+        bucket_bytes = int(cfg.weight_sync_bucket_mib * _MIB)
+        self._serving = (policy_version, lambda: learners.publish_weights(policy_version, "object_store",
+                                                                           bucket_bytes))
+        if cfg.weight_transport == "collective":
+            if not self._same_members():
+                self._form_group(learners)
+            handle = learners.publish_weights(policy_version, "collective", bucket_bytes)
+            try:
+                self._receive_collective(handle)
+            except WeightSyncError as err:
+                if not any(isinstance(e, RayActorError) for e in err.failed.values()):
+                    raise  # a hung or failing peer: the message names it
+                # A worker died mid-broadcast (it has been replaced): the others may hold a partial update or still
+                # wait in the broadcast until its timeout. Serve everyone from the object store this time; the group
+                # is formed again at the next sync.
+                self._group_members = []
+                handle = self._current_object_store_handle()
+                self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
+        else:
+            handle = learners.publish_weights(policy_version, cfg.weight_transport, bucket_bytes)
+            if handle.transport == "object_store":
+                self._object_store_handle = handle
+            self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
+        return SyncStats.since(start, handle, DRIVER_INBOX.num_bytes - inbox_before)
+
+    def _same_members(self) -> bool:
+        handles = self.workers.handles
+        return len(handles) == len(self._group_members) and all(a is b for a, b in zip(handles, self._group_members))
+
+    def _form_group(self, learners) -> None:
+        """A new weight group of learner rank 0 and every worker's ranks (each tensor-parallel rank is one)."""
+        timeout_s = self.cfg.weight_sync_timeout_s
+        handles = list(self.workers.handles)
+        ranks = wait([w.weight_ranks.remote() for w in handles], timeout_s)
+        spec, learner_join = learners.open_weight_group(sum(ranks), timeout_s)
+        calls = {"learner rank 0": learner_join}
+        first = 1
+        for slot, (worker, num) in enumerate(zip(handles, ranks)):
+            calls[f"rollout worker {slot}"] = worker.join_weight_group.remote(spec, first)
+            first += num
+        wait_peers(calls, timeout_s, f"forming the weight group (generation {spec.generation})")
+        self._group_members = handles
+
+    def _receive_collective(self, handle) -> None:
+        calls = {f"learner rank {rank}": ref for rank, ref in enumerate(handle.sending)}
+        calls.update({f"rollout worker {slot}": w.update_weights.remote(handle)
+                      for slot, w in enumerate(self.workers.handles)})
+        try:
+            wait_peers(calls, self.cfg.weight_sync_timeout_s,
+                       f"weights version {handle.version} over the weight group (generation "
+                       f"{handle.collective.generation})")
+        except WeightSyncError as err:
+            for name, failure in err.failed.items():
+                if isinstance(failure, RayActorError) and name.startswith("rollout worker "):
+                    self.workers.replace(int(name.rsplit(" ", 1)[1]), type(failure).__name__)
+            raise
 
     def shutdown(self) -> None:
         self.workers.shutdown()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterable
 
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Completion
@@ -41,9 +40,12 @@ class SimulatedEngine:
             for _ in prompt_token_ids
         ]
 
-    def update_weights(self, weights: Iterable) -> None:
-        for _ in weights:
-            pass
+    weights_cross_processes = False
+
+    def update_weights(self, buckets: list) -> None:
+        for bucket in buckets:
+            for _ in bucket.named_tensors():
+                pass
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return [[0.0] * (len(seq) - 1) for seq in sequences]

@@ -40,6 +40,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig):
         self.engine = make_engine(model_path, cfg)
         self._policy_version = 0
+        self._group = None  # this worker's membership of the weight group, when it receives in this process
         self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
@@ -75,16 +76,36 @@ class RolloutWorker:
             for c in per_prompt
         ]
 
-    def update_weights(self, policy_version: int, bucket_refs: list) -> None:
-        """Apply a full set of weights (all buckets in one engine update) and take on their version."""
-        from rlft.distributed.weight_sync import fetch_buckets, iter_bucket_weights
+    def weight_ranks(self) -> int:
+        """How many ranks of the weight group this worker takes: one per process holding the model."""
+        return self.engine.weight_ranks if self.engine.weights_cross_processes else 1
 
-        if policy_version < self._policy_version:
-            raise ValueError(f"policy version {policy_version} is older than the current {self._policy_version}")
-        buckets = fetch_buckets(bucket_refs)
-        with self.clock.phase("load_weights"):
-            self.engine.update_weights(iter_bucket_weights(buckets))
-        self._policy_version = policy_version
+    def join_weight_group(self, spec, first_rank: int) -> None:
+        """Join the weight group (``collective`` transport) as ranks ``first_rank`` .. + ``weight_ranks()`` - 1;
+        returns once every member has joined."""
+        from rlft.distributed.weight_sync import WeightGroup
+
+        self._group = None
+        if self.engine.weights_cross_processes:
+            self.engine.join_weight_group(spec, first_rank)  # each of the engine's processes joins itself
+        else:
+            self._group = WeightGroup(spec, first_rank)
+
+    def update_weights(self, handle) -> None:
+        """Apply a published version (a ``WeightHandle``): all buckets in one engine update."""
+        from rlft.distributed.weight_sync import receive_buckets
+
+        if handle.version < self._policy_version:
+            raise ValueError(f"policy version {handle.version} is older than the current {self._policy_version}")
+        if self.engine.weights_cross_processes and handle.transport != "object_store":
+            # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
+            with self.clock.phase("load_weights"):
+                self.engine.receive_weights(handle)
+        else:
+            buckets = receive_buckets(handle, self._group)
+            with self.clock.phase("load_weights"):
+                self.engine.update_weights(buckets)
+        self._policy_version = handle.version
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
