@@ -23,6 +23,8 @@ from rlft.rollout.types import Sample
 from rlft.rollout.worker import RolloutWorker
 
 _MIB = 2**20
+# Seconds the driver waits beyond the weight group's timeout before naming the peers still running as hung.
+_PEER_MARGIN_S = 5.0
 
 
 class RolloutGroup:
@@ -153,12 +155,12 @@ class RolloutGroup:
             try:
                 self._receive_collective(handle)
             except WeightSyncError as err:
+                self._group_members = []  # a failed broadcast leaves the group unusable: form it again next time
                 if not any(isinstance(e, RayActorError) for e in err.failed.values()):
                     raise  # a hung or failing peer: the message names it
                 # A worker died mid-broadcast (it has been replaced): the others may hold a partial update or still
                 # wait in the broadcast until its timeout. Serve everyone from the object store this time; the group
                 # is formed again at the next sync.
-                self._group_members = []
                 handle = self._current_object_store_handle()
                 self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
         else:
@@ -176,14 +178,18 @@ class RolloutGroup:
         """A new weight group of learner rank 0 and every worker's ranks (each tensor-parallel rank is one)."""
         timeout_s = self.cfg.weight_sync_timeout_s
         handles = list(self.workers.handles)
-        ranks = wait([w.weight_ranks.remote() for w in handles], timeout_s)
+        what = "forming the weight group"
+        ranks = list(wait_peers({f"rollout worker {slot}": w.weight_ranks.remote() for slot, w in enumerate(handles)},
+                                _PEER_MARGIN_S, what).values())
         spec, learner_join = learners.open_weight_group(sum(ranks), timeout_s)
         calls = {"learner rank 0": learner_join}
         first = 1
         for slot, (worker, num) in enumerate(zip(handles, ranks)):
             calls[f"rollout worker {slot}"] = worker.join_weight_group.remote(spec, first)
             first += num
-        wait_peers(calls, timeout_s, f"forming the weight group (generation {spec.generation})")
+        # The driver waits a little longer than the group's own timeout: the live peers then fail with their own
+        # timeout, and the one still running is the peer that hung.
+        wait_peers(calls, timeout_s + _PEER_MARGIN_S, f"{what} (generation {spec.generation})")
         self._group_members = handles
 
     def _receive_collective(self, handle) -> None:
@@ -191,7 +197,7 @@ class RolloutGroup:
         calls.update({f"rollout worker {slot}": w.update_weights.remote(handle)
                       for slot, w in enumerate(self.workers.handles)})
         try:
-            wait_peers(calls, self.cfg.weight_sync_timeout_s,
+            wait_peers(calls, self.cfg.weight_sync_timeout_s + _PEER_MARGIN_S,
                        f"weights version {handle.version} over the weight group (generation "
                        f"{handle.collective.generation})")
         except WeightSyncError as err:
