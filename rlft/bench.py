@@ -12,7 +12,7 @@ for each role its slowest worker). Over the steps after the warm-up the bench re
 | grading samples/s | samples / the graders' engine seconds (grading overlaps generation) |
 | reference, old-logprob tokens/s | batch tokens / phase seconds |
 | training tokens/s | tokens through the update / update seconds |
-| weight sync | seconds and GB/s |
+| weight sync | seconds and GB/s (bytes of one copy of the weights / sync seconds), and its share of memcpy |
 | orchestration overhead | step seconds / the sum of the phases' engine seconds |
 
 An overhead of 1.0 means the step is nothing but engine work; 1.25 means a fifth of the step is dispatch,
@@ -149,8 +149,27 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, out: Path)
     command = shlex.join(["rlft", "bench", config, *overrides, "--steps", str(steps), "--warmup", str(warmup),
                           "--out", str(out)])
     result.environment = environment(cfg, load_before, os.getloadavg(), started, command)
+    memcpy = memcpy_gb_per_second()
+    result.headline["memcpy_gb_per_second"] = memcpy
+    if result.headline["weight_sync_gb_per_second"]:
+        result.headline["weight_sync_share_of_memcpy"] = result.headline["weight_sync_gb_per_second"] / memcpy
     write_report(result, records, warmup, out)
     return result
+
+
+def memcpy_gb_per_second(num_bytes: int = 100 * 2**20, repeats: int = 5) -> float:
+    """This machine's memory copy bandwidth (the best of ``repeats`` copies of ``num_bytes``): the yardstick of
+    the weight sync's GB/s on CPU."""
+    import numpy as np
+
+    src = np.ones(num_bytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best / 1e9
 
 
 def _median(values: list[float]) -> float | None:
@@ -195,8 +214,10 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         "grading_samples_per_second": rate("grade"),
         "reference_tokens_per_second": rate("reference"),
         "training_tokens_per_second": rate("update"),
+        # One definition, the phase table's: bytes of one copy of the weights / the sync phase's wall seconds
+        # (the learners publishing until the last worker has loaded them).
         "weight_sync_seconds": sync.wall_s if sync else None,
-        "weight_sync_gb_per_second": _median([r["sync/gb_per_s"] for r in records if "sync/gb_per_s" in r]),
+        "weight_sync_gb_per_second": sync.per_second / 1e9 if sync and sync.per_second else None,
         "orchestration_overhead": _median(overheads),
         "samples_per_second": _median([r["rollout/num_samples"] / r["time/step_seconds"] for r in records
                                        if "rollout/num_samples" in r]),
@@ -299,7 +320,9 @@ def markdown(result: BenchResult) -> str:
         f"| grading | {_rate(h['grading_samples_per_second'], 'samples')} |",
         f"| reference | {_rate(h['reference_tokens_per_second'], 'tokens')} |",
         f"| training | {_rate(h['training_tokens_per_second'], 'tokens')} |",
-        f"| weight sync | {_fmt(h['weight_sync_seconds'])} s, {_fmt(h['weight_sync_gb_per_second'])} GB/s |",
+        f"| weight sync | {_fmt(h['weight_sync_seconds'])} s, {_fmt(h['weight_sync_gb_per_second'])} GB/s "
+        f"({_fmt(100 * h['weight_sync_share_of_memcpy']) if h.get('weight_sync_share_of_memcpy') else '-'} % of this "
+        f"machine's memcpy, {_fmt(h.get('memcpy_gb_per_second'))} GB/s) |",
         f"| samples per second (whole step) | {_fmt(h['samples_per_second'])} |",
         f"| orchestration overhead (step / engine sum) | {_fmt(h['orchestration_overhead'])} |",
         "",

@@ -138,17 +138,19 @@ class RolloutGroup:
         ]
         return [row for rows in self.workers.call(calls) for row in rows]
 
-    def sync_from(self, learners, policy_version: int) -> SyncStats:
+    def sync_from(self, learners, policy_version: int, transport: str | None = None) -> SyncStats:
         """Have ``learners`` (a ``LearnerGroup``) publish their current weights as ``policy_version`` and every
         worker take them; returns when all workers generate with them. A worker that dies meanwhile is replaced
         (its replacement starts with these weights from the object store); one that does not answer within
-        ``rollout.weight_sync_timeout_s`` is a ``WeightSyncError`` naming it."""
+        ``rollout.weight_sync_timeout_s`` is a ``WeightSyncError`` naming it. ``transport`` overrides
+        ``rollout.weight_transport`` for this sync (benchmarks compare them on one group)."""
         cfg = self.cfg
+        transport = transport or cfg.weight_transport
         start, inbox_before = time.perf_counter(), DRIVER_INBOX.num_bytes
         bucket_bytes = int(cfg.weight_sync_bucket_mib * _MIB)
         self._serving = (policy_version, lambda: learners.publish_weights(policy_version, "object_store",
                                                                            bucket_bytes))
-        if cfg.weight_transport == "collective":
+        if transport == "collective":
             if not self._same_members():
                 self._form_group(learners)
             handle = learners.publish_weights(policy_version, "collective", bucket_bytes)
@@ -164,7 +166,7 @@ class RolloutGroup:
                 handle = self._current_object_store_handle()
                 self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
         else:
-            handle = learners.publish_weights(policy_version, cfg.weight_transport, bucket_bytes)
+            handle = learners.publish_weights(policy_version, transport, bucket_bytes)
             if handle.transport == "object_store":
                 self._object_store_handle = handle
             self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
