@@ -13,7 +13,9 @@ weights (``SyncStats``, the figure ``rlft bench`` reports):
 - ``collective``: learner rank 0 broadcasts the buckets over a gloo weight group the worker has joined.
 
 GB/s = bytes of one copy of the weights / seconds; its share of this machine's memcpy bandwidth is measured in the
-same run. Also reported: the bytes the driver received per sync. Writes ``<out>.json`` and ``<out>.md``.
+same run. Also reported: how much of the sync is the engine's own reload (vLLM re-processing every layer, which
+no transport avoids), the transfer's GB/s without it, and the bytes the driver received per sync. Writes
+``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def main() -> None:
                                                              max(s.seconds for s in measured)],
                 "gb_per_s": num_bytes / seconds / 1e9, "share_of_memcpy": num_bytes / seconds / 1e9 / memcpy,
                 "driver_bytes": statistics.median(s.driver_bytes for s in measured),
+                "load_seconds_median": statistics.median(s.load_seconds for s in measured),
+                "transfer_gb_per_s": num_bytes / statistics.median(s.seconds - s.load_seconds for s in measured) / 1e9,
             })
             print(json.dumps(rows[-1]), flush=True)
     result = {
@@ -105,15 +109,16 @@ def main() -> None:
     lines = [
         f"memcpy on this machine: {memcpy:.2f} GB/s ({result['machine']}); median of {args.repeats} syncs each",
         "",
-        "| model | parameters | path | MB | seconds (min–max) | GB/s | % of memcpy | driver received |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | parameters | path | MB | sync seconds (min–max) | GB/s | % of memcpy | of which vLLM reload s | "
+        "transfer GB/s (without the reload) | driver received |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["seconds_range"]
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['path']} | {r['bytes'] / 1e6:.1f} | "
             f"{r['seconds_median']:.3f} ({lo:.3f}–{hi:.3f}) | {r['gb_per_s']:.2f} | {100 * r['share_of_memcpy']:.1f} | "
-            f"{_size(r['driver_bytes'])} |"
+            f"{r['load_seconds_median']:.3f} | {r['transfer_gb_per_s']:.2f} | {_size(r['driver_bytes'])} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -218,6 +218,10 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         # (the learners publishing until the last worker has loaded them).
         "weight_sync_seconds": sync.wall_s if sync else None,
         "weight_sync_gb_per_second": sync.per_second / 1e9 if sync and sync.per_second else None,
+        # Of the sync, the engine's reload (the rest is the transfer: publishing until every worker has the bytes).
+        "weight_sync_load_seconds": _median([r["sync/load_seconds"] for r in records if "sync/load_seconds" in r]),
+        "weight_sync_transfer_gb_per_second": _median(
+            [r["sync/transfer_gb_per_s"] for r in records if "sync/transfer_gb_per_s" in r]),
         "orchestration_overhead": _median(overheads),
         "samples_per_second": _median([r["rollout/num_samples"] / r["time/step_seconds"] for r in records
                                        if "rollout/num_samples" in r]),

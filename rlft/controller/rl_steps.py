@@ -462,7 +462,8 @@ def sync_metrics(
     tokens and the sampler's own, also their largest gap: after a correct sync they agree up to numerics, so this is
     the check that rollout workers run the learner's weights."""
     metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s,
-               "sync/driver_bytes": sync.driver_bytes}
+               "sync/driver_bytes": sync.driver_bytes, "sync/load_seconds": sync.load_seconds,
+               "sync/transfer_gb_per_s": sync.transfer_gb_per_s}
     if old_logprobs_BT is not None:
         gap = (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item()
         metrics["sync/logprob_max_abs_diff"] = gap

@@ -146,12 +146,19 @@ class SyncStats:
     transport: str
     # What the driver received while syncing (handles, versions): it must stay tiny next to ``num_bytes``.
     driver_bytes: int = 0
+    # Of ``seconds``, the slowest consumer's engine reload (vLLM re-processing its layers); the rest is the
+    # transfer: publishing until every consumer holds the bytes.
+    load_seconds: float = 0.0
+
+    @property
+    def transfer_gb_per_s(self) -> float:
+        return self.num_bytes / max(self.seconds - self.load_seconds, 1e-9) / 1e9
 
     @classmethod
-    def since(cls, start_s: float, handle: WeightHandle, driver_bytes: int = 0) -> SyncStats:
+    def since(cls, start_s: float, handle: WeightHandle, driver_bytes: int = 0, load_seconds: float = 0.0) -> SyncStats:
         seconds = time.perf_counter() - start_s
         return cls(seconds, handle.num_bytes, handle.num_bytes / seconds / 1e9, len(handle.tables), handle.transport,
-                   driver_bytes)
+                   driver_bytes, load_seconds)
 
 
 # --------------------------------------------------------------------------------------------- bucket planning
@@ -181,9 +188,12 @@ def tensor_meta(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, .
     return name, str(tensor.dtype).removeprefix("torch."), shape
 
 
-def fill_bucket(table: BucketTable, tensors: Iterable[torch.Tensor], device: str = "cpu") -> torch.Tensor:
-    """A new buffer with ``tensors`` (in the table's order) copied into their slots."""
-    buffer = torch.empty(table.buffer_bytes, dtype=torch.uint8, device=device)
+def fill_bucket(
+    table: BucketTable, tensors: Iterable[torch.Tensor], device: str = "cpu", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``tensors`` (in the table's order) copied into their slots of ``out`` (uint8, ``table.buffer_bytes`` long),
+    or of a new buffer."""
+    buffer = torch.empty(table.buffer_bytes, dtype=torch.uint8, device=device) if out is None else out
     for slot, tensor in zip(table.slots, tensors, strict=True):
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         buffer[slot.offset_bytes : slot.offset_bytes + slot.num_bytes].copy_(raw)

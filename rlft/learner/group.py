@@ -160,13 +160,17 @@ class LearnerGroup:
         ``object_store`` and ``cuda_ipc``: returns once every bucket is out. ``collective``: returns at once with
         the ranks' sending calls in ``handle.sending``; the buckets flow while the consumers receive them (the group
         must have been opened with ``open_weight_group``)."""
-        if transport != "collective":
-            return self._wait([w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers])[0]
-        if self._weight_spec is None:
-            raise WeightSyncError("collective weight transport: the weight group is not open (open_weight_group)")
-        tables = self._wait(self.workers[0].weight_tables.remote(bucket_bytes))
-        sending = tuple(w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers)
-        return WeightHandle(version, transport, tuple(tables), collective=self._weight_spec, sending=sending)
+        tables = tuple(self._wait(self.workers[0].weight_tables.remote(bucket_bytes)))
+        calls = [w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers]
+        if transport == "collective":
+            if self._weight_spec is None:
+                raise WeightSyncError("collective weight transport: the weight group is not open (open_weight_group)")
+            return WeightHandle(version, transport, tables, collective=self._weight_spec, sending=tuple(calls))
+        emitted = {index: out for per_rank in self._wait(calls) for index, out in per_rank.items()}
+        in_order = tuple(emitted[index] for index in range(len(tables)))
+        if transport == "object_store":
+            return WeightHandle(version, transport, tables, bucket_refs=in_order)
+        return WeightHandle(version, transport, tables, ipc_handles=in_order)
 
     def open_weight_group(self, num_receivers: int, timeout_s: float):
         """Start forming a new weight group of learner rank 0 and ``num_receivers`` consumer ranks; returns its

@@ -90,6 +90,7 @@ class LearnerWorker:
         self.clock = PhaseTimer()
         self._weight_group = None  # rank 0: the weight group it broadcasts on (``collective`` transport)
         self._ipc_buffers: list[torch.Tensor] = []
+        self._scratch: dict[str, torch.Tensor] = {}  # by device, for filling buckets
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export``."""
@@ -235,52 +236,55 @@ class LearnerWorker:
         self._weight_group = None
         self._weight_group = WeightGroup(spec, 0)
 
-    def publish_weights(self, version: int, transport: str, bucket_bytes: int):
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> dict:
         """Publish this version's weights bucket by bucket; every rank must call it (under ZeRO-3 each parameter is
-        gathered in turn, so no rank ever holds a second full copy). Rank 0 fills one bucket at a time and emits it:
-        into the object store, onto the weight group, or as a CUDA IPC handle. Returns the ``WeightHandle`` on rank
-        0 (None on the others)."""
+        gathered in turn, so no rank ever holds a second full copy). A bucket's owner fills it in a reused scratch
+        buffer and emits it: ``object_store``, bucket k is put by rank k mod world size (the ranks share the work);
+        ``collective``, rank 0 broadcasts every bucket on the weight group; ``cuda_ipc``, rank 0 keeps each bucket
+        on the GPU and shares an IPC handle. Returns what this rank emitted, by bucket index."""
         with self.clock.phase("export"):
-            return self._publish_weights(version, transport, bucket_bytes)
+            return self._publish_weights(transport, bucket_bytes)
 
-    def _publish_weights(self, version: int, transport: str, bucket_bytes: int):
+    def _publish_weights(self, transport: str, bucket_bytes: int) -> dict:
         import ray
 
-        from rlft.distributed.weight_sync import WeightBucket, WeightHandle, fill_bucket
+        from rlft.distributed.weight_sync import WeightBucket, fill_bucket
 
         tables = self.weight_tables(bucket_bytes)
-        params = self._full_parameters()
-        device = "cpu"
         group = self._weight_group
-        if transport == "cuda_ipc" or (transport == "collective" and group is not None and group.device == "cuda"):
-            device = "cuda"
-        emitted = []
+        on_gpu = transport == "cuda_ipc" or (transport == "collective" and group is not None and group.device == "cuda")
+        device = "cuda" if on_gpu else "cpu"
         if transport == "cuda_ipc":
             self._ipc_buffers = []  # the consumers open these; they live until the next publish
-        for table in tables:
+        params = self._full_parameters()
+        emitted = {}
+        for index, table in enumerate(tables):
             tensors = (tensor for _, tensor in itertools.islice(params, len(table.slots)))
-            if self.rank != 0:
+            owner = index % self.spec.world_size if transport == "object_store" else 0
+            if self.rank != owner:
                 for _ in tensors:  # take part in the gathers
                     pass
                 continue
-            buffer = fill_bucket(table, tensors, device)
-            if transport == "object_store":
-                bucket = WeightBucket(table, buffer.numpy())
-                emitted.append(ray.put(bucket) if ray.is_initialized() else bucket)
-            elif transport == "collective":
-                self._weight_group.broadcast(buffer)
-            else:
+            if transport == "cuda_ipc":
                 from torch.multiprocessing.reductions import reduce_tensor
 
-                self._ipc_buffers.append(buffer)
-                emitted.append(reduce_tensor(buffer))
-        if self.rank != 0:
-            return None
-        return WeightHandle(
-            version, transport, tuple(tables),
-            bucket_refs=tuple(emitted) if transport == "object_store" else (),
-            ipc_handles=tuple(emitted) if transport == "cuda_ipc" else (),
-        )
+                self._ipc_buffers.append(fill_bucket(table, tensors, device))
+                emitted[index] = reduce_tensor(self._ipc_buffers[-1])
+                continue
+            buffer = fill_bucket(table, tensors, device, out=self._scratch_buffer(table.buffer_bytes, device))
+            if transport == "object_store":
+                bucket = WeightBucket(table, buffer.numpy())
+                emitted[index] = ray.put(bucket) if ray.is_initialized() else WeightBucket(table, buffer.numpy().copy())
+            else:
+                self._weight_group.broadcast(buffer)
+        return emitted
+
+    def _scratch_buffer(self, num_bytes: int, device: str) -> torch.Tensor:
+        """A reused byte buffer of at least ``num_bytes`` (fresh pages cost more than the copy itself)."""
+        scratch = self._scratch.get(device)
+        if scratch is None or scratch.numel() < num_bytes:
+            scratch = self._scratch[device] = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        return scratch[:num_bytes]
 
     def _full_parameters(self):
         """(name, whole parameter) in order, each gathered across ranks under ZeRO-3 while it is looked at."""

@@ -155,7 +155,7 @@ class RolloutGroup:
                 self._form_group(learners)
             handle = learners.publish_weights(policy_version, "collective", bucket_bytes)
             try:
-                self._receive_collective(handle)
+                timings = self._receive_collective(handle)
             except WeightSyncError as err:
                 self._group_members = []  # a failed broadcast leaves the group unusable: form it again next time
                 if not any(isinstance(e, RayActorError) for e in err.failed.values()):
@@ -164,13 +164,14 @@ class RolloutGroup:
                 # wait in the broadcast until its timeout. Serve everyone from the object store this time; the group
                 # is formed again at the next sync.
                 handle = self._current_object_store_handle()
-                self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
+                timings = self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
         else:
             handle = learners.publish_weights(policy_version, transport, bucket_bytes)
             if handle.transport == "object_store":
                 self._object_store_handle = handle
-            self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
-        return SyncStats.since(start, handle, DRIVER_INBOX.num_bytes - inbox_before)
+            timings = self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
+        load_seconds = max(t["load_s"] for t in timings)
+        return SyncStats.since(start, handle, DRIVER_INBOX.num_bytes - inbox_before, load_seconds)
 
     def _same_members(self) -> bool:
         handles = self.workers.handles
@@ -194,12 +195,13 @@ class RolloutGroup:
         wait_peers(calls, timeout_s + _PEER_MARGIN_S, f"{what} (generation {spec.generation})")
         self._group_members = handles
 
-    def _receive_collective(self, handle) -> None:
+    def _receive_collective(self, handle) -> list[dict[str, float]]:
+        """The workers receive ``handle`` over the weight group while the learner ranks send; their timings."""
         calls = {f"learner rank {rank}": ref for rank, ref in enumerate(handle.sending)}
         calls.update({f"rollout worker {slot}": w.update_weights.remote(handle)
                       for slot, w in enumerate(self.workers.handles)})
         try:
-            wait_peers(calls, self.cfg.weight_sync_timeout_s + _PEER_MARGIN_S,
+            results = wait_peers(calls, self.cfg.weight_sync_timeout_s + _PEER_MARGIN_S,
                        f"weights version {handle.version} over the weight group (generation "
                        f"{handle.collective.generation})")
         except WeightSyncError as err:
@@ -207,6 +209,7 @@ class RolloutGroup:
                 if isinstance(failure, RayActorError) and name.startswith("rollout worker "):
                     self.workers.replace(int(name.rsplit(" ", 1)[1]), type(failure).__name__)
             raise
+        return [result for name, result in results.items() if name.startswith("rollout worker ")]
 
     def shutdown(self) -> None:
         self.workers.shutdown()

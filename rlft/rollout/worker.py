@@ -6,6 +6,7 @@ A plain class: ``RolloutGroup`` makes it a Ray actor with ``spawn`` (or an in-pr
 from __future__ import annotations
 
 import hashlib
+import time
 
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
@@ -91,21 +92,26 @@ class RolloutWorker:
         else:
             self._group = WeightGroup(spec, first_rank)
 
-    def update_weights(self, handle) -> None:
-        """Apply a published version (a ``WeightHandle``): all buckets in one engine update."""
+    def update_weights(self, handle) -> dict[str, float]:
+        """Apply a published version (a ``WeightHandle``): all buckets in one engine update. Returns the seconds
+        spent receiving the bytes and loading them into the engine."""
         from rlft.distributed.weight_sync import receive_buckets
 
         if handle.version < self._policy_version:
             raise ValueError(f"policy version {handle.version} is older than the current {self._policy_version}")
+        start = time.perf_counter()
         if self.engine.weights_cross_processes and handle.transport != "object_store":
             # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
+            received = start
             with self.clock.phase("load_weights"):
                 self.engine.receive_weights(handle)
         else:
             buckets = receive_buckets(handle, self._group)
+            received = time.perf_counter()
             with self.clock.phase("load_weights"):
                 self.engine.update_weights(buckets)
         self._policy_version = handle.version
+        return {"receive_s": received - start, "load_s": time.perf_counter() - received}
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
