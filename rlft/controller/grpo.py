@@ -97,11 +97,13 @@ def grpo(cfg: Config) -> RunResult:
                     batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
                 )
                 sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+            # Log-probabilities stay on the learners and the reference server: the batch holds references.
             with timer.phase("old_logprobs"):
-                batch = dataclasses.replace(batch, old_logprobs_BT=run.learners.compute_logprobs(batch))
+                old_logprobs, logprob_gap = run.learners.keep_logprobs(batch, sampler_logprobs_BT)
+                batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
             if run.reference is not None:
                 with timer.phase("reference"):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.logprobs(batch))
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.keep_logprobs(batch))
 
             with timer.phase("update"):
                 results = [
@@ -119,7 +121,7 @@ def grpo(cfg: Config) -> RunResult:
                 {
                     **rollout_metrics(samples, prompts, rewards_PG.flatten(), step),
                     "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
-                    **sync_metrics(sync, batch.old_logprobs_BT, sampler_logprobs_BT, response_BT),
+                    **sync_metrics(sync, logprob_gap),
                     **mean_metrics(results, "train/"),
                     **graded.metrics(),
                     **timer.metrics(),

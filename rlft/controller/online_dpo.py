@@ -77,7 +77,7 @@ def online_dpo(cfg: Config) -> RunResult:
                     # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
                     order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
                     batch = pair_batch(pairs, order, pad_id, None, num_weighted=len(pairs))
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.logprobs(batch))
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.keep_logprobs(batch))
                 with timer.phase("update"):
                     m = run.learners.train_step(batch, loss).metrics
                 update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",

@@ -80,19 +80,23 @@ def ppo(cfg: Config) -> RunResult:
             sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
             response_BT = batch.loss_weights_BT != 0
 
+            # Log-probabilities stay on the learners and the reference server: the batch holds references.
             with timer.phase("old_logprobs"):
-                batch = dataclasses.replace(batch, old_logprobs_BT=run.learners.compute_logprobs(batch))
+                old_logprobs, logprob_gap = run.learners.keep_logprobs(batch, sampler_logprobs_BT)
+                batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
             with timer.phase("values"):
                 values_BT = run.critic.compute_values(batch)
             if run.reference is not None:
                 with timer.phase("reference"):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.logprobs(batch))
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.keep_logprobs(batch))
 
             with timer.phase("advantages"):
                 rewards_BT = _token_rewards(rewards_S, response_BT)
                 kl_penalty_BT = torch.zeros_like(rewards_BT)
                 if run.reference is not None and rl.kl_mode == "reward":
-                    kl_BT = kl_estimate(batch.old_logprobs_BT, batch.ref_logprobs_BT, rl.kl_kind)
+                    # The KL penalty is part of the rewards GAE runs on, here: the one place the controller
+                    # fetches log-probabilities (with rl.kl_mode=loss the learners apply the KL themselves).
+                    kl_BT = kl_estimate(batch.old_logprobs_BT.resolve(), batch.ref_logprobs_BT.resolve(), rl.kl_kind)
                     kl_penalty_BT = rl.kl_coef * kl_BT * response_BT
                 advantages_BT, returns_BT = gae(rewards_BT - kl_penalty_BT, values_BT, response_BT, rl.gamma, rl.gae_lambda)
                 batch = dataclasses.replace(batch, advantages_BT=_whiten(advantages_BT, response_BT))
@@ -121,7 +125,7 @@ def ppo(cfg: Config) -> RunResult:
                 {
                     **rollout_metrics(samples, prompts, rewards_S, step),
                     "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
-                    **sync_metrics(sync, batch.old_logprobs_BT, sampler_logprobs_BT, response_BT),
+                    **sync_metrics(sync, logprob_gap),
                     **mean_metrics(policy_results, "train/"),
                     **mean_metrics(critic_results, "critic/"),
                     **graded.metrics(),

@@ -455,18 +455,16 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
     }
 
 
-def sync_metrics(
-    sync, old_logprobs_BT: torch.Tensor | None = None, sampler_logprobs_BT=None, mask_BT=None
-) -> dict[str, float]:
-    """Seconds, bytes and GB/s of a weight sync. Given the learner's recomputed log-probabilities of the sampled
-    tokens and the sampler's own, also their largest gap: after a correct sync they agree up to numerics, so this is
-    the check that rollout workers run the learner's weights."""
+def sync_metrics(sync, logprob_gap: float | None = None) -> dict[str, float]:
+    """Seconds, bytes and GB/s of a weight sync (and what the driver received meanwhile). ``logprob_gap``, the
+    largest gap between the learner's recomputed log-probabilities of the sampled tokens and the sampler's own:
+    after a correct sync they agree up to numerics, so this is the check that rollout workers run the learner's
+    weights."""
     metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s,
                "sync/driver_bytes": sync.driver_bytes, "sync/load_seconds": sync.load_seconds,
                "sync/transfer_gb_per_s": sync.transfer_gb_per_s}
-    if old_logprobs_BT is not None:
-        gap = (old_logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item()
-        metrics["sync/logprob_max_abs_diff"] = gap
+    if logprob_gap is not None:
+        metrics["sync/logprob_max_abs_diff"] = logprob_gap
     return metrics
 
 

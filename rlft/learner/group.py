@@ -19,6 +19,7 @@ from rlft.config import Config
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import kill, slowest, spawn, wait_each
 from rlft.distributed.placement import role_resources
+from rlft.distributed.remote_rows import RemoteRows
 from rlft.distributed.weight_sync import CollectiveSpec, WeightHandle
 from rlft.errors import LearnerFailedError, WeightSyncError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
@@ -131,6 +132,22 @@ class LearnerGroup:
         if self.spec.head != "lm":
             raise TypeError("compute_logprobs needs a causal-LM learner group; this one is a critic")
         return self._per_token_outputs(batch)
+
+    def keep_logprobs(
+        self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None
+    ) -> tuple[RemoteRows, float]:
+        """``logprobs_BT`` of every row under the current policy weights, left on the ranks that computed them
+        (``RemoteRows``: references the ranks resolve in ``train_step``), and the largest gap to
+        ``sampler_logprobs_BT`` on the response tokens (nan without them)."""
+        if self.spec.head != "lm":
+            raise TypeError("keep_logprobs needs a causal-LM learner group; this one is a critic")
+        if batch.num_rows % self.world_size:
+            raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
+        shards = batch.split(self.world_size)
+        compare = [None] * self.world_size if sampler_logprobs_BT is None else sampler_logprobs_BT.chunk(self.world_size)
+        results = self._wait([w.logprobs_kept.remote(s, c) for w, s, c in zip(self.workers, shards, compare)])
+        parts = tuple((ref, shard.num_rows) for (ref, _), shard in zip(results, shards))
+        return RemoteRows(parts), max(gap for _, gap in results)
 
     def compute_values(self, batch: TokenBatch) -> torch.Tensor:
         """``values_BT`` of every row under the current critic weights, in row order."""

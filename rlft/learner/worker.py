@@ -21,6 +21,7 @@ import torch
 from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
+from rlft.distributed.remote_rows import keep_here, resolve_rows
 from rlft.timing import PhaseTimer
 
 # A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
@@ -153,9 +154,10 @@ class LearnerWorker:
     # ------------------------------------------------------------------------------------------------ training
 
     def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
-        """One optimizer step on this rank's share of the global batch; returns additive metrics and step info."""
+        """One optimizer step on this rank's share of the global batch; returns additive metrics and step info.
+        Log-probabilities the batch holds as references (``RemoteRows``) are fetched here, not by the driver."""
         with self.clock.phase("train"):
-            return self._train_step(batch, loss_fn)
+            return self._train_step(resolve_rows(batch), loss_fn)
 
     def _train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         spec = self.spec
@@ -189,6 +191,7 @@ class LearnerWorker:
     def evaluate_loss(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         """The loss of this rank's share without updating anything (the same micro-batching as training)."""
         self.engine.eval()
+        batch = resolve_rows(batch)
         metrics: dict[str, float] = {}
         for micro in batch.split(self.spec.gradient_accumulation_steps):
             micro = micro.trimmed()
@@ -204,6 +207,19 @@ class LearnerWorker:
         step's "old" log-probabilities), ``values_BT`` for a value head (see ``rlft.algorithms.token_values``)."""
         with self.clock.phase("forward"):
             return self._per_token_outputs(batch)
+
+    @torch.no_grad()
+    def logprobs_kept(self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None):
+        """This rank's share of ``logprobs_BT``, kept in the object store: returns the reference and, given the
+        sampler's log-probabilities of the same tokens, the largest gap between the two on the response tokens
+        (``loss_weights_BT`` != 0), the check that the rollout workers run these weights."""
+        with self.clock.phase("forward"):
+            logprobs_BT = self._per_token_outputs(batch)
+        gap = float("nan")
+        if sampler_logprobs_BT is not None:
+            mask_BT = batch.loss_weights_BT != 0
+            gap = (logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item() if mask_BT.any() else 0.0
+        return keep_here(logprobs_BT), gap
 
     @torch.no_grad()
     def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:

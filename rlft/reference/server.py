@@ -14,6 +14,7 @@ from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
 from rlft.distributed.placement import role_resources
+from rlft.distributed.remote_rows import RemoteRows, keep_here
 from rlft.reference.config import ReferenceConfig
 from rlft.timing import PhaseTimer
 
@@ -55,6 +56,12 @@ class ReferenceWorker:
         """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
         with self.clock.phase("forward"):
             return self._logprobs(batch)
+
+    @torch.no_grad()
+    def logprobs_kept(self, batch: TokenBatch):
+        """``logprobs`` kept in the object store: only the reference travels back."""
+        with self.clock.phase("forward"):
+            return keep_here(self._logprobs(batch))
 
     def _logprobs(self, batch: TokenBatch) -> torch.Tensor:
         out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
@@ -99,6 +106,15 @@ class ReferenceGroup:
             if hi > lo
         ]
         return torch.cat(self.workers.call(calls))
+
+    def keep_logprobs(self, batch: TokenBatch) -> RemoteRows:
+        """``logprobs_BT`` of the batch's rows, left in the object store for the learners to fetch
+        (``RemoteRows``); a replica that dies is replaced and its rows scored again."""
+        bounds = [(lo, hi) for lo, hi in balanced_chunks(batch.num_rows, len(self.workers)) if hi > lo]
+        calls = [(slot, lambda w, part=batch.rows(lo, hi): w.logprobs_kept.remote(part))
+                 for slot, (lo, hi) in enumerate(bounds)]
+        refs = self.workers.call(calls)
+        return RemoteRows(tuple((ref, hi - lo) for ref, (lo, hi) in zip(refs, bounds)))
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the replicas since the last call, by kind (the slowest replica's)."""
