@@ -49,7 +49,7 @@ from transformers import AutoTokenizer
 
 from rlft.config import Config, load_config
 from rlft.controller.common import resolve_paths
-from rlft.controller.rl_steps import load_prompts
+from rlft.data.prompts import load_prompts
 from rlft.rollout.worker import prompt_seed
 from rlft.tiny import resolve
 from rlft.tiny.build import BUILD_INFO_NAME, PRESET_ALIASES, URL_PREFIX

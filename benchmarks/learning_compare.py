@@ -37,7 +37,7 @@ Matched settings (values of configs/grpo_tiny.yaml and configs/dpo_tiny.yaml wit
 | GRPO prompts | ``data.train_path`` (tiny://arithmetic/rft_train.jsonl), shuffled | the same rows, ``shuffle_dataset`` |
 | GRPO batch | ``rl.num_prompts_per_step`` 32 × ``rl.num_samples_per_prompt`` 8 = 256 samples, one optimizer step | ``num_generations`` 8, per-device batch 64 × gradient accumulation 4 = 256 completions, ``num_iterations`` 1 |
 | GRPO sampling | ``rollout.sampling``: temperature 1.0, top_p 1, top_k off, ``max_new_tokens`` 6 | ``temperature``, ``top_p``, ``top_k`` 0, ``max_completion_length`` |
-| GRPO reward | one ``exact_match`` grader: stripped completion == stripped ``answer`` | the same function (``rlft.graders.graders.exact_match``) as a reward function on ``answer`` |
+| GRPO reward | one ``exact_match`` grader: stripped completion == stripped ``answer`` | the same function (``rlft.graders.exact.exact_match``) as a reward function on ``answer`` |
 | GRPO advantages | ``rl.advantage_estimator: grpo``, ``rl.advantage_scale: group``: (r − group mean) / (group std + 1e-6) | ``scale_rewards="group"``: (r − group mean) / (group std + 1e-4) |
 | GRPO clip | ``rl.clip_low`` 0.2, ``rl.clip_high`` 0.28, no dual clip | ``epsilon`` 0.2, ``epsilon_high`` 0.28, ``delta`` None |
 | GRPO loss aggregation | ``rl.loss_aggregation: token_mean``: Σ over every response token of the step / the step's token count, across micro-batches and learners (``aggregation_weights``) | ``loss_type="dapo"``: Σ / the generation batch's token count (``num_items_in_batch``), across accumulation steps |
@@ -97,7 +97,7 @@ from rlft.controller.common import resolve_paths
 from rlft.controller.dpo import Pairs, load_pairs, summed_logprobs
 from rlft.controller.evaluation import Evaluator, task_evaluator, write_samples
 from rlft.data import formats
-from rlft.graders.graders import exact_match
+from rlft.graders.exact import exact_match
 from rlft.tiny import resolve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -111,6 +111,7 @@ def run_trl(algorithm: str, model_url: str, steps: int, warmup: int, completion_
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlft.graders.exact import exact_match as is_exact
     from rlft.tiny import resolve
 
     torch.manual_seed(0)
@@ -127,7 +128,7 @@ def run_trl(algorithm: str, model_url: str, steps: int, warmup: int, completion_
         data = Dataset.from_list([{"prompt": r["messages"], "answer": r["answer"]} for r in rows])
 
         def exact_match(completions, answer, **_):
-            return [float(c[0]["content"].strip() == a.strip()) for c, a in zip(completions, answer)]
+            return [float(is_exact(c[0]["content"], a)) for c, a in zip(completions, answer)]
 
         per_step = GRPO_PROMPTS * GRPO_SAMPLES
         args = GRPOConfig(**common, per_device_train_batch_size=GRPO_MICRO_BATCH,

@@ -37,20 +37,20 @@ from pathlib import Path
 from rlft.config import Config, ConfigError, load_config
 from rlft.controller import run_job
 from rlft.metrics import read_metrics
+from rlft.names import Phase
 
 # What each phase works on, per step: (the metric that counts it, its unit).
 PHASE_WORK: dict[str, tuple[str, str]] = {
-    "generate": ("rollout/response_tokens", "tokens"),
-    "grade": ("rollout/num_samples", "samples"),
-    "reference": ("train/batch_tokens", "tokens"),
-    "old_logprobs": ("train/batch_tokens", "tokens"),
-    "values": ("train/batch_tokens", "tokens"),
-    "update": ("train/update_tokens", "tokens"),
-    "sync": ("sync/bytes", "bytes"),
+    Phase.GENERATE.value: ("rollout/response_tokens", "tokens"),
+    Phase.GRADE.value: ("rollout/num_samples", "samples"),
+    Phase.REFERENCE.value: ("train/batch_tokens", "tokens"),
+    Phase.OLD_LOGPROBS.value: ("train/batch_tokens", "tokens"),
+    Phase.VALUES.value: ("train/batch_tokens", "tokens"),
+    Phase.UPDATE.value: ("train/update_tokens", "tokens"),
+    Phase.SYNC.value: ("sync/bytes", "bytes"),
 }
-# The phases whose engine work is on the step's critical path, in the order a step runs them.
-PHASE_ORDER = ["data", "generate", "grade", "pairs", "advantages", "old_logprobs", "values", "reference", "update",
-               "sync"]
+# The phases a step runs, in the order it runs them (``rlft.names.Phase``).
+PHASE_ORDER = [phase.value for phase in Phase]
 
 
 @dataclass
@@ -203,17 +203,17 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
     ]
     by_name = {p.name: p for p in phases}
 
-    def rate(name: str, engine: bool = False) -> float | None:
-        p = by_name.get(name)
+    def rate(phase: Phase, engine: bool = False) -> float | None:
+        p = by_name.get(phase.value)
         return None if p is None else (p.engine_per_second if engine else p.per_second)
 
-    sync = by_name.get("sync")
+    sync = by_name.get(Phase.SYNC.value)
     headline = {
         "step_seconds": _median([r["time/step_seconds"] for r in records]),
-        "generation_tokens_per_second": rate("generate"),
-        "grading_samples_per_second": rate("grade"),
-        "reference_tokens_per_second": rate("reference"),
-        "training_tokens_per_second": rate("update"),
+        "generation_tokens_per_second": rate(Phase.GENERATE),
+        "grading_samples_per_second": rate(Phase.GRADE),
+        "reference_tokens_per_second": rate(Phase.REFERENCE),
+        "training_tokens_per_second": rate(Phase.UPDATE),
         # One definition, the phase table's: bytes of one copy of the weights / the sync phase's wall seconds
         # (the learners publishing until the last worker has loaded them).
         "weight_sync_seconds": sync.wall_s if sync else None,

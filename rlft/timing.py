@@ -1,20 +1,25 @@
-"""Wall seconds by name: the controller times each phase of a step with it, and every role actor the work inside
-its engine (``rlft bench`` sets the two side by side). Imports nothing heavy, so any process can use it."""
+"""Wall seconds by phase: the controller times each phase of a step with it, and every role actor the work inside
+its engine under the phase it belongs to (``rlft bench`` sets the two side by side). Imports nothing heavy, so any
+process can use it."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 
+from rlft.names import Phase
+
 
 class PhaseTimer:
-    """Seconds of each named phase, summed over its runs: ``with timer.phase("generate"): ...``."""
+    """Seconds of each phase, summed over its runs: ``with timer.phase(Phase.GENERATE): ...``; ``seconds`` is keyed
+    by the phase's name (``"generate"``)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, phase: Phase):
+        name = Phase(phase).value
         start = time.perf_counter()
         try:
             yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import pickle
 
@@ -423,6 +425,23 @@ def test_policy_batch_rows_split_trimmed_concat():
     plain = TokenBatch.concat(parts)
     assert type(plain) is TokenBatch
     torch.testing.assert_close(plain.loss_weights_BT, batch.loss_weights_BT)
+
+
+def test_remote_rows_slice_like_the_tensor_they_stand_for():
+    """Log-probabilities held as references (``RemoteRows``, here in-process parts of 3 and 1 rows) follow the
+    batch's rows, splits and trims by bookkeeping, and resolve to the slices of the real tensor."""
+    from rlft.distributed.remote_rows import RemoteRows, resolve_rows
+
+    batch, _ = _policy_batch()
+    old_BT = batch.old_logprobs_BT
+    remote = dataclasses.replace(batch, old_logprobs_BT=RemoteRows(((old_BT[:3], 3), (old_BT[3:], 1))))
+    for part, want in zip(remote.split(2), batch.split(2)):
+        part, want = part.trimmed(), want.trimmed()
+        assert isinstance(part.old_logprobs_BT, RemoteRows) and part.old_logprobs_BT.num_rows == 2
+        torch.testing.assert_close(resolve_rows(part).old_logprobs_BT, want.old_logprobs_BT)
+    torch.testing.assert_close(remote.rows(1, 4).old_logprobs_BT.resolve(), old_BT[1:4])
+    with pytest.raises(IndexError):
+        remote.old_logprobs_BT[::2]
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])

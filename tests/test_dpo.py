@@ -166,3 +166,38 @@ def test_online_dpo_end_to_end(sft_demo_run, fixed_prompts, tmp_path):
         if r["pairs/num"]:
             assert torch.isfinite(torch.tensor(r["train/loss"])) and r["time/reference_seconds"] > 0
     assert (out / "final_model/model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_reference_replica_that_dies_is_replaced(tmp_path):
+    """dpo.reference=server on Ray: the reference replica is killed while it scores a step's pairs; the run goes on
+    with a replacement (ray.max_actor_restarts) and counts it."""
+    from cluster_helpers import kill_actor_during, rlft_popen
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = rlft_popen(
+        "train", str(ROOT / "configs/dpo_tiny.yaml"),
+        "model.path=tiny://model",
+        "dpo.reference=server",
+        "dpo.eval_path=",
+        "eval.num_examples=0",
+        "ray.max_actor_restarts=1",
+        "learner.num_learners=1",
+        "learner.micro_batch_size_per_learner=16",
+        "trainer.global_batch_size=32",
+        "trainer.max_steps=8",
+        "checkpoint.every_n_steps=0",
+        "logging.wandb=false",
+        "logging.progress_bar=false",
+        f"logging.output_dir={out}",
+        cwd=tmp_path, log=log,
+    )
+    try:
+        kill_actor_during("ray::ReferenceWorker.logprobs_kept", "ray::ReferenceWorker.logprobs_kept")
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert train[-1]["faults/reference_restarts"] == 1
+    assert all(abs(r["train/loss"]) < 100 for r in train)

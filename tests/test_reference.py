@@ -10,6 +10,7 @@ from rlft.algorithms import token_logprobs
 from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.tokenize import tokenize_sft_examples
+from rlft.distributed.actors import DRIVER_INBOX
 from rlft.reference import ReferenceConfig, ReferenceGroup
 from rlft.tiny import resolve
 
@@ -35,6 +36,12 @@ def test_replicas_match_a_direct_forward(ray_cluster, tiny_model_dir, batch):
     group = ReferenceGroup(ReferenceConfig(num_replicas=3, num_cpus_per_replica=0.5, micro_batch_size=2), tiny_model_dir)
     try:
         got = group.logprobs(batch)
+        # Kept in the object store for the learners: only references come back to the driver.
+        before = DRIVER_INBOX.num_bytes
+        kept = group.keep_logprobs(batch)
+        assert DRIVER_INBOX.num_bytes - before < 1000
+        assert [rows for _, rows in kept.parts] == [3, 2, 2]
+        torch.testing.assert_close(kept.resolve(), got)
     finally:
         group.shutdown()
     assert got.shape == batch.input_ids_BT.shape

@@ -1,4 +1,5 @@
-"""Helpers every controller shares: embedded-default paths, checkpoint discovery, phase timing."""
+"""Helpers under the run lifecycle (``run.py``): embedded-default paths, output directory, checkpoint discovery and
+pruning, the data sampler, the summary."""
 
 from __future__ import annotations
 
@@ -74,14 +75,6 @@ def step_schedule(cfg: Config, num_rows: int, unit: str = "rows") -> tuple[Epoch
             f"{num_rows} training {unit}"
         )
     return sampler, cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
-
-
-def save_step_checkpoint(learners, cfg: Config, step: int, sampler: EpochSampler) -> None:
-    """A checkpoint of the learners and the data position at ``step``; older ones pruned to
-    ``checkpoint.keep_last``."""
-    ckpt_root = Path(cfg.checkpoint_dir)
-    learners.save_checkpoint(ckpt_root / f"step_{step:06d}", {"step": step, "data": sampler.state()})
-    prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
 
 
 def resume_path(cfg: Config, ckpt_root: Path) -> Path | None:

@@ -9,8 +9,12 @@ preference rows (OpenAI or {prompt, chosen, rejected}) ──► validate + toke
    sampler ──► batch of pairs (chosen, rejected rows) ──► LearnerGroup.train_step(batch, DPOLoss)
                                              ▼
    metrics: loss, margin, preference accuracy, chosen / rejected log-probabilities; held-out preference accuracy
-   and task accuracy (greedy exact match) at each evaluation; checkpoints; resume
+   and task accuracy (greedy exact match, by an evaluation worker that takes the learners' weights through the
+   object store) at each evaluation
 ```
+
+The run around the loop (resume, checkpoints, evaluation, summary, shutdown) is ``rlft/controller/run.py``; the
+reference server is built there too, so its replicas are replaced up to ``ray.max_actor_restarts``.
 """
 
 from __future__ import annotations
@@ -23,28 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
 from rlft.config import Config
-from rlft.controller.common import (
-    RunResult,
-    prepare_output_dir,
-    resolve_paths,
-    resume_path,
-    save_step_checkpoint,
-    step_schedule,
-)
-from rlft.controller.evaluation import evaluate_weights, task_evaluator
+from rlft.controller.common import RunResult, step_schedule
+from rlft.controller.evaluation import HeldOutEvaluation, eval_items
+from rlft.controller.run import Run
+from rlft.controller.step_metrics import engine_metrics
 from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.sources import DataError
 from rlft.data.tokenize import TokenizedExample, tokenize_prompt_completion
-from rlft.distributed.cluster import start_cluster
-from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
-from rlft.metrics import MetricsLogger
+from rlft.names import Phase
 from rlft.reference import ReferenceGroup
 from rlft.timing import PhaseTimer
 from rlft.tiny import resolve
@@ -141,22 +137,21 @@ def reference_cache_path(cfg: Config, pairs: Pairs) -> Path:
     return Path(cfg.dpo.cache_dir).expanduser() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
-def cached_reference_sums(
-    cfg: Config, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None, placement=None
-) -> torch.Tensor:
-    """The reference sums of ``pairs``, read from the cache, or computed (starting a reference server, on
-    ``placement``, when none is given) and written there."""
+def cached_reference_sums(run: Run, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None) -> torch.Tensor:
+    """The reference sums of ``pairs``, read from the cache, or computed (starting the run's reference server for
+    the pass when none is given) and written there."""
+    cfg = run.cfg
     path = reference_cache_path(cfg, pairs)
     if path.exists():
         return torch.load(path)
     own = reference is None
     if own:
-        reference = ReferenceGroup(cfg.reference, cfg.model.path, local=cfg.ray.local_mode, placement=placement)
+        reference = run.reference_group()
     try:
         sums = summed_logprobs(reference.logprobs, pairs, pad_id)
     finally:
         if own:
-            reference.shutdown()
+            run.release(reference)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(sums, partial)
@@ -181,122 +176,67 @@ def preference_metrics(cfg: Config, policy_P2: torch.Tensor, ref_P2: torch.Tenso
     }
 
 
-def reference_engine_metrics(reference: ReferenceGroup | None) -> dict[str, float]:
-    """``engine/reference_seconds`` of a step with a reference server (see ``rl_steps.engine_metrics``)."""
-    if reference is None:
-        return {}
-    return {"engine/reference_seconds": reference.engine_seconds().get("forward", 0.0)}
-
-
 def dpo(cfg: Config) -> RunResult:
-    started = time.perf_counter()
-    cfg = resolve_paths(cfg)
-    d = cfg.dpo
-    out_dir = prepare_output_dir(cfg)
-    ckpt_root = Path(cfg.checkpoint_dir)
+    with Run(cfg) as run:
+        cfg, d = run.cfg, cfg.dpo
+        # ---- data: everything validated before any actor starts
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        pad_id = tokenizer.pad_token_id
+        pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
+        eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None
+        sampler, total_steps = step_schedule(cfg, len(pairs), "pairs")
+        items = eval_items(cfg)
 
-    # ---- data: everything validated before any actor starts
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    pad_id = tokenizer.pad_token_id
-    pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
-    eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None
-    sampler, total_steps = step_schedule(cfg, len(pairs), "pairs")
-    resume_from = resume_path(cfg, ckpt_root)
-    evaluator = task_evaluator(cfg, tokenizer)
-
-    # ---- actors: the learners see rows, two per pair
-    local = cfg.ray.local_mode
-    placement = start_cluster(cfg, job_demands(cfg, reference=True, rollout=False, graders=False))
-    reference = learners = logger = None
-    try:
-        if d.reference == "server":
-            reference = ReferenceGroup(cfg.reference, cfg.model.path, local=local, placement=placement)
+        # ---- actors: the learners see rows, two per pair
+        run.start_cluster(reference=True, rollout=False, graders=False)
+        reference = run.reference_group() if d.reference == "server" else None
         timer = PhaseTimer()
-        with timer.phase("reference_cache"):
-            ref_sums = None if reference else cached_reference_sums(cfg, pairs, pad_id, None, placement)
-            eval_ref = cached_reference_sums(cfg, eval_pairs, pad_id, reference, placement) if eval_pairs else None
-        learners = LearnerGroup(rows_config(cfg), total_steps, local=local, placement=placement)
-        start_step = 0
-        if resume_from:
-            state = learners.load_checkpoint(resume_from)
-            sampler.load_state(state["data"])
-            start_step = state["step"]
-            tqdm.write(f"resumed from {resume_from} at step {start_step}")
-        logger = MetricsLogger(cfg, resume_step=start_step if resume_from else None)
-        logger.log(start_step, {"data/train_pairs": len(pairs), **timer.metrics()}, console=False)
+        with timer.phase(Phase.REFERENCE_CACHE):
+            ref_sums = None if reference else cached_reference_sums(run, pairs, pad_id, None)
+            eval_ref = cached_reference_sums(run, eval_pairs, pad_id, reference) if eval_pairs else None
+        learners = run.keep(LearnerGroup(rows_config(cfg), total_steps, local=cfg.ray.local_mode,
+                                         placement=run.placement))
+        evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None
 
-        def evaluate(step: int, tag: str) -> float | None:
-            t0 = time.perf_counter()
+        def evaluate(step: int, tag: str) -> dict[str, float]:
             metrics: dict[str, float] = {}
             if eval_pairs is not None:
                 policy = summed_logprobs(learners.compute_logprobs, eval_pairs, pad_id)
                 metrics.update(preference_metrics(cfg, policy, eval_ref, eval_pairs))
-            if evaluator is not None:
-                samples_path = out_dir / f"eval_samples_{tag}.jsonl"
-                metrics.update(evaluate_weights(evaluator, learners.export_weights(), samples_path))
-            if metrics:
-                logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
-            return metrics.get("eval/accuracy")
+            if evaluation is not None:
+                metrics.update(evaluation.evaluate(learners, step, run.samples_path(tag)))
+            return metrics
 
-        accuracy_start = evaluate(start_step, f"step{start_step}") if start_step == 0 else None
+        run.begin(learners, sampler, total_steps, evaluate,
+                  first_metrics={"data/train_pairs": len(pairs), **timer.metrics()})
         loss = loss_of(cfg)
         if cfg.logging.engine_times:
-            reference_engine_metrics(reference)  # start-up is not the first step's work
-        progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not cfg.logging.progress_bar)
-        for step in range(start_step + 1, total_steps + 1):
+            engine_metrics(reference)  # start-up is not the first step's work
+        for step in run.steps():
             timer = PhaseTimer()
             step_start = time.perf_counter()
-            with timer.phase("data"):
+            with timer.phase(Phase.DATA):
                 batch = pair_batch(pairs, sampler.next_batch(), pad_id, ref_sums)
             if reference is not None:
-                with timer.phase("reference"):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.logprobs(batch))
-            with timer.phase("update"):
+                with timer.phase(Phase.REFERENCE):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.keep_logprobs(batch))
+            with timer.phase(Phase.UPDATE):
                 result = learners.train_step(batch, loss)
             m = result.metrics
-            logger.log(
-                step,
-                {
-                    **{f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards",
-                                                    "chosen_logps", "rejected_logps", "grad_norm", "lr")},
-                    "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
-                    **timer.metrics(),
-                    "time/step_seconds": time.perf_counter() - step_start,
-                    "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
-                    "train/batch_tokens": m["num_tokens"],
-                    "train/update_tokens": m["num_tokens"],
-                    # The slowest rank's time inside DeepSpeed (ranks wait for each other).
-                    "engine/update_seconds": result.seconds_slowest_rank,
-                    **(reference_engine_metrics(reference) if cfg.logging.engine_times else {}),
-                },
-            )
-            progress.update(1)
-            progress.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
-            if step < total_steps:
-                if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-                    save_step_checkpoint(learners, cfg, step, sampler)
-                if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
-                    evaluate(step, f"step{step}")
-        progress.close()
-
-        save_step_checkpoint(learners, cfg, total_steps, sampler)
-        final_dir = learners.save_pretrained(out_dir / "final_model")
-        accuracy_end = evaluate(total_steps, "final")
-        summary = RunResult(
-            output_dir=out_dir,
-            final_model_dir=final_dir,
-            num_steps=total_steps,
-            eval_accuracy_start=accuracy_start,
-            eval_accuracy_end=accuracy_end,
-            seconds=time.perf_counter() - started,
-        )
-        summary.write_summary()
-        return summary
-    finally:
-        if logger is not None:
-            logger.close()
-        for role in (learners, reference):
-            if role is not None:
-                role.shutdown()
-        if placement is not None:
-            placement.remove()
+            metrics = {
+                **{f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards",
+                                                "chosen_logps", "rejected_logps", "grad_norm", "lr")},
+                "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
+                **timer.metrics(),
+                "time/step_seconds": time.perf_counter() - step_start,
+                "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
+                "train/batch_tokens": m["num_tokens"],
+                "train/update_tokens": m["num_tokens"],
+                # The slowest rank's time inside DeepSpeed (ranks wait for each other).
+                "engine/update_seconds": result.seconds_slowest_rank,
+                **(engine_metrics(reference) if cfg.logging.engine_times else {}),
+            }
+            if reference is not None:
+                metrics["faults/reference_restarts"] = reference.restarts
+            run.end_step(step, metrics, loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
+        return run.finish()

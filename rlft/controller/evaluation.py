@@ -1,9 +1,11 @@
-"""Held-out exact-match accuracy by greedy generation.
+"""Held-out exact-match accuracy by greedy generation, for every algorithm.
 
-The controller keeps one Hugging Face copy of the policy in the driver, loads the learners' exported weights into
-it and generates answers for held-out prompts (RFT prompt rows with an ``answer`` field). A completion is correct
-when, stripped of whitespace, it equals the stripped answer. With ``eval.extract_pattern`` a second, lenient figure
-scores the answer the pattern finds in the completion (``extracted_accuracy``).
+RL runs generate with their rollout workers (``held_out_accuracy``). SFT and DPO runs, which have none, start one
+evaluation worker (``EvaluationWorker``, a Ray actor holding a Hugging Face copy of the policy): the learners publish
+their weights to it through the object store, never through the driver, and it generates answers for the held-out
+prompts (RFT prompt rows with an ``answer`` field). A completion is correct by ``rlft.graders.exact`` (stripped of
+whitespace, it equals the stripped answer). With ``eval.extract_pattern`` a second, lenient figure scores the
+answer the pattern finds in the completion (``extracted_accuracy``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rlft.data.formats import RFTPrompt, DataError
 from rlft.data.tokenize import tokenize_prompt
+from rlft.graders.exact import exact_match
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Evaluator:
                         "prompt": item.messages[-1]["content"],
                         "completion": completion,
                         "answer": answer,
-                        "correct": completion.strip() == answer.strip(),
+                        "correct": exact_match(completion, answer),
                         "num_tokens": len(new_ids),
                     }
                 )
@@ -127,23 +130,76 @@ def write_samples(path: Path, result: EvalResult) -> None:
             f.write(json.dumps(sample) + "\n")
 
 
-def task_evaluator(cfg, tokenizer) -> Evaluator | None:
-    """The greedy exact-match evaluator of ``eval.path`` (its first ``eval.num_examples`` prompts), or None."""
+def eval_items(cfg) -> list[RFTPrompt] | None:
+    """The first ``eval.num_examples`` prompts of ``eval.path``, checked (each needs an ``answer``); None when the
+    config asks for no evaluation. Called before any actor starts."""
     from rlft.data import formats
 
     if not (cfg.eval.path and cfg.eval.num_examples):
         return None
     items = formats.load_examples(cfg.eval.path, formats.parse_rft).examples[: cfg.eval.num_examples]
+    check_eval_items(items)
+    return items
+
+
+def task_evaluator(cfg, tokenizer) -> Evaluator | None:
+    """The greedy exact-match evaluator of ``eval.path`` (its first ``eval.num_examples`` prompts), or None."""
+    items = eval_items(cfg)
+    if items is None:
+        return None
     return Evaluator(
         cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.extract_pattern
     )
 
 
-def evaluate_weights(evaluator: Evaluator, weights: dict[str, torch.Tensor], samples_path: Path) -> dict[str, float]:
-    """Load ``weights`` (e.g. ``LearnerGroup.export_weights()``), evaluate, save the completions; the metrics."""
-    evaluator.load_weights(weights)
-    result = evaluator.run()
-    write_samples(samples_path, result)
+class EvaluationWorker:
+    """An ``Evaluator`` in a role actor of its own: it takes the learners' weights as a ``WeightHandle``."""
+
+    def __init__(self, cfg, items: list[RFTPrompt]):
+        import os
+
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        self.evaluator = Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                   cfg.eval.extract_pattern)
+
+    def evaluate(self, handle) -> EvalResult:
+        from rlft.distributed.weight_sync import iter_bucket_weights, receive_buckets
+
+        self.evaluator.load_weights(dict(iter_bucket_weights(receive_buckets(handle))))
+        return self.evaluator.run()
+
+
+class HeldOutEvaluation:
+    """The facade over the evaluation worker of an SFT or DPO run. It needs no CPU of its own: it works only while
+    the learners wait for it."""
+
+    def __init__(self, cfg, items: list[RFTPrompt]):
+        from rlft.distributed.actors import Resources, spawn
+
+        self.cfg = cfg
+        self.worker = spawn(EvaluationWorker, cfg, items, resources=Resources(num_cpus=0),
+                            local=cfg.ray.local_mode)
+
+    def evaluate(self, learners, version: int, samples_path: Path) -> dict[str, float]:
+        """Publish the learners' current weights to the worker, evaluate, save the completions; the metrics."""
+        from rlft.distributed.actors import wait
+
+        rollout = self.cfg.rollout
+        handle = learners.publish_weights(version, "object_store", int(rollout.weight_sync_bucket_mib * 2**20))
+        result = wait(self.worker.evaluate.remote(handle), rollout.weight_sync_timeout_s + 3600)
+        write_samples(samples_path, result)
+        return result_metrics(result)
+
+    def shutdown(self) -> None:
+        from rlft.distributed.actors import kill
+
+        kill([self.worker])
+
+
+def result_metrics(result: EvalResult) -> dict[str, float]:
     metrics = {
         "eval/accuracy": result.accuracy,
         "eval/num_examples": result.num_examples,
@@ -152,3 +208,28 @@ def evaluate_weights(evaluator: Evaluator, weights: dict[str, torch.Tensor], sam
     if result.extracted_accuracy is not None:
         metrics["eval/extracted_accuracy"] = result.extracted_accuracy
     return metrics
+
+
+def held_out_accuracy(
+    rollout, prompts, sampling, num_samples: int = 1
+) -> tuple[float, float, float, list[dict]]:
+    """Exact match of ``num_samples`` completions per prompt (a ``PromptSet``) generated by the rollout workers:
+    (mean accuracy over all completions, pass@k (share of prompts with a correct one), mean completion tokens, one
+    record per completion)."""
+    samples = rollout.generate(prompts.token_ids, sampling, num_samples)
+    records = []
+    for s in samples:
+        answer = prompts.answer(s.prompt_index)
+        records.append(
+            {
+                "prompt": prompts.items[s.prompt_index].messages[-1]["content"],
+                "completion": s.response_text,
+                "answer": answer,
+                "correct": answer is not None and exact_match(s.response_text, answer),
+            }
+        )
+    num = max(len(samples), 1)
+    solved = {s.prompt_index for s, r in zip(samples, records) if r["correct"]}
+    mean_tokens = sum(len(s.response_token_ids) for s in samples) / num
+    pass_at_k = len(solved) / max(len(prompts.items), 1)
+    return sum(r["correct"] for r in records) / num, pass_at_k, mean_tokens, records

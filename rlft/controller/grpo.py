@@ -16,6 +16,10 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
              weight sync learner ranks ──► every rollout worker (WeightHandle: object store or collective)
 ```
 
+Old and reference log-probabilities stay on the roles that computed them (the batch carries references that the
+learners fetch); the controller computes with rewards, lengths and metrics. The run around the loop (resume,
+checkpoints, evaluation, summary, shutdown) is ``rlft/controller/run.py``.
+
 | phase | waits for |
 |---|---|
 | generate | the weights synced at the end of the previous step; each chunk goes to grading when done |
@@ -47,17 +51,16 @@ from rlft.algorithms.advantages import (
 from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
-    end_step,
-    finish,
+    end_rl_step,
     generate_and_grade,
     make_policy_loss,
-    mean_metrics,
-    policy_batch,
-    rollout_metrics,
-    start_rl_run,
-    sync_metrics,
+    start_rl_job,
     with_aggregation_weights,
 )
+from rlft.controller.run import Run
+from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
+from rlft.data.samples import policy_batch
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 
@@ -75,22 +78,21 @@ def critic_free_advantages(rewards_PG: torch.Tensor, response_BT: torch.Tensor, 
 
 
 def grpo(cfg: Config) -> RunResult:
-    rl = cfg.rl
-    run = start_rl_run(cfg, with_critic=False)
-    cfg, prompts = run.cfg, run.prompts
-    loss = make_policy_loss(cfg, kl_in_loss=True)
-    try:
-        for step in range(run.start_step + 1, run.total_steps + 1):
+    with Run(cfg) as run:
+        job = start_rl_job(run)
+        cfg, rl = run.cfg, run.cfg.rl
+        loss = make_policy_loss(cfg, kl_in_loss=True)
+        for step in run.steps():
             timer = PhaseTimer()
             step_start = time.perf_counter()
             indices = run.sampler.next_batch()
 
-            samples, graded = generate_and_grade(run, indices, timer)
+            samples, graded = generate_and_grade(job, indices, timer)
             rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
-            with timer.phase("advantages"):
+            with timer.phase(Phase.ADVANTAGES):
                 batch, sampler_logprobs_BT = policy_batch(
-                    samples, torch.zeros(len(samples)), run.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                    samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
                 )
                 batch = batch.trimmed()
                 batch = dataclasses.replace(
@@ -98,28 +100,28 @@ def grpo(cfg: Config) -> RunResult:
                 )
                 sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
             # Log-probabilities stay on the learners and the reference server: the batch holds references.
-            with timer.phase("old_logprobs"):
-                old_logprobs, logprob_gap = run.learners.keep_logprobs(batch, sampler_logprobs_BT)
+            with timer.phase(Phase.OLD_LOGPROBS):
+                old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
                 batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
-            if run.reference is not None:
-                with timer.phase("reference"):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.keep_logprobs(batch))
+            if job.reference is not None:
+                with timer.phase(Phase.REFERENCE):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
 
-            with timer.phase("update"):
+            with timer.phase(Phase.UPDATE):
                 results = [
-                    run.learners.train_step(with_aggregation_weights(mini, cfg), loss).metrics
+                    job.learners.train_step(with_aggregation_weights(mini, cfg), loss).metrics
                     for _ in range(rl.num_epochs_per_step)
                     for mini in batch.split(rl.num_mini_batches)
                 ]
-            with timer.phase("sync"):
-                sync = run.rollout.sync_from(run.learners, step)
+            with timer.phase(Phase.SYNC):
+                sync = job.rollout.sync_from(job.learners, step)
 
             response_BT = batch.loss_weights_BT != 0
-            end_step(
-                run,
+            end_rl_step(
+                job,
                 step,
                 {
-                    **rollout_metrics(samples, prompts, rewards_PG.flatten(), step),
+                    **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
                     "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
                     **sync_metrics(sync, logprob_gap),
                     **mean_metrics(results, "train/"),
@@ -132,6 +134,4 @@ def grpo(cfg: Config) -> RunResult:
                     "perf/update_tokens_per_second": batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
                 },
             )
-        return finish(run)
-    finally:
-        run.shutdown()
+        return run.finish()

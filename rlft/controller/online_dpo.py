@@ -23,9 +23,11 @@ import torch
 from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.dpo import Pairs, loss_of, pair_batch, rows_config
-from rlft.controller.rl_steps import end_step, finish, generate_and_grade, rollout_metrics, start_rl_run, sync_metrics
+from rlft.controller.rl_steps import end_rl_step, generate_and_grade, start_rl_job
+from rlft.controller.run import Run
+from rlft.controller.step_metrics import rollout_metrics, sync_metrics
 from rlft.data.tokenize import TokenizedExample
-from rlft.reference import ReferenceGroup
+from rlft.names import Phase
 from rlft.rollout import Sample
 from rlft.timing import PhaseTimer
 
@@ -49,50 +51,42 @@ def best_and_worst(samples: list[Sample], rewards_PG: torch.Tensor) -> tuple[Pai
 def online_dpo(cfg: Config) -> RunResult:
     d = cfg.dpo
     num_pairs = cfg.rl.num_prompts_per_step
-    run = start_rl_run(rows_config(cfg), with_critic=False)
-    try:
-        # On the run, so that its restarts are counted and it stops with the other roles.
-        if run.reference is None:
-            run.reference = ReferenceGroup(cfg.reference, run.cfg.model.path, local=cfg.ray.local_mode,
-                                           placement=run.placement, max_restarts=cfg.ray.max_actor_restarts)
-        reference = run.reference
-    except BaseException:
-        run.shutdown()
-        raise
-    pad_id = run.tokenizer.pad_token_id
-    loss = loss_of(cfg)
-    try:
-        for step in range(run.start_step + 1, run.total_steps + 1):
+    with Run(rows_config(cfg)) as run:
+        # The learner's loss has no KL term here; the reference server scores the pairs.
+        job = start_rl_job(run, with_reference=True)
+        pad_id = job.tokenizer.pad_token_id
+        loss = loss_of(cfg)
+        for step in run.steps():
             timer = PhaseTimer()
             step_start = time.perf_counter()
             indices = run.sampler.next_batch()
-            samples, graded = generate_and_grade(run, indices, timer)
+            samples, graded = generate_and_grade(job, indices, timer)
             rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
-            with timer.phase("pairs"):
+            with timer.phase(Phase.PAIRS):
                 pairs, num_ties = best_and_worst(samples, rewards_PG)
             update: dict[str, float] = {}
             if len(pairs):
-                with timer.phase("reference"):
+                with timer.phase(Phase.REFERENCE):
                     # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
                     order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
                     batch = pair_batch(pairs, order, pad_id, None, num_weighted=len(pairs))
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.keep_logprobs(batch))
-                with timer.phase("update"):
-                    m = run.learners.train_step(batch, loss).metrics
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
+                with timer.phase(Phase.UPDATE):
+                    m = job.learners.train_step(batch, loss).metrics
                 update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
                                                         "rejected_logps", "grad_norm", "lr")}
                 update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
-            with timer.phase("sync"):
-                sync = run.rollout.sync_from(run.learners, step)
+            with timer.phase(Phase.SYNC):
+                sync = job.rollout.sync_from(job.learners, step)
                 if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
-                    reference.sync_from(run.learners, step)
+                    job.reference.sync_from(job.learners, step)
 
-            end_step(
-                run,
+            end_rl_step(
+                job,
                 step,
                 {
-                    **rollout_metrics(samples, run.prompts, rewards_PG.flatten(), step),
+                    **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
                     "pairs/num": len(pairs),
                     "pairs/ties_dropped": num_ties,
                     **update,
@@ -102,6 +96,4 @@ def online_dpo(cfg: Config) -> RunResult:
                     "time/step_seconds": time.perf_counter() - step_start,
                 },
             )
-        return finish(run)
-    finally:
-        run.shutdown()
+        return run.finish()

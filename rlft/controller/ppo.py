@@ -18,6 +18,10 @@ prompts ──► rollout workers ──► samples(token ids, sampler logprobs,
      weight sync learner ranks ──► every rollout worker (WeightHandle: object store or collective)
 ```
 
+Old and reference log-probabilities stay on the roles that computed them (the batch carries references); with the
+default ``rl.kl_mode: reward`` the KL penalty is part of the rewards GAE runs on, so the controller fetches them
+for that one computation, as it fetches the critic's values. The run around the loop is ``rlft/controller/run.py``.
+
 | phase | waits for |
 |---|---|
 | generate | the weights synced at the end of the previous step; each chunk goes to grading when done |
@@ -45,55 +49,53 @@ from rlft.algorithms.policy_loss import ValueBatch, ValueLoss
 from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
-    end_step,
-    finish,
+    end_rl_step,
     generate_and_grade,
     make_policy_loss,
-    mean_metrics,
-    policy_batch,
-    rollout_metrics,
-    start_rl_run,
-    sync_metrics,
+    start_rl_job,
     with_aggregation_weights,
 )
+from rlft.controller.run import Run
+from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
+from rlft.data.samples import policy_batch
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 
 def ppo(cfg: Config) -> RunResult:
-    rl = cfg.rl
-    run = start_rl_run(cfg, with_critic=True)
-    cfg, prompts = run.cfg, run.prompts
-    policy_loss = make_policy_loss(cfg, kl_in_loss=rl.kl_mode == "loss")
-    value_loss = ValueLoss(clip=rl.value_clip)
-    try:
-        for step in range(run.start_step + 1, run.total_steps + 1):
+    with Run(cfg) as run:
+        job = start_rl_job(run, with_critic=True)
+        cfg, rl = run.cfg, run.cfg.rl
+        policy_loss = make_policy_loss(cfg, kl_in_loss=rl.kl_mode == "loss")
+        value_loss = ValueLoss(clip=rl.value_clip)
+        for step in run.steps():
             timer = PhaseTimer()
             step_start = time.perf_counter()
             indices = run.sampler.next_batch()
 
-            samples, graded = generate_and_grade(run, indices, timer)
+            samples, graded = generate_and_grade(job, indices, timer)
             rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
             batch, sampler_logprobs_BT = policy_batch(
-                samples, torch.zeros_like(rewards_S), run.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
             )
             batch = batch.trimmed()
             sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
             response_BT = batch.loss_weights_BT != 0
 
             # Log-probabilities stay on the learners and the reference server: the batch holds references.
-            with timer.phase("old_logprobs"):
-                old_logprobs, logprob_gap = run.learners.keep_logprobs(batch, sampler_logprobs_BT)
+            with timer.phase(Phase.OLD_LOGPROBS):
+                old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
                 batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
-            with timer.phase("values"):
-                values_BT = run.critic.compute_values(batch)
-            if run.reference is not None:
-                with timer.phase("reference"):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=run.reference.keep_logprobs(batch))
+            with timer.phase(Phase.VALUES):
+                values_BT = job.critic.compute_values(batch)
+            if job.reference is not None:
+                with timer.phase(Phase.REFERENCE):
+                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
 
-            with timer.phase("advantages"):
+            with timer.phase(Phase.ADVANTAGES):
                 rewards_BT = _token_rewards(rewards_S, response_BT)
                 kl_penalty_BT = torch.zeros_like(rewards_BT)
-                if run.reference is not None and rl.kl_mode == "reward":
+                if job.reference is not None and rl.kl_mode == "reward":
                     # The KL penalty is part of the rewards GAE runs on, here: the one place the controller
                     # fetches log-probabilities (with rl.kl_mode=loss the learners apply the KL themselves).
                     kl_BT = kl_estimate(batch.old_logprobs_BT.resolve(), batch.ref_logprobs_BT.resolve(), rl.kl_kind)
@@ -109,21 +111,21 @@ def ppo(cfg: Config) -> RunResult:
                     returns_BT=returns_BT,
                 )
 
-            with timer.phase("update"):
+            with timer.phase(Phase.UPDATE):
                 policy_results, critic_results = [], []
                 for _ in range(rl.num_epochs_per_step):
                     for mini in batch.split(rl.num_mini_batches):
-                        policy_results.append(run.learners.train_step(with_aggregation_weights(mini, cfg), policy_loss).metrics)
+                        policy_results.append(job.learners.train_step(with_aggregation_weights(mini, cfg), policy_loss).metrics)
                     for mini in critic_batch.split(rl.num_mini_batches):
-                        critic_results.append(run.critic.train_step(with_aggregation_weights(mini, cfg), value_loss).metrics)
-            with timer.phase("sync"):
-                sync = run.rollout.sync_from(run.learners, step)
+                        critic_results.append(job.critic.train_step(with_aggregation_weights(mini, cfg), value_loss).metrics)
+            with timer.phase(Phase.SYNC):
+                sync = job.rollout.sync_from(job.learners, step)
 
-            end_step(
-                run,
+            end_rl_step(
+                job,
                 step,
                 {
-                    **rollout_metrics(samples, prompts, rewards_S, step),
+                    **rollout_metrics(samples, job.prompts, rewards_S, step),
                     "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
                     **sync_metrics(sync, logprob_gap),
                     **mean_metrics(policy_results, "train/"),
@@ -138,9 +140,7 @@ def ppo(cfg: Config) -> RunResult:
                     "perf/update_tokens_per_second": 2 * batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
                 },
             )
-        return finish(run)
-    finally:
-        run.shutdown()
+        return run.finish()
 
 
 def _token_rewards(rewards_S: torch.Tensor, response_BT: torch.Tensor) -> torch.Tensor:

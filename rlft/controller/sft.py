@@ -9,36 +9,30 @@ rows (JSONL / Parquet / datasets dir) ──► validate + tokenize (driver, bef
              LearnerGroup.train_step(batch, SFTLoss)  (N DeepSpeed ranks, micro-batches, accumulation)
                                              ▼
              metrics ─► console / metrics.jsonl / wandb;  checkpoints;  held-out eval by generation
+                        (an evaluation worker that takes the learners' weights through the object store)
 ```
+
+The run around the loop (resume, checkpoints, evaluation, summary, shutdown) is ``rlft/controller/run.py``.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config
-from rlft.controller.common import (
-    RunResult,
-    prepare_output_dir,
-    resolve_paths,
-    resume_path,
-    save_step_checkpoint,
-    step_schedule,
-)
-from rlft.controller.evaluation import evaluate_weights, task_evaluator
+from rlft.controller.common import RunResult, step_schedule
+from rlft.controller.evaluation import HeldOutEvaluation, eval_items
+from rlft.controller.run import Run
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
 from rlft.data.packing import collate, normalize_loss_weights, pack
 from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
-from rlft.distributed.cluster import start_cluster
-from rlft.distributed.placement import job_demands
 from rlft.learner.group import LearnerGroup
-from rlft.metrics import MetricsLogger
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 
@@ -67,51 +61,31 @@ def load_sft_rows(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], dict[
 
 
 def sft(cfg: Config) -> RunResult:
-    started = time.perf_counter()
-    cfg = resolve_paths(cfg)
-    out_dir = prepare_output_dir(cfg)
-    ckpt_root = Path(cfg.checkpoint_dir)
+    with Run(cfg) as run:
+        cfg = run.cfg
+        # ---- data: everything validated before any actor starts
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        rows, data_counts = load_sft_rows(cfg, tokenizer)
+        sampler, total_steps = step_schedule(cfg, len(rows))
+        items = eval_items(cfg)
 
-    # ---- data: everything validated before any actor starts
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    rows, data_counts = load_sft_rows(cfg, tokenizer)
-    sampler, total_steps = step_schedule(cfg, len(rows))
-    resume_from = resume_path(cfg, ckpt_root)
-    evaluator = task_evaluator(cfg, tokenizer)
+        # ---- actors
+        run.start_cluster(reference=False, rollout=False, graders=False)
+        learners = run.keep(LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode, placement=run.placement))
+        evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None
 
-    # ---- actors
-    placement = start_cluster(cfg, job_demands(cfg, reference=False, rollout=False, graders=False))
-    learners = None
-    logger = None
-    try:
-        learners = LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode, placement=placement)
-        start_step = 0
-        if resume_from:
-            trainer_state = learners.load_checkpoint(resume_from)
-            sampler.load_state(trainer_state["data"])
-            start_step = trainer_state["step"]
-            tqdm.write(f"resumed from {resume_from} at step {start_step}")
-        logger = MetricsLogger(cfg, resume_step=start_step if resume_from else None)
-        logger.log(start_step, {**data_counts, "model/num_parameters": learners.num_parameters}, console=False)
+        def evaluate(step: int, tag: str) -> dict[str, float]:
+            return evaluation.evaluate(learners, step, run.samples_path(tag))
 
-        def evaluate(step: int, tag: str) -> float:
-            t0 = time.perf_counter()
-            metrics = evaluate_weights(evaluator, learners.export_weights(), out_dir / f"eval_samples_{tag}.jsonl")
-            logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
-            return metrics["eval/accuracy"]
-
-        accuracy_start = evaluate(start_step, f"step{start_step}") if evaluator and start_step == 0 else None
-
+        run.begin(learners, sampler, total_steps, evaluate if evaluation else None,
+                  first_metrics={**data_counts, "model/num_parameters": learners.num_parameters})
         loss = SFTLoss()
-        progress = tqdm(
-            total=total_steps, initial=start_step, desc="sft", disable=not cfg.logging.progress_bar, dynamic_ncols=True
-        )
-        for step in range(start_step + 1, total_steps + 1):
+        for step in run.steps():
             timer = PhaseTimer()
             step_start = time.perf_counter()
-            with timer.phase("data"):
+            with timer.phase(Phase.DATA):
                 batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
-            with timer.phase("update"):
+            with timer.phase(Phase.UPDATE):
                 result = learners.train_step(batch, loss)
             step_seconds = time.perf_counter() - step_start
             num_tokens = result.metrics["num_tokens"]
@@ -129,35 +103,9 @@ def sft(cfg: Config) -> RunResult:
                 "engine/update_seconds": result.seconds_slowest_rank,
                 "perf/tokens_per_second": num_tokens / step_seconds,
             }
-            logger.log(step, metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
-            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and step < total_steps:
-                save_step_checkpoint(learners, cfg, step, sampler)
-            if evaluator and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
-                evaluate(step, f"step{step}")
-        progress.close()
-
-        save_step_checkpoint(learners, cfg, total_steps, sampler)
-        final_dir = learners.save_pretrained(out_dir / "final_model")
-        accuracy_end = evaluate(total_steps, "final") if evaluator else None
-        summary = RunResult(
-            output_dir=out_dir,
-            final_model_dir=final_dir,
-            num_steps=total_steps,
-            eval_accuracy_start=accuracy_start,
-            eval_accuracy_end=accuracy_end,
-            seconds=time.perf_counter() - started,
-        )
-        summary.write_summary()
-        return summary
-    finally:
-        if logger is not None:
-            logger.close()
-        if learners is not None:
-            learners.shutdown()
-        if placement is not None:
-            placement.remove()
+            run.end_step(step, metrics, loss=f"{metrics['train/loss']:.4f}",
+                         tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
+        return run.finish()
 
 
 def _make_batch(rows: list[TokenizedExample], indices: list[int], pad_id: int) -> TokenBatch:

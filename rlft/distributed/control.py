@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
 from rlft.config import Config, ConfigError
 
@@ -63,6 +65,52 @@ def start_control(cfg: Config):
         logger.warning("another running job is named %r; `rlft scale` cannot reach this one (set logging.run_name)", job)
         return None
     return handle
+
+
+class LiveControl:
+    """The controller's side of ``rlft scale``: between steps it takes the job's requests and applies them to the
+    rollout group, then reports the job's status. Without Ray (or when another job holds the name) it does
+    nothing."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.handle = None if cfg.ray.local_mode else start_control(cfg)
+        if self.handle is not None:
+            tqdm.write(f"job {job_id(cfg)}: `rlft scale {job_id(cfg)} --rollout-workers N` resizes the rollout")
+
+    def apply_requests(self, rollout) -> None:
+        """Resize ``rollout`` as ``rlft scale`` asked. Added workers that do not fit the cluster's free resources
+        are refused with a warning; the job goes on with the workers it has."""
+        from rlft.distributed.placement import ClusterFitError, RoleDemand, check_fit, free_node_resources
+        from rlft.names import Role
+
+        if self.handle is None:
+            return
+        wanted = ray.get(self.handle.take_requests.remote(), timeout=60).get("rollout_workers")
+        current = rollout.num_workers
+        if not wanted or wanted == current:
+            return
+        if wanted > current:
+            rc = self.cfg.rollout
+            added = RoleDemand(Role.ROLLOUT.value, wanted - current, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+                               "rlft scale --rollout-workers")
+            try:
+                check_fit([added], free_node_resources())
+            except ClusterFitError as err:
+                tqdm.write(f"rollout workers stay at {current}: {err}")
+                return
+        started = time.perf_counter()
+        rollout.resize(wanted)
+        tqdm.write(f"rollout workers: {current} -> {wanted} ({time.perf_counter() - started:.1f} s)")
+
+    def report(self, status: dict) -> None:
+        if self.handle is not None:
+            self.handle.report.remote(status)
+
+    def shutdown(self) -> None:
+        if self.handle is not None:
+            ray.kill(self.handle)
+            self.handle = None
 
 
 def running_jobs() -> list[str]:

@@ -21,13 +21,14 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from rlft.distributed.actors import Resources
 from rlft.errors import ConfigError
+from rlft.names import Role
 
 if TYPE_CHECKING:  # rlft.config imports the role packages, which import this module
     from rlft.config import Config, RayConfig
 
 # Roles that get placement groups. Grader workers and reward models are light CPU actors scheduled as they come;
 # the fit check counts them all.
-PLACED_ROLES = ("learners", "critic", "rollout", "reference")
+PLACED_ROLES = (Role.LEARNERS, Role.CRITIC, Role.ROLLOUT, Role.REFERENCE)
 # Ray's names of the strategies ``ray.placement_strategy`` offers.
 _STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
 
@@ -71,23 +72,23 @@ def job_demands(cfg: Config, reference: bool, critic: bool = False, rollout: boo
     learner_fields = "learner.num_learners, learner.num_cpus_per_learner, learner.num_gpus_per_learner"
     if colocated:
         learner_fields += " + the colocated reference's reference.num_cpus/gpus_per_replica"
-    demands = [RoleDemand("learners", lc.num_learners, learner_cpus, learner_gpus, learner_fields)]
+    demands = [RoleDemand(Role.LEARNERS, lc.num_learners, learner_cpus, learner_gpus, learner_fields)]
     if critic:
-        demands.append(RoleDemand("critic", lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner,
+        demands.append(RoleDemand(Role.CRITIC, lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner,
                                   "learner.* (the critic has as many learners as the policy)"))
     if rollout:
         demands.append(RoleDemand(
-            "rollout", rc.num_rollout_workers, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+            Role.ROLLOUT, rc.num_rollout_workers, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
             "rollout.num_rollout_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
         ))
     if reference and not colocated:
         demands.append(RoleDemand(
-            "reference", ref.num_replicas, ref.num_cpus_per_replica, ref.num_gpus_per_replica,
+            Role.REFERENCE, ref.num_replicas, ref.num_cpus_per_replica, ref.num_gpus_per_replica,
             "reference.num_replicas, reference.num_cpus_per_replica, reference.num_gpus_per_replica",
         ))
     if graders:
         gc = cfg.graders
-        demands.append(RoleDemand("graders", gc.num_grader_workers, gc.num_cpus_per_worker, 0.0,
+        demands.append(RoleDemand(Role.GRADERS, gc.num_grader_workers, gc.num_cpus_per_worker, 0.0,
                                   "graders.num_grader_workers, graders.num_cpus_per_worker"))
         for i, item in enumerate(gc.items):
             if item.type == "reward_model":
@@ -181,8 +182,8 @@ class Placement:
         """Resources that schedule actor ``index`` of ``role`` on its bundle; an index beyond the role's group
         (a rollout worker added later) gets a new one-bundle group."""
         group_role, bundle = role, index
-        if role == "reference" and self.colocate_reference:
-            group_role, bundle = "learners", index
+        if role == Role.REFERENCE and self.colocate_reference:
+            group_role, bundle = Role.LEARNERS, index
         group = self.groups.get(group_role)
         if group is None:
             return Resources(num_cpus=num_cpus, num_gpus=num_gpus)

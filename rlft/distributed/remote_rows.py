@@ -5,7 +5,7 @@ learners need and the controller does not. The role that computes them puts its 
 hands back a reference; ``RemoteRows`` strings the shares together in row order and stands in a batch where the
 tensor would::
 
-    old = learners.compute_logprobs(batch)            # RemoteRows: references, no tensor reaches the driver
+    old, _ = learners.keep_logprobs(batch)            # RemoteRows: references, no tensor reaches the driver
     batch = dataclasses.replace(batch, old_logprobs_BT=old)
     batch.split(4)[1].trimmed()                         # rows and columns are sliced lazily, by bookkeeping
     resolve_rows(shard)                                 # on a learner: the tensors, fetched from the object store

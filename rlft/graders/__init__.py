@@ -16,7 +16,7 @@ from rlft.graders.config import GraderConfig, GraderItemConfig, validate_graders
 # name -> the module that defines it, imported when the name is first looked up (PEP 562).
 _LAZY = {
     "GradeRequest": "rlft.graders.graders",
-    "exact_match": "rlft.graders.graders",
+    "exact_match": "rlft.graders.exact",
     "math_match": "rlft.graders.graders",
     "regex_match": "rlft.graders.graders",
     "GradeHandle": "rlft.graders.pool",

@@ -22,6 +22,7 @@ from typing import Any
 
 from math_verify import parse, verify
 
+from rlft.graders.exact import exact_match
 from rlft.graders.config import GraderItemConfig, api_key_of, load_function, load_spec
 from rlft.graders.openai_spec import parse_spec, sample_of
 from rlft.graders.sandbox import SandboxLimits
@@ -59,15 +60,6 @@ class BatchGrader:
 Grader = SampleGrader | BatchGrader
 
 
-def exact_match(completion: str, answer: str, case_sensitive: bool) -> float:
-    """1.0 when ``completion`` equals ``answer`` after stripping both (and case-folding both unless
-    ``case_sensitive``), like ``rlft.tiny.check_answer``; else 0.0."""
-    completion, answer = completion.strip(), answer.strip()
-    if not case_sensitive:
-        completion, answer = completion.casefold(), answer.casefold()
-    return float(completion == answer)
-
-
 def math_match(completion: str, answer: str) -> float:
     """1.0 when math-verify finds the completion's answer equal to ``answer``; else 0.0.
 
@@ -100,7 +92,7 @@ def build_grader(
     limits = limits or SandboxLimits()
     if item.type == "exact_match":
         return SampleGrader(
-            item.name, lambda r: exact_match(r.completion, answer_of(r, item.answer_field), item.case_sensitive)
+            item.name, lambda r: float(exact_match(r.completion, answer_of(r, item.answer_field), item.case_sensitive))
         )
     if item.type == "math":
         return SampleGrader(item.name, lambda r: math_match(r.completion, answer_of(r, item.answer_field)))

@@ -40,6 +40,7 @@ from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
 from rlft.graders.reward_model import RewardModelGroup
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class GraderWorker:
         """Every grader's outcome on every request; graders run one after another, each in its own thread.
         ``extra_fields`` are the extra columns user functions get (those of the whole batch, not just this share)."""
         examples: dict[str, str] = {}
-        with self.clock.phase("grade"):
+        with self.clock.phase(Phase.GRADE):
             outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
         self._stuck = [thread for thread in self._stuck if thread.is_alive()]
         return WorkerResult(outcomes, len(self._stuck), examples)

@@ -23,6 +23,7 @@ from rlft.distributed.remote_rows import RemoteRows
 from rlft.distributed.weight_sync import CollectiveSpec, WeightHandle
 from rlft.errors import LearnerFailedError, WeightSyncError
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
+from rlft.names import Role
 
 # Metrics every rank reports the same value of (the rest are summed over ranks).
 _SHARED_METRICS = ("grad_norm", "lr")
@@ -75,7 +76,7 @@ class LearnerGroup:
             head=head,
         )
         self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
-        role = "critic" if head == "value" else "learners"
+        role = Role.CRITIC if head == "value" else Role.LEARNERS
         cpus, gpus = learner.num_cpus_per_learner, learner.num_gpus_per_learner
         self._failed = False
         self._weight_spec = None  # the open weight group (``collective`` transport), None until one is opened

@@ -22,6 +22,7 @@ from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 from rlft.distributed.remote_rows import keep_here, resolve_rows
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 # A loss takes the micro-batch's logits and the micro-batch and returns the micro-batch's share of the step's loss
@@ -94,8 +95,13 @@ class LearnerWorker:
         self._scratch: dict[str, torch.Tensor] = {}  # by device, for filling buckets
 
     def engine_seconds(self) -> dict[str, float]:
-        """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export``."""
+        """Seconds inside DeepSpeed since the last call, by phase: ``update``, ``sync`` (publishing weights) and
+        the no-gradient forward: ``old_logprobs`` for the policy, ``values`` for the critic."""
         return self.clock.take()
+
+    @property
+    def _forward_phase(self) -> Phase:
+        return Phase.VALUES if self.spec.head == "value" else Phase.OLD_LOGPROBS
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -156,7 +162,7 @@ class LearnerWorker:
     def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; returns additive metrics and step info.
         Log-probabilities the batch holds as references (``RemoteRows``) are fetched here, not by the driver."""
-        with self.clock.phase("train"):
+        with self.clock.phase(Phase.UPDATE):
             return self._train_step(resolve_rows(batch), loss_fn)
 
     def _train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
@@ -205,7 +211,7 @@ class LearnerWorker:
     def per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
         """This rank's share under the current weights, no gradient: ``logprobs_BT`` for a causal LM (the RL
         step's "old" log-probabilities), ``values_BT`` for a value head (see ``rlft.algorithms.token_values``)."""
-        with self.clock.phase("forward"):
+        with self.clock.phase(self._forward_phase):
             return self._per_token_outputs(batch)
 
     @torch.no_grad()
@@ -213,7 +219,7 @@ class LearnerWorker:
         """This rank's share of ``logprobs_BT``, kept in the object store: returns the reference and, given the
         sampler's log-probabilities of the same tokens, the largest gap between the two on the response tokens
         (``loss_weights_BT`` != 0), the check that the rollout workers run these weights."""
-        with self.clock.phase("forward"):
+        with self.clock.phase(self._forward_phase):
             logprobs_BT = self._per_token_outputs(batch)
         gap = float("nan")
         if sampler_logprobs_BT is not None:
@@ -258,7 +264,7 @@ class LearnerWorker:
         buffer and emits it: ``object_store``, bucket k is put by rank k mod world size (the ranks share the work);
         ``collective``, rank 0 broadcasts every bucket on the weight group; ``cuda_ipc``, rank 0 keeps each bucket
         on the GPU and shares an IPC handle. Returns what this rank emitted, by bucket index."""
-        with self.clock.phase("export"):
+        with self.clock.phase(Phase.SYNC):
             return self._publish_weights(transport, bucket_bytes)
 
     def _publish_weights(self, transport: str, bucket_bytes: int) -> dict:

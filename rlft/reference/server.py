@@ -16,7 +16,9 @@ from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, 
 from rlft.distributed.placement import role_resources
 from rlft.distributed.remote_rows import RemoteRows, keep_here
 from rlft.reference.config import ReferenceConfig
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
+from rlft.names import Role
 
 class ReferenceWorker:
     """One replica: a frozen Hugging Face causal LM in eval mode."""
@@ -35,7 +37,7 @@ class ReferenceWorker:
         self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
-        """Seconds inside the model since the last call, by kind: ``forward``, ``load_weights``."""
+        """Seconds inside the model since the last call, by phase: ``reference``, ``sync`` (a refresh)."""
         return self.clock.take()
 
     def update_weights(self, handle) -> None:
@@ -45,7 +47,7 @@ class ReferenceWorker:
 
         buckets = receive_buckets(handle)
         # Tied parameters (an output head sharing the embedding) come once, so some names may be missing.
-        with self.clock.phase("load_weights"):
+        with self.clock.phase(Phase.SYNC):
             result = self.model.load_state_dict({k: v.to(self.device) for k, v in iter_bucket_weights(buckets)},
                                                 strict=False)
         if result.unexpected_keys:
@@ -54,13 +56,13 @@ class ReferenceWorker:
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
-        with self.clock.phase("forward"):
+        with self.clock.phase(Phase.REFERENCE):
             return self._logprobs(batch)
 
     @torch.no_grad()
     def logprobs_kept(self, batch: TokenBatch):
         """``logprobs`` kept in the object store: only the reference travels back."""
-        with self.clock.phase("forward"):
+        with self.clock.phase(Phase.REFERENCE):
             return keep_here(self._logprobs(batch))
 
     def _logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -82,11 +84,11 @@ class ReferenceGroup:
                  max_restarts: int = 0):
         self.cfg, self.model_path, self.local, self.placement = cfg, model_path, local, placement
         self._weights = None  # the ``WeightHandle`` of the last ``sync_from``, for replacements
-        self.workers = WorkerSet("reference", self._start_worker, cfg.num_replicas, max_restarts, local)
+        self.workers = WorkerSet(Role.REFERENCE, self._start_worker, cfg.num_replicas, max_restarts, local)
 
     def _start_worker(self, slot: int):
         cfg = self.cfg
-        resources = role_resources(self.placement, "reference", slot, cfg.num_cpus_per_replica,
+        resources = role_resources(self.placement, Role.REFERENCE, slot, cfg.num_cpus_per_replica,
                                    cfg.num_gpus_per_replica)
         worker = spawn(ReferenceWorker, self.model_path, cfg.dtype, cfg.micro_batch_size, resources=resources,
                        local=self.local)

@@ -21,6 +21,7 @@ from rlft.errors import WeightSyncError
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
 from rlft.rollout.worker import RolloutWorker
+from rlft.names import Role
 
 _MIB = 2**20
 # Seconds the driver waits beyond the weight group's timeout before naming the peers still running as hung.
@@ -42,11 +43,11 @@ class RolloutGroup:
         self._object_store_handle = None
         # The workers that formed the current weight group (``collective``): it is formed again when they change.
         self._group_members: list = []
-        self.workers = WorkerSet("rollout", self._start_worker, cfg.num_rollout_workers, max_restarts, local)
+        self.workers = WorkerSet(Role.ROLLOUT, self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
         cfg = self.cfg
-        resources = role_resources(self.placement, "rollout", slot, cfg.num_cpus_per_worker, cfg.num_gpus_per_worker)
+        resources = role_resources(self.placement, Role.ROLLOUT, slot, cfg.num_cpus_per_worker, cfg.num_gpus_per_worker)
         worker = spawn(RolloutWorker, self.model_path, self.cfg, resources=resources, local=self.local)
         # Waits until the engine has started, so start-up errors surface here rather than at the first step.
         wait(worker.policy_version.remote())
@@ -80,7 +81,7 @@ class RolloutGroup:
         while self.num_workers > num_workers:
             self.workers.remove_last()
             if self.placement is not None:
-                self.placement.release("rollout", self.num_workers)
+                self.placement.release(Role.ROLLOUT, self.num_workers)
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the engines since the last call, by kind (the slowest worker's)."""

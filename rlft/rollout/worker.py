@@ -10,6 +10,7 @@ import time
 
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
+from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
 # Seeds stay below this, leaving room for vLLM's per-sample offsets (sample j of a prompt uses seed + j).
@@ -45,7 +46,8 @@ class RolloutWorker:
         self.clock = PhaseTimer()
 
     def engine_seconds(self) -> dict[str, float]:
-        """Seconds inside the engine since the last call, by kind: ``generate``, ``load_weights``, ``score``."""
+        """Seconds inside the engine since the last call, by phase: ``generate``, ``sync`` (loading weights),
+        ``score``."""
         return self.clock.take()
 
     def policy_version(self) -> int:
@@ -61,7 +63,7 @@ class RolloutWorker:
     ) -> list[Sample]:
         """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
-        with self.clock.phase("generate"):
+        with self.clock.phase(Phase.GENERATE):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
@@ -103,17 +105,17 @@ class RolloutWorker:
         if self.engine.weights_cross_processes and handle.transport != "object_store":
             # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
             received = start
-            with self.clock.phase("load_weights"):
+            with self.clock.phase(Phase.SYNC):
                 self.engine.receive_weights(handle)
         else:
             buckets = receive_buckets(handle, self._group)
             received = time.perf_counter()
-            with self.clock.phase("load_weights"):
+            with self.clock.phase(Phase.SYNC):
                 self.engine.update_weights(buckets)
         self._policy_version = handle.version
         return {"receive_s": received - start, "load_s": time.perf_counter() - received}
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
-        with self.clock.phase("score"):
+        with self.clock.phase(Phase.SCORE):
             return self.engine.token_logprobs(sequences)

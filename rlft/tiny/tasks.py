@@ -152,8 +152,10 @@ def preference_row(example: dict, rng: random.Random) -> dict:
 
 
 def check_answer(completion: str, answer: str) -> bool:
-    """Whether a completion is exactly the answer, ignoring surrounding whitespace."""
-    return completion.strip() == answer.strip()
+    """Whether a completion is exactly the answer, ignoring surrounding whitespace (``rlft.graders.exact``)."""
+    from rlft.graders.exact import exact_match
+
+    return exact_match(completion, answer)
 
 
 def digit_credit(prompts: list, completions: list[str], answer: list[str | None], **_) -> list[float]:

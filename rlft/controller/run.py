@@ -1,0 +1,194 @@
+"""One run lifecycle for every algorithm: each controller adds only its step loop.
+
+```
+Run(cfg)                      paths resolved, output dir made, config written, the checkpoint to resume from found
+  run.start_cluster(...)      Ray (or nothing, in-process) and the job's placement group, before any actor
+  run.keep(role)              every role started is kept here and shut down with the run, in reverse order
+  run.reference_group()       the reference server: built only here, replicas replaced up to ray.max_actor_restarts
+  run.begin(learners, ...)    resume (learners, critic, data position), metrics log, start evaluation, progress bar
+  ── the controller's loop: run.end_step(step, metrics) logs, checkpoints and evaluates when due
+  run.finish()                final checkpoint, final_model/, final evaluation, summary.json
+  run.shutdown()              (also on error: ``with Run(cfg) as run``)
+```
+
+Evaluation is the algorithm's ``evaluate(step, tag) -> metrics`` given to ``begin`` (RL: the rollout workers on
+held-out prompts; SFT and DPO: the evaluation worker, and DPO's held-out preference pairs); the run times it, logs
+it and returns ``eval/accuracy``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rlft.config import Config
+from rlft.controller.common import (
+    EpochSampler,
+    RunResult,
+    prepare_output_dir,
+    prune_checkpoints,
+    resolve_paths,
+    resume_path,
+)
+from rlft.distributed.cluster import start_cluster
+from rlft.distributed.placement import job_demands
+from rlft.metrics import MetricsLogger
+
+Evaluate = Callable[[int, str], dict[str, float]]
+
+
+class Run:
+    def __init__(self, cfg: Config):
+        self.started = time.perf_counter()
+        self.cfg = resolve_paths(cfg)
+        self.out_dir = prepare_output_dir(self.cfg)
+        self.ckpt_root = Path(self.cfg.checkpoint_dir)
+        self.resume_from = resume_path(self.cfg, self.ckpt_root)
+        self.placement = None
+        self.roles: list = []
+        self.learners = self.critic = None
+        self.sampler: EpochSampler | None = None
+        self.total_steps = 0
+        self.start_step = 0
+        self.logger: MetricsLogger | None = None
+        self.progress: tqdm | None = None
+        self.eval_accuracy_start: float | None = None
+        self._evaluate: Evaluate | None = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------------------------------------ roles
+
+    def start_cluster(self, **demands) -> None:
+        """Ray and the placement group for the roles the job runs (``job_demands``); checked against the cluster
+        before any actor starts."""
+        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **demands))
+
+    def keep(self, role):
+        """Shut ``role`` down with the run; returns it."""
+        self.roles.append(role)
+        return role
+
+    def release(self, role) -> None:
+        """Shut ``role`` down now (a role needed only at start, e.g. a reference pass over a data set)."""
+        self.roles.remove(role)
+        role.shutdown()
+
+    def reference_group(self):
+        """The reference server, the one place it is built: the job's placement, and replicas that die replaced
+        (their rows scored again) up to ``ray.max_actor_restarts``."""
+        from rlft.reference import ReferenceGroup
+
+        cfg = self.cfg
+        return self.keep(ReferenceGroup(cfg.reference, cfg.model.path, local=cfg.ray.local_mode,
+                                        placement=self.placement, max_restarts=cfg.ray.max_actor_restarts))
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    def begin(
+        self,
+        learners,
+        sampler: EpochSampler,
+        total_steps: int,
+        evaluate: Evaluate | None,
+        critic=None,
+        first_metrics: dict[str, float] | None = None,
+    ) -> int:
+        """Resume if asked (weights, optimizer, RNG, data position), open the metrics log, evaluate the starting
+        policy (a fresh run only), start the progress bar; returns the first step's number minus one."""
+        self.learners, self.critic, self.sampler, self.total_steps = learners, critic, sampler, total_steps
+        self._evaluate = evaluate
+        if self.resume_from:
+            state = learners.load_checkpoint(self.resume_from)
+            if critic is not None:
+                critic.load_checkpoint(self.resume_from / "critic")
+            sampler.load_state(state["data"])
+            self.start_step = state["step"]
+            tqdm.write(f"resumed from {self.resume_from} at step {self.start_step}")
+        self.logger = MetricsLogger(self.cfg, resume_step=self.start_step if self.resume_from else None)
+        if first_metrics:
+            self.logger.log(self.start_step, first_metrics, console=False)
+        if self.start_step == 0:
+            self.eval_accuracy_start = self.evaluate(0, "step0")
+        self.progress = tqdm(total=total_steps, initial=self.start_step, desc=self.cfg.algorithm,
+                             disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
+        return self.start_step
+
+    def steps(self) -> range:
+        """The step numbers still to run."""
+        return range(self.start_step + 1, self.total_steps + 1)
+
+    def evaluate(self, step: int, tag: str) -> float | None:
+        """Run the algorithm's evaluation, log it with its time; ``eval/accuracy`` (None without evaluation)."""
+        if self._evaluate is None:
+            return None
+        t0 = time.perf_counter()
+        metrics = self._evaluate(step, tag)
+        if not metrics:
+            return None
+        self.logger.log(step, {**metrics, "eval/seconds": time.perf_counter() - t0}, console=True)
+        return metrics.get("eval/accuracy")
+
+    def samples_path(self, tag: str) -> Path:
+        """Where an evaluation writes its completions."""
+        return self.out_dir / f"eval_samples_{tag}.jsonl"
+
+    def save_checkpoint(self, step: int) -> None:
+        """Learners (and critic) with the data position at ``step``; older checkpoints pruned to
+        ``checkpoint.keep_last``."""
+        path = self.ckpt_root / f"step_{step:06d}"
+        self.learners.save_checkpoint(path, {"step": step, "data": self.sampler.state()})
+        if self.critic is not None:
+            self.critic.save_checkpoint(path / "critic", {"step": step})
+        prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
+
+    def end_step(self, step: int, metrics: dict[str, float], **postfix: str) -> None:
+        """Log the step, then checkpoint and evaluate when due (the last step's are ``finish``'s)."""
+        cfg = self.cfg
+        self.logger.log(step, metrics)
+        self.progress.update(1)
+        if postfix:
+            self.progress.set_postfix(**postfix)
+        if step < self.total_steps:
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+                self.save_checkpoint(step)
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+                self.evaluate(step, f"step{step}")
+
+    def finish(self) -> RunResult:
+        """Final checkpoint, the Hugging Face model directory, the final evaluation and ``summary.json``."""
+        self.progress.close()
+        self.save_checkpoint(self.total_steps)
+        final_dir = self.learners.save_pretrained(self.out_dir / "final_model")
+        accuracy_end = self.evaluate(self.total_steps, "final")
+        result = RunResult(
+            output_dir=self.out_dir,
+            final_model_dir=final_dir,
+            num_steps=self.total_steps,
+            eval_accuracy_start=self.eval_accuracy_start,
+            eval_accuracy_end=accuracy_end,
+            seconds=time.perf_counter() - self.started,
+        )
+        result.write_summary()
+        return result
+
+    def shutdown(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.logger is not None:
+            self.logger.close()
+        try:
+            for role in reversed(self.roles):
+                role.shutdown()
+        finally:
+            self.roles = []
+            if self.placement is not None:
+                self.placement.remove()
+                self.placement = None

@@ -1,0 +1,58 @@
+"""What an RL step reports besides its loss: rollout figures, the weight sync, engine times by phase, faults."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from rlft.data.prompts import PromptSet
+from rlft.graders.exact import exact_match
+from rlft.rollout import Sample
+
+
+def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.Tensor, step: int) -> dict[str, float]:
+    correct = [exact_match(s.response_text, prompts.answer(s.prompt_index) or "") for s in samples]
+    return {
+        "reward/mean": rewards_S.mean().item(),
+        "reward/std": rewards_S.std().item(),
+        "rollout/num_samples": len(samples),
+        "rollout/response_tokens": sum(len(s.response_token_ids) for s in samples),
+        "rollout/accuracy": sum(correct) / max(len(correct), 1),
+        "rollout/response_tokens_mean": statistics.mean(len(s.response_token_ids) for s in samples),
+        "rollout/truncated_fraction": statistics.mean(s.finish_reason == "length" for s in samples),
+        # Samples come from the weights synced after the previous step: a lag above 0 means stale weights.
+        "rollout/policy_version_lag": step - 1 - min(s.policy_version for s in samples),
+    }
+
+
+def sync_metrics(sync, logprob_gap: float | None = None) -> dict[str, float]:
+    """Seconds, bytes and GB/s of a weight sync (and what the driver received meanwhile). ``logprob_gap``, the
+    largest gap between the learner's recomputed log-probabilities of the sampled tokens and the sampler's own:
+    after a correct sync they agree up to numerics, so this is the check that rollout workers run the learner's
+    weights."""
+    metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s,
+               "sync/driver_bytes": sync.driver_bytes, "sync/load_seconds": sync.load_seconds,
+               "sync/transfer_gb_per_s": sync.transfer_gb_per_s}
+    if logprob_gap is not None:
+        metrics["sync/logprob_max_abs_diff"] = logprob_gap
+    return metrics
+
+
+def mean_metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    keys = [k for k in results[0] if k != "seconds"]
+    return {prefix + k: sum(r[k] for r in results) / len(results) for k in keys}
+
+
+def engine_metrics(*roles) -> dict[str, float]:
+    """``engine/<phase>_seconds``: how long the engines of ``roles`` (facades with ``engine_seconds()``, None
+    skipped) worked in each phase since the last call. Within a role the slowest worker's share counts (workers run
+    side by side); roles add up. Against ``time/<phase>_seconds`` this shows what dispatch, transfers and the
+    controller add (``rlft bench``)."""
+    totals: dict[str, float] = {}
+    for role in roles:
+        if role is None:
+            continue
+        for phase, seconds in role.engine_seconds().items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    return {f"engine/{phase}_seconds": seconds for phase, seconds in totals.items()}

@@ -1,0 +1,40 @@
+"""Rollout samples into the typed batch a policy-gradient update takes."""
+
+from __future__ import annotations
+
+import torch
+
+from rlft.algorithms.policy_loss import PolicyBatch
+from rlft.rollout.types import Sample
+
+
+def policy_batch(
+    samples: list[Sample], advantages_S: torch.Tensor, pad_id: int, width: int
+) -> tuple[PolicyBatch, torch.Tensor]:
+    """Prompt + response rows, right-padded to ``width``, each response token carrying its sample's advantage.
+
+    Returns the batch (``old_logprobs_BT`` and ``ref_logprobs_BT`` still zero, ``loss_weights_BT`` the response
+    mask) and the sampler's log-probabilities of the response tokens, aligned the same way.
+    """
+    num = len(samples)
+    input_ids_BT = torch.full((num, width), pad_id, dtype=torch.long)
+    attention_BT = torch.zeros((num, width), dtype=torch.long)
+    response_BT = torch.zeros((num, width), dtype=torch.float32)
+    sampler_logprobs_BT = torch.zeros((num, width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        start, stop = len(s.prompt_token_ids), len(s.prompt_token_ids) + len(s.response_token_ids)
+        input_ids_BT[row, :stop] = torch.tensor(s.prompt_token_ids + s.response_token_ids)
+        attention_BT[row, :stop] = 1
+        response_BT[row, start:stop] = 1.0
+        sampler_logprobs_BT[row, start:stop] = torch.tensor(s.response_logprobs, dtype=torch.float32)
+    zeros_BT = torch.zeros((num, width), dtype=torch.float32)
+    batch = PolicyBatch(
+        input_ids_BT=input_ids_BT,
+        attention_mask_BT=attention_BT,
+        position_ids_BT=torch.arange(width).expand(num, width).clone(),
+        loss_weights_BT=response_BT,
+        old_logprobs_BT=zeros_BT,
+        advantages_BT=advantages_S[:, None] * response_BT,
+        ref_logprobs_BT=zeros_BT.clone(),
+    )
+    return batch, sampler_logprobs_BT

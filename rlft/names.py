@@ -1,0 +1,47 @@
+"""Names every process shares: the phases of a step and the roles of a job, one enum each.
+
+The controller times its phases with them, every role actor times its engine work under the phase that work belongs
+to, and ``rlft bench`` reads both back (``time/<phase>_seconds`` and ``engine/<phase>_seconds``). Placement,
+restarts and fault metrics name roles with ``Role``. Imports nothing, so any process (and the config) can use it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Name(str, Enum):
+    """A name that prints as itself (``f"{Role.ROLLOUT}"`` is ``rollout``) and equals its string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Phase(_Name):
+    """Phases of a step, in the order a step runs them (``rlft bench`` keeps this order)."""
+
+    DATA = "data"
+    GENERATE = "generate"
+    GRADE = "grade"
+    PAIRS = "pairs"
+    ADVANTAGES = "advantages"
+    OLD_LOGPROBS = "old_logprobs"
+    VALUES = "values"
+    REFERENCE = "reference"
+    UPDATE = "update"
+    SYNC = "sync"
+    # Outside a step: the reference pass of a whole preference data set, and scoring sequences for evaluation.
+    REFERENCE_CACHE = "reference_cache"
+    SCORE = "score"
+
+
+class Role(_Name):
+    """Roles of a job: each a group of actors with its own resources (``rlft/distributed/placement.py``)."""
+
+    LEARNERS = "learners"
+    CRITIC = "critic"
+    ROLLOUT = "rollout"
+    GRADERS = "graders"
+    REFERENCE = "reference"
