@@ -292,7 +292,32 @@ def markdown(report: dict) -> str:
         f"DPO: `{report['dpo_command']}`",
         "",
     ]
+    by_transport = report.get("weight_sync_by_transport") or {}
+    if by_transport:
+        lines += [
+            "## Weight sync by transport (the GRPO job, `rollout.weight_transport`)",
+            "",
+            "| transport | sync s | GB/s | of which engine reload s | transfer GB/s | driver received per step |",
+            "|---|---|---|---|---|---|",
+        ]
+        for transport, f in by_transport.items():
+            lines.append(f"| {transport} | {_fmt(f.get('weight_sync_seconds'), 's')} | "
+                         f"{_fmt(f.get('weight_sync_gb_per_second'), 'GB/s')} | "
+                         f"{_fmt(f.get('weight_sync_load_seconds'), 's')} | "
+                         f"{_fmt(f.get('weight_sync_transfer_gb_per_second'), 'GB/s')} | "
+                         f"{_fmt(f.get('driver_received_bytes'), 'B')} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def sync_figures(bench: dict) -> dict:
+    """The weight-sync figures of one ``rlft bench`` report, and what the driver received per step."""
+    figures = bench["figures"]
+    keys = ("weight_sync_seconds", "weight_sync_gb_per_second", "weight_sync_load_seconds",
+            "weight_sync_transfer_gb_per_second", "weight_sync_share_of_memcpy")
+    out = {key: figures.get(key) for key in keys}
+    out["driver_received_bytes"] = figures.get("driver_received_bytes")
+    return out
 
 
 def main() -> None:
@@ -309,6 +334,9 @@ def main() -> None:
                         help="overrides of the GRPO job (bare vLLM follows them)")
     parser.add_argument("--dpo", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides of the DPO job")
+    parser.add_argument("--transports", nargs="*", default=None, metavar="TRANSPORT",
+                        help="weight transports to bench the GRPO job with besides its own (default: collective and "
+                             "cuda_ipc on cuda, collective on cpu)")
     args = parser.parse_args()
     if args.repeats < 1:
         raise SystemExit(f"--repeats: need at least 1, got {args.repeats}")
@@ -333,6 +361,13 @@ def main() -> None:
     grpo, grpo_command = run_bench("grpo", GRPO_CONFIG, grpo_overrides, args)
     dpo_overrides = [f"model.path={url}", *DPO_OVERRIDES, *([] if cpu else DPO_GPU_OVERRIDES), *QUIET, *args.dpo]
     dpo, dpo_command = run_bench("dpo", DPO_CONFIG, dpo_overrides, args)
+    transports = args.transports if args.transports is not None else (["collective"] if cpu else
+                                                                       ["collective", "cuda_ipc"])
+    weight_sync = {"object_store": sync_figures(grpo)}
+    for transport in transports:
+        other, _ = run_bench(f"grpo_{transport}", GRPO_CONFIG,
+                             [*grpo_overrides, f"rollout.weight_transport={transport}"], args)
+        weight_sync[transport] = sync_figures(other)
     print(f"bare vLLM: {args.repeats} batches after a warm-up", flush=True)
     bare = bare_vllm(load_config(GRPO_CONFIG, grpo_overrides), args.repeats)
 
@@ -355,6 +390,7 @@ def main() -> None:
         "grpo_command": grpo_command,
         "dpo": dpo,
         "dpo_command": dpo_command,
+        "weight_sync_by_transport": weight_sync,
     }
     (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)

@@ -222,6 +222,8 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         "weight_sync_load_seconds": _median([r["sync/load_seconds"] for r in records if "sync/load_seconds" in r]),
         "weight_sync_transfer_gb_per_second": _median(
             [r["sync/transfer_gb_per_s"] for r in records if "sync/transfer_gb_per_s" in r]),
+        # What role calls handed back to the driver per step: samples, grades, handles, metrics; no payloads.
+        "driver_received_bytes": _median([r["driver/received_bytes"] for r in records if "driver/received_bytes" in r]),
         "orchestration_overhead": _median(overheads),
         "samples_per_second": _median([r["rollout/num_samples"] / r["time/step_seconds"] for r in records
                                        if "rollout/num_samples" in r]),
@@ -327,6 +329,8 @@ def markdown(result: BenchResult) -> str:
         f"| weight sync | {_fmt(h['weight_sync_seconds'])} s, {_fmt(h['weight_sync_gb_per_second'])} GB/s "
         f"({_fmt(100 * h['weight_sync_share_of_memcpy']) if h.get('weight_sync_share_of_memcpy') else '-'} % of this "
         f"machine's memcpy, {_fmt(h.get('memcpy_gb_per_second'))} GB/s) |",
+        f"| driver received per step (samples, grades, handles, metrics) | "
+        f"{_fmt(h.get('driver_received_bytes'))} bytes |",
         f"| samples per second (whole step) | {_fmt(h['samples_per_second'])} |",
         f"| orchestration overhead (step / engine sum) | {_fmt(h['orchestration_overhead'])} |",
         "",

@@ -481,6 +481,13 @@ def validate(cfg: Config) -> None:
             f"ray.local_mode: runs every role in one process, so learner.num_learners must be 1, "
             f"got {cfg.learner.num_learners}"
         )
+    transport = cfg.rollout.weight_transport
+    if transport == "collective" and cfg.ray.local_mode:
+        raise ConfigError("rollout.weight_transport: collective broadcasts between processes, which ray.local_mode "
+                          "does not have; use object_store")
+    if transport == "cuda_ipc" and (cfg.learner.num_gpus_per_learner == 0 or cfg.rollout.num_gpus_per_worker == 0):
+        raise ConfigError("rollout.weight_transport: cuda_ipc shares GPU memory, so it needs GPU learners and rollout "
+                          "workers on the same GPU (learner.num_gpus_per_learner and rollout.num_gpus_per_worker > 0)")
     if cfg.algorithm in ("grpo", "ppo"):
         _validate_rl(cfg)
     if cfg.algorithm in ("dpo", "online_dpo"):

@@ -72,12 +72,21 @@ def test_int_widens_to_float():
         ("learner.num_learners=0", "learner.num_learners: must be positive"),
         ("learner.backend=nccl", "learner.backend: nccl needs learner.num_gpus_per_learner > 0"),
         ("eval.extract_pattern=(\\d+", "eval.extract_pattern: not a regular expression"),
+        ("rollout.weight_transport=nccl", "rollout.weight_transport: expected one of"),
+        ("rollout.weight_transport=cuda_ipc", "rollout.weight_transport: cuda_ipc shares GPU memory"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_collective_weight_transport_needs_processes():
+    with pytest.raises(ConfigError, match="rollout.weight_transport: collective broadcasts between processes"):
+        load_config(None, ["rollout.weight_transport=collective", "ray.local_mode=true", "learner.num_learners=1"])
+    with pytest.raises(ConfigError, match="rollout.weight_sync_timeout_s: must be positive"):
+        load_config(ROOT / "configs/grpo_tiny.yaml", ["rollout.weight_sync_timeout_s=0"])
 
 
 def test_batch_arithmetic_checked():

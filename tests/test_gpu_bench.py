@@ -37,6 +37,13 @@ def test_gpu_bench_reports_positive_figures_and_the_ratio_to_bare_vllm(tmp_path)
     for name in ("step_seconds", "reference_tokens_per_second", "training_tokens_per_second"):
         assert dpo[name] > 0, name
 
+    # Every transport carried the weights, and the driver saw no payload.
+    by_transport = report["weight_sync_by_transport"]
+    assert set(by_transport) == {"object_store", "collective", "cuda_ipc"}
+    for transport, figures in by_transport.items():
+        assert figures["weight_sync_gb_per_second"] > 0, transport
+        assert figures["driver_received_bytes"] < 10 * 2**20, transport
+
     rollout = report["rollout_vs_bare_vllm"]
     assert rollout["bare_vllm_tokens_per_second"] > 0
     assert rollout["engine_ratio"] > 0
