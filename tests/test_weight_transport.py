@@ -27,7 +27,8 @@ from rlft.rollout import RolloutConfig
 from rlft.rollout.group import RolloutGroup
 from rlft.tiny import resolve
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+# About 80 s: two learners, two vLLM workers, a stopped worker waited out.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 ROWS_PER_STEP = 8
 BUCKET_BYTES = 256 * 1024  # small buckets, so a sync takes many broadcasts
@@ -47,7 +48,7 @@ def roles(ray_cluster, tiny_model_dir):
     batch = normalize_loss_weights(collate(rows, tokenizer.pad_token_id))
     learners = LearnerGroup(cfg, total_steps=10)
     rollout_cfg = RolloutConfig(num_rollout_workers=2, num_cpus_per_worker=0.5, weight_transport="collective",
-                                weight_sync_bucket_mib=BUCKET_BYTES / 2**20, weight_sync_timeout_s=15)
+                                weight_sync_bucket_mib=BUCKET_BYTES / 2**20, weight_sync_timeout_s=8)
     rollout = RolloutGroup(tiny_model_dir, rollout_cfg)
     sequences = [row.input_ids for row in rows[:4]]
     yield learners, rollout, batch, sequences, tiny_model_dir
