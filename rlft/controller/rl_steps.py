@@ -16,7 +16,13 @@ from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyLoss
 from rlft.config import Config, ConfigError
 from rlft.controller.common import EpochSampler
-from rlft.controller.evaluation import extracted_accuracy, held_out_accuracy
+from rlft.controller.evaluation import (
+    EvalResult,
+    extracted_accuracy,
+    held_out_accuracy,
+    result_metrics,
+    write_samples,
+)
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
@@ -161,16 +167,13 @@ def with_aggregation_weights(batch, cfg: Config):
 def evaluate(job: RLJob, step: int, tag: str) -> dict[str, float]:
     """Held-out accuracy with the rollout workers' current weights: greedy, and sampled when ``eval.num_samples``
     > 0; the greedy completions are saved beside the metrics."""
-    import json
-
     ev = job.cfg.eval
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=ev.max_new_tokens)
     accuracy, _, mean_tokens, records = held_out_accuracy(job.rollout, job.eval_prompts, greedy)
-    with job.run.samples_path(tag).open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    metrics = {"eval/accuracy": accuracy, "eval/num_examples": len(records), "eval/mean_completion_tokens": mean_tokens}
-    if ev.extract_pattern:
-        metrics["eval/extracted_accuracy"] = extracted_accuracy(records, ev.extract_pattern)
+    result = EvalResult(accuracy, len(records), mean_tokens, records,
+                        extracted_accuracy(records, ev.extract_pattern) if ev.extract_pattern else None)
+    write_samples(job.run.samples_path(tag), result)
+    metrics = result_metrics(result)
     if ev.num_samples:
         sampling = SamplingConfig(
             temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=job.cfg.trainer.seed + 1

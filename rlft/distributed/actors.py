@@ -154,10 +154,6 @@ def payload_bytes(value: Any, _depth: int = 0) -> int:
     return 8  # numbers, None, object references, handles
 
 
-def _get(refs):
-    return DRIVER_INBOX.add(ray.get(refs))
-
-
 def wait(refs, timeout_s: float | None = None):
     """``ray.get`` that also accepts the results of local calls (one ref or a list)."""
     if isinstance(refs, list):
@@ -222,7 +218,7 @@ def wait_each(refs, timeout_s: float | None = None):
         if not ready:
             raise ray.exceptions.GetTimeoutError(f"{len(pending)} calls not done within {timeout_s} s")
         ray.get(ready)  # raises the call's error now
-    return _get(refs)
+    return _get_within(refs, None)
 
 
 def kill(handles: list) -> None:

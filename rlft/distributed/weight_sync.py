@@ -36,18 +36,19 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Union, get_args
 
 import numpy as np
 import ray
 import torch
 
 from rlft.errors import WeightSyncError
+from rlft.rollout.config import WeightTransport
 
 # Tensors start at multiples of this many bytes in a bucket's buffer, so every dtype can be viewed in place.
 _ALIGN_BYTES = 64
 
-TRANSPORTS = ("object_store", "collective", "cuda_ipc")
+TRANSPORTS = get_args(WeightTransport)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,6 @@ class SyncStats:
 
     seconds: float
     num_bytes: int
-    gb_per_s: float
     num_buckets: int
     transport: str
     # What the driver received while syncing (handles, versions): it must stay tiny next to ``num_bytes``.
@@ -151,14 +151,17 @@ class SyncStats:
     load_seconds: float = 0.0
 
     @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / self.seconds / 1e9
+
+    @property
     def transfer_gb_per_s(self) -> float:
         return self.num_bytes / max(self.seconds - self.load_seconds, 1e-9) / 1e9
 
     @classmethod
     def since(cls, start_s: float, handle: WeightHandle, driver_bytes: int = 0, load_seconds: float = 0.0) -> SyncStats:
-        seconds = time.perf_counter() - start_s
-        return cls(seconds, handle.num_bytes, handle.num_bytes / seconds / 1e9, len(handle.tables), handle.transport,
-                   driver_bytes, load_seconds)
+        return cls(time.perf_counter() - start_s, handle.num_bytes, len(handle.tables), handle.transport, driver_bytes,
+                   load_seconds)
 
 
 # --------------------------------------------------------------------------------------------- bucket planning

@@ -142,9 +142,7 @@ class LearnerGroup:
         ``sampler_logprobs_BT`` on the response tokens (nan without them)."""
         if self.spec.head != "lm":
             raise TypeError("keep_logprobs needs a causal-LM learner group; this one is a critic")
-        if batch.num_rows % self.world_size:
-            raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
-        shards = batch.split(self.world_size)
+        shards = self._even_shards(batch)
         compare = [None] * self.world_size if sampler_logprobs_BT is None else sampler_logprobs_BT.chunk(self.world_size)
         results = self._wait([w.logprobs_kept.remote(s, c) for w, s, c in zip(self.workers, shards, compare)])
         parts = tuple((ref, shard.num_rows) for (ref, _), shard in zip(results, shards))
@@ -157,10 +155,14 @@ class LearnerGroup:
         return self._per_token_outputs(batch)
 
     def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
+        shards = self._even_shards(batch)
+        return torch.cat(self._wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
+
+    def _even_shards(self, batch: TokenBatch) -> list[TokenBatch]:
+        """The batch's rows in one contiguous share per rank (any row count that divides evenly)."""
         if batch.num_rows % self.world_size:
             raise ValueError(f"{batch.num_rows} rows do not split evenly over {self.world_size} learners")
-        shards = batch.split(self.world_size)
-        return torch.cat(self._wait([w.per_token_outputs.remote(s) for w, s in zip(self.workers, shards)]))
+        return batch.split(self.world_size)
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by kind: ``train``, ``forward``, ``export`` (the slowest
@@ -178,13 +180,16 @@ class LearnerGroup:
         ``object_store`` and ``cuda_ipc``: returns once every bucket is out. ``collective``: returns at once with
         the ranks' sending calls in ``handle.sending``; the buckets flow while the consumers receive them (the group
         must have been opened with ``open_weight_group``)."""
-        tables = tuple(self._wait(self.workers[0].weight_tables.remote(bucket_bytes)))
-        calls = [w.publish_weights.remote(version, transport, bucket_bytes) for w in self.workers]
         if transport == "collective":
             if self._weight_spec is None:
                 raise WeightSyncError("collective weight transport: the weight group is not open (open_weight_group)")
-            return WeightHandle(version, transport, tables, collective=self._weight_spec, sending=tuple(calls))
-        emitted = {index: out for per_rank in self._wait(calls) for index, out in per_rank.items()}
+            # The consumers need the tables before the broadcast ends, so they are asked for first.
+            tables = tuple(self._wait(self.workers[0].weight_tables.remote(bucket_bytes)))
+            sending = tuple(w.publish_weights.remote(transport, bucket_bytes) for w in self.workers)
+            return WeightHandle(version, transport, tables, collective=self._weight_spec, sending=sending)
+        results = self._wait([w.publish_weights.remote(transport, bucket_bytes) for w in self.workers])
+        tables = tuple(results[0][0])
+        emitted = {index: out for _, per_rank in results for index, out in per_rank.items()}
         in_order = tuple(emitted[index] for index in range(len(tables)))
         if transport == "object_store":
             return WeightHandle(version, transport, tables, bucket_refs=in_order)

@@ -258,16 +258,17 @@ class LearnerWorker:
         self._weight_group = None
         self._weight_group = WeightGroup(spec, 0)
 
-    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> dict:
+    def publish_weights(self, transport: str, bucket_bytes: int) -> tuple[list, dict]:
         """Publish this version's weights bucket by bucket; every rank must call it (under ZeRO-3 each parameter is
         gathered in turn, so no rank ever holds a second full copy). A bucket's owner fills it in a reused scratch
         buffer and emits it: ``object_store``, bucket k is put by rank k mod world size (the ranks share the work);
         ``collective``, rank 0 broadcasts every bucket on the weight group; ``cuda_ipc``, rank 0 keeps each bucket
-        on the GPU and shares an IPC handle. Returns what this rank emitted, by bucket index."""
+        on the GPU and shares an IPC handle. Returns the bucket tables and what this rank emitted, by bucket
+        index."""
         with self.clock.phase(Phase.SYNC):
             return self._publish_weights(transport, bucket_bytes)
 
-    def _publish_weights(self, transport: str, bucket_bytes: int) -> dict:
+    def _publish_weights(self, transport: str, bucket_bytes: int) -> tuple[list, dict]:
         import ray
 
         from rlft.distributed.weight_sync import WeightBucket, fill_bucket
@@ -299,7 +300,7 @@ class LearnerWorker:
                 emitted[index] = ray.put(bucket) if ray.is_initialized() else WeightBucket(table, buffer.numpy().copy())
             else:
                 self._weight_group.broadcast(buffer)
-        return emitted
+        return tables, emitted
 
     def _scratch_buffer(self, num_bytes: int, device: str) -> torch.Tensor:
         """A reused byte buffer of at least ``num_bytes`` (fresh pages cost more than the copy itself)."""

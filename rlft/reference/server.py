@@ -54,14 +54,9 @@ class ReferenceWorker:
             raise KeyError(f"weights the reference model does not have: {result.unexpected_keys[:5]}")
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU)."""
-        with self.clock.phase(Phase.REFERENCE):
-            return self._logprobs(batch)
-
-    @torch.no_grad()
     def logprobs_kept(self, batch: TokenBatch):
-        """``logprobs`` kept in the object store: only the reference travels back."""
+        """``logprobs_BT`` of every token of ``batch`` under the reference model (float32, on the CPU), kept in the
+        object store: only the reference travels back."""
         with self.clock.phase(Phase.REFERENCE):
             return keep_here(self._logprobs(batch))
 
@@ -101,13 +96,8 @@ class ReferenceGroup:
         return self.workers.restarts
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        bounds = balanced_chunks(batch.num_rows, len(self.workers))
-        calls = [
-            (slot, lambda w, part=batch.rows(lo, hi): w.logprobs.remote(part))
-            for slot, (lo, hi) in enumerate(bounds)
-            if hi > lo
-        ]
-        return torch.cat(self.workers.call(calls))
+        """``logprobs_BT`` brought to the caller (a reference pass over a whole data set, e.g. DPO's cache)."""
+        return self.keep_logprobs(batch).resolve()
 
     def keep_logprobs(self, batch: TokenBatch) -> RemoteRows:
         """``logprobs_BT`` of the batch's rows, left in the object store for the learners to fetch

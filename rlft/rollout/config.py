@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from rlft.errors import ConfigError
+
+
+# How new weights reach the workers (``rollout.weight_transport``; ``rlft/distributed/weight_sync.py``).
+WeightTransport = Literal["object_store", "collective", "cuda_ipc"]
 
 
 @dataclass
@@ -48,7 +52,7 @@ class RolloutConfig:
     # How new weights reach the workers (``rlft/distributed/weight_sync.py``): ``object_store`` (the learner puts
     # buckets, workers map them; CPU and across nodes), ``collective`` (a broadcast group of learner rank 0 and the
     # workers: gloo on CPU, NCCL on GPU; needs Ray) or ``cuda_ipc`` (workers on the learner's GPU).
-    weight_transport: Literal["object_store", "collective", "cuda_ipc"] = "object_store"
+    weight_transport: WeightTransport = "object_store"
     # Weights move in buckets of at most this size (a bigger tensor goes alone).
     weight_sync_bucket_mib: float = 64.0
     # A weight sync that a worker (or the learner) has not finished after this long fails, naming that peer.
@@ -92,9 +96,9 @@ def validate_rollout_config(cfg: RolloutConfig, path: str = "rollout") -> None:
     )
     check(cfg.weight_sync_timeout_s > 0, "weight_sync_timeout_s", f"must be positive, got {cfg.weight_sync_timeout_s}")
     check(
-        cfg.weight_transport in ("object_store", "collective", "cuda_ipc"),
+        cfg.weight_transport in get_args(WeightTransport),
         "weight_transport",
-        f"must be object_store, collective or cuda_ipc, got {cfg.weight_transport!r}",
+        f"must be one of {', '.join(get_args(WeightTransport))}, got {cfg.weight_transport!r}",
     )
     check(sampling.temperature >= 0, "sampling.temperature", f"must not be negative, got {sampling.temperature}")
     check(0 < sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")

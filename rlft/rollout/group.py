@@ -199,18 +199,18 @@ class RolloutGroup:
     def _receive_collective(self, handle) -> list[dict[str, float]]:
         """The workers receive ``handle`` over the weight group while the learner ranks send; their timings."""
         calls = {f"learner rank {rank}": ref for rank, ref in enumerate(handle.sending)}
-        calls.update({f"rollout worker {slot}": w.update_weights.remote(handle)
-                      for slot, w in enumerate(self.workers.handles)})
+        slots = {f"rollout worker {slot}": slot for slot in range(self.num_workers)}
+        calls.update({name: self.workers.handles[slot].update_weights.remote(handle) for name, slot in slots.items()})
         try:
             results = wait_peers(calls, self.cfg.weight_sync_timeout_s + _PEER_MARGIN_S,
                        f"weights version {handle.version} over the weight group (generation "
                        f"{handle.collective.generation})")
         except WeightSyncError as err:
             for name, failure in err.failed.items():
-                if isinstance(failure, RayActorError) and name.startswith("rollout worker "):
-                    self.workers.replace(int(name.rsplit(" ", 1)[1]), type(failure).__name__)
+                if isinstance(failure, RayActorError) and name in slots:
+                    self.workers.replace(slots[name], type(failure).__name__)
             raise
-        return [result for name, result in results.items() if name.startswith("rollout worker ")]
+        return [results[name] for name in slots]
 
     def shutdown(self) -> None:
         self.workers.shutdown()
