@@ -161,6 +161,10 @@ class RayConfig:
     max_actor_restarts: int = 3
     # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
     # (one learner only).
+    # How many times a learner (or critic) actor may die during the run: every rank of the group is started again
+    # (ZeRO state is sharded), the latest checkpoint of the run is loaded (or the starting weights, before the first
+    # checkpoint) and the steps since are redone in the same job; one death more stops the job.
+    max_learner_restarts: int = 1
     local_mode: bool = False
 
 
@@ -525,6 +529,7 @@ def _validate_rl(cfg: Config) -> None:
     rl = cfg.rl
     for name in ("num_prompts_per_step", "num_samples_per_prompt", "num_mini_batches", "num_epochs_per_step"):
         if getattr(rl, name) <= 0:
+    non_negative("ray.max_learner_restarts", cfg.ray.max_learner_restarts)
             raise ConfigError(f"rl.{name}: must be positive, got {getattr(rl, name)}")
     if cfg.algorithm == "grpo" and rl.num_samples_per_prompt < 2:
         raise ConfigError("rl.num_samples_per_prompt: GRPO compares samples of a prompt, so it needs at least 2")

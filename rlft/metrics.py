@@ -23,15 +23,27 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
         self.console_every_n_steps = cfg.logging.console_every_n_steps
-        kept = []
-        if resume and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        kept = self._records_until(resume_step) if resume and self.path.exists() else []
         self._file = self.path.open("w")
         self._file.writelines(kept)
         self._wandb = None
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             self._wandb = _start_wandb(cfg, self.output_dir, resume)
+
+    def _records_until(self, step: int) -> list[str]:
+        return [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+
+    def rewind(self, step: int) -> None:
+        """The run goes back to the checkpoint of ``step`` (a learner was restarted) and redoes the steps after it:
+        their records are dropped from the file, as on resume, so every step appears once, as redone. Weights &
+        Biases cannot take back what it was sent: it keeps the first records of the redone steps and ignores the
+        repeats (its steps only go forward)."""
+        self._file.close()
+        kept = self._records_until(step)
+        self._file = self.path.open("w")
+        self._file.writelines(kept)
+        self._file.flush()
 
     def log(self, step: int, metrics: dict[str, float], console: bool | None = None) -> None:
         record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}

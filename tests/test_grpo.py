@@ -97,13 +97,13 @@ def test_bad_grader_config_stops_before_actors(tmp_path):
 
 
 def test_killed_learner_stops_the_job_and_resume_continues_exactly(grpo_run, sft_demo_run, fixed_prompts, tmp_path):
-    """The job of ``grpo_run`` again, with a learner killed (SIGKILL) in the middle of step 6: the job stops
-    cleanly, naming the step-5 checkpoint; `checkpoint.resume=auto` then runs steps 6-15. Every step is logged once
-    and equals the uninterrupted run's (data position, RNG, optimizer state and policy version restored; samples are
-    seeded by policy version)."""
+    """The job of ``grpo_run`` again, with a learner killed (SIGKILL) in the middle of step 6 and no learner restart
+    allowed (``ray.max_learner_restarts=0``): the job stops cleanly, naming the budget and the step-5 checkpoint;
+    `checkpoint.resume=auto` then runs steps 6-15. Every step is logged once and equals the uninterrupted run's
+    (data position, RNG, optimizer state and policy version restored; samples are seeded by policy version)."""
     args = grpo_args(sft_demo_run, fixed_prompts)
     out, log = tmp_path / "run", tmp_path / "killed.log"
-    killed = rlft_popen(*args, f"logging.output_dir={out}", cwd=tmp_path, log=log)
+    killed = rlft_popen(*args, "ray.max_learner_restarts=0", f"logging.output_dir={out}", cwd=tmp_path, log=log)
     try:
         checkpoint = out / "checkpoints/step_000005"
         wait_until(lambda: (checkpoint / "trainer_state.json").exists(), "the step-5 checkpoint", proc=killed, log=log)
@@ -113,6 +113,7 @@ def test_killed_learner_stops_the_job_and_resume_continues_exactly(grpo_run, sft
         killed.kill()
     output = log.read_text()
     assert "rlft: job stopped: a learner actor died" in output
+    assert "the restart budget ray.max_learner_restarts = 0 is spent" in output
     assert f"the last checkpoint is {checkpoint}" in output and "checkpoint.resume=auto" in output
 
     resumed = run_rlft(*args, "checkpoint.resume=auto", f"logging.output_dir={out}", cwd=tmp_path)

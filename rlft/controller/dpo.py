@@ -213,30 +213,31 @@ def dpo(cfg: Config) -> RunResult:
         if cfg.logging.engine_times:
             engine_metrics(reference)  # start-up is not the first step's work
         for step in run.steps():
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            with timer.phase(Phase.DATA):
-                batch = pair_batch(pairs, sampler.next_batch(), pad_id, ref_sums)
-            if reference is not None:
-                with timer.phase(Phase.REFERENCE):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=reference.keep_logprobs(batch))
-            with timer.phase(Phase.UPDATE):
-                result = learners.train_step(batch, loss)
-            m = result.metrics
-            metrics = {
-                **{f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards",
-                                                "chosen_logps", "rejected_logps", "grad_norm", "lr")},
-                "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
-                **timer.metrics(),
-                "time/step_seconds": time.perf_counter() - step_start,
-                "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
-                "train/batch_tokens": m["num_tokens"],
-                "train/update_tokens": m["num_tokens"],
-                # The slowest rank's time inside DeepSpeed (ranks wait for each other).
-                "engine/update_seconds": result.seconds_slowest_rank,
-                **(engine_metrics(reference) if cfg.logging.engine_times else {}),
-            }
-            if reference is not None:
-                metrics["faults/reference_restarts"] = reference.restarts
-            run.end_step(step, metrics, loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
+            with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                with timer.phase(Phase.DATA):
+                    batch = pair_batch(pairs, sampler.next_batch(), pad_id, ref_sums)
+                if reference is not None:
+                    with timer.phase(Phase.REFERENCE):
+                        batch = dataclasses.replace(batch, ref_logprobs_BT=reference.keep_logprobs(batch))
+                with timer.phase(Phase.UPDATE):
+                    result = learners.train_step(batch, loss)
+                m = result.metrics
+                metrics = {
+                    **{f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards",
+                                                    "chosen_logps", "rejected_logps", "grad_norm", "lr")},
+                    "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
+                    **timer.metrics(),
+                    "time/step_seconds": time.perf_counter() - step_start,
+                    "perf/tokens_per_second": m["num_tokens"] / timer.seconds["update"],
+                    "train/batch_tokens": m["num_tokens"],
+                    "train/update_tokens": m["num_tokens"],
+                    # The slowest rank's time inside DeepSpeed (ranks wait for each other).
+                    "engine/update_seconds": result.seconds_slowest_rank,
+                    **(engine_metrics(reference) if cfg.logging.engine_times else {}),
+                }
+                if reference is not None:
+                    metrics["faults/reference_restarts"] = reference.restarts
+                run.end_step(step, metrics, loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
         return run.finish()

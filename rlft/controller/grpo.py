@@ -83,55 +83,57 @@ def grpo(cfg: Config) -> RunResult:
         cfg, rl = run.cfg, run.cfg.rl
         loss = make_policy_loss(cfg, kl_in_loss=True)
         for step in run.steps():
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            indices = run.sampler.next_batch()
+            with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                indices = run.sampler.next_batch()
 
-            samples, graded = generate_and_grade(job, indices, timer)
-            rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
+                samples, graded = generate_and_grade(job, indices, timer)
+                rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
-            with timer.phase(Phase.ADVANTAGES):
-                batch, sampler_logprobs_BT = policy_batch(
-                    samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                with timer.phase(Phase.ADVANTAGES):
+                    batch, sampler_logprobs_BT = policy_batch(
+                        samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
+                    )
+                    batch = batch.trimmed()
+                    batch = dataclasses.replace(
+                        batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
+                    )
+                    sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+                # Log-probabilities stay on the learners and the reference server: the batch holds references.
+                with timer.phase(Phase.OLD_LOGPROBS):
+                    old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
+                    batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
+                if job.reference is not None:
+                    with timer.phase(Phase.REFERENCE):
+                        batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
+
+                with timer.phase(Phase.UPDATE):
+                    results = [
+                        job.learners.train_step(with_aggregation_weights(mini, cfg), loss).metrics
+                        for _ in range(rl.num_epochs_per_step)
+                        for mini in batch.split(rl.num_mini_batches)
+                    ]
+                with timer.phase(Phase.SYNC):
+                    sync = job.rollout.sync_from(job.learners, step)
+
+                response_BT = batch.loss_weights_BT != 0
+                end_rl_step(
+                    job,
+                    step,
+                    {
+                        **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
+                        "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
+                        **sync_metrics(sync, logprob_gap),
+                        **mean_metrics(results, "train/"),
+                        **graded.metrics(),
+                        **timer.metrics(),
+                        "time/step_seconds": time.perf_counter() - step_start,
+                        "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                        "train/batch_tokens": batch.num_tokens,
+                        "train/update_tokens": batch.num_tokens * rl.num_epochs_per_step,
+                        "perf/update_tokens_per_second":
+                            batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
+                    },
                 )
-                batch = batch.trimmed()
-                batch = dataclasses.replace(
-                    batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
-                )
-                sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
-            # Log-probabilities stay on the learners and the reference server: the batch holds references.
-            with timer.phase(Phase.OLD_LOGPROBS):
-                old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
-                batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
-            if job.reference is not None:
-                with timer.phase(Phase.REFERENCE):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
-
-            with timer.phase(Phase.UPDATE):
-                results = [
-                    job.learners.train_step(with_aggregation_weights(mini, cfg), loss).metrics
-                    for _ in range(rl.num_epochs_per_step)
-                    for mini in batch.split(rl.num_mini_batches)
-                ]
-            with timer.phase(Phase.SYNC):
-                sync = job.rollout.sync_from(job.learners, step)
-
-            response_BT = batch.loss_weights_BT != 0
-            end_rl_step(
-                job,
-                step,
-                {
-                    **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
-                    "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
-                    **sync_metrics(sync, logprob_gap),
-                    **mean_metrics(results, "train/"),
-                    **graded.metrics(),
-                    **timer.metrics(),
-                    "time/step_seconds": time.perf_counter() - step_start,
-                    "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
-                    "train/batch_tokens": batch.num_tokens,
-                    "train/update_tokens": batch.num_tokens * rl.num_epochs_per_step,
-                    "perf/update_tokens_per_second": batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
-                },
-            )
         return run.finish()

@@ -57,43 +57,44 @@ def online_dpo(cfg: Config) -> RunResult:
         pad_id = job.tokenizer.pad_token_id
         loss = loss_of(cfg)
         for step in run.steps():
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            indices = run.sampler.next_batch()
-            samples, graded = generate_and_grade(job, indices, timer)
-            rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
+            with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                indices = run.sampler.next_batch()
+                samples, graded = generate_and_grade(job, indices, timer)
+                rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
-            with timer.phase(Phase.PAIRS):
-                pairs, num_ties = best_and_worst(samples, rewards_PG)
-            update: dict[str, float] = {}
-            if len(pairs):
-                with timer.phase(Phase.REFERENCE):
-                    # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
-                    order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
-                    batch = pair_batch(pairs, order, pad_id, None, num_weighted=len(pairs))
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
-                with timer.phase(Phase.UPDATE):
-                    m = job.learners.train_step(batch, loss).metrics
-                update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
-                                                        "rejected_logps", "grad_norm", "lr")}
-                update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
-            with timer.phase(Phase.SYNC):
-                sync = job.rollout.sync_from(job.learners, step)
-                if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
-                    job.reference.sync_from(job.learners, step)
+                with timer.phase(Phase.PAIRS):
+                    pairs, num_ties = best_and_worst(samples, rewards_PG)
+                update: dict[str, float] = {}
+                if len(pairs):
+                    with timer.phase(Phase.REFERENCE):
+                        # Fill the step with weight-0 copies of the first pair; the real pairs share the weight.
+                        order = list(range(len(pairs))) + [0] * (num_pairs - len(pairs))
+                        batch = pair_batch(pairs, order, pad_id, None, num_weighted=len(pairs))
+                        batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
+                    with timer.phase(Phase.UPDATE):
+                        m = job.learners.train_step(batch, loss).metrics
+                    update = {f"train/{k}": m[k] for k in ("loss", "accuracy", "margin", "chosen_logps",
+                                                            "rejected_logps", "grad_norm", "lr")}
+                    update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
+                with timer.phase(Phase.SYNC):
+                    sync = job.rollout.sync_from(job.learners, step)
+                    if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
+                        job.reference.sync_from(job.learners, step)
 
-            end_rl_step(
-                job,
-                step,
-                {
-                    **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
-                    "pairs/num": len(pairs),
-                    "pairs/ties_dropped": num_ties,
-                    **update,
-                    **graded.metrics(),
-                    **sync_metrics(sync),
-                    **timer.metrics(),
-                    "time/step_seconds": time.perf_counter() - step_start,
-                },
-            )
+                end_rl_step(
+                    job,
+                    step,
+                    {
+                        **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
+                        "pairs/num": len(pairs),
+                        "pairs/ties_dropped": num_ties,
+                        **update,
+                        **graded.metrics(),
+                        **sync_metrics(sync),
+                        **timer.metrics(),
+                        "time/step_seconds": time.perf_counter() - step_start,
+                    },
+                )
         return run.finish()

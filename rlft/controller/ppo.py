@@ -69,77 +69,83 @@ def ppo(cfg: Config) -> RunResult:
         policy_loss = make_policy_loss(cfg, kl_in_loss=rl.kl_mode == "loss")
         value_loss = ValueLoss(clip=rl.value_clip)
         for step in run.steps():
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            indices = run.sampler.next_batch()
+            with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                indices = run.sampler.next_batch()
 
-            samples, graded = generate_and_grade(job, indices, timer)
-            rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
-            batch, sampler_logprobs_BT = policy_batch(
-                samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
-            )
-            batch = batch.trimmed()
-            sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
-            response_BT = batch.loss_weights_BT != 0
-
-            # Log-probabilities stay on the learners and the reference server: the batch holds references.
-            with timer.phase(Phase.OLD_LOGPROBS):
-                old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
-                batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
-            with timer.phase(Phase.VALUES):
-                values_BT = job.critic.compute_values(batch)
-            if job.reference is not None:
-                with timer.phase(Phase.REFERENCE):
-                    batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
-
-            with timer.phase(Phase.ADVANTAGES):
-                rewards_BT = _token_rewards(rewards_S, response_BT)
-                kl_penalty_BT = torch.zeros_like(rewards_BT)
-                if job.reference is not None and rl.kl_mode == "reward":
-                    # The KL penalty is part of the rewards GAE runs on, here: the one place the controller
-                    # fetches log-probabilities (with rl.kl_mode=loss the learners apply the KL themselves).
-                    kl_BT = kl_estimate(batch.old_logprobs_BT.resolve(), batch.ref_logprobs_BT.resolve(), rl.kl_kind)
-                    kl_penalty_BT = rl.kl_coef * kl_BT * response_BT
-                advantages_BT, returns_BT = gae(rewards_BT - kl_penalty_BT, values_BT, response_BT, rl.gamma, rl.gae_lambda)
-                batch = dataclasses.replace(batch, advantages_BT=_whiten(advantages_BT, response_BT))
-                critic_batch = ValueBatch(
-                    input_ids_BT=batch.input_ids_BT,
-                    attention_mask_BT=batch.attention_mask_BT,
-                    position_ids_BT=batch.position_ids_BT,
-                    loss_weights_BT=batch.loss_weights_BT,
-                    old_values_BT=values_BT,
-                    returns_BT=returns_BT,
+                samples, graded = generate_and_grade(job, indices, timer)
+                rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
+                batch, sampler_logprobs_BT = policy_batch(
+                    samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
                 )
+                batch = batch.trimmed()
+                sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+                response_BT = batch.loss_weights_BT != 0
 
-            with timer.phase(Phase.UPDATE):
-                policy_results, critic_results = [], []
-                for _ in range(rl.num_epochs_per_step):
-                    for mini in batch.split(rl.num_mini_batches):
-                        policy_results.append(job.learners.train_step(with_aggregation_weights(mini, cfg), policy_loss).metrics)
-                    for mini in critic_batch.split(rl.num_mini_batches):
-                        critic_results.append(job.critic.train_step(with_aggregation_weights(mini, cfg), value_loss).metrics)
-            with timer.phase(Phase.SYNC):
-                sync = job.rollout.sync_from(job.learners, step)
+                # Log-probabilities stay on the learners and the reference server: the batch holds references.
+                with timer.phase(Phase.OLD_LOGPROBS):
+                    old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
+                    batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
+                with timer.phase(Phase.VALUES):
+                    values_BT = job.critic.compute_values(batch)
+                if job.reference is not None:
+                    with timer.phase(Phase.REFERENCE):
+                        batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
 
-            end_rl_step(
-                job,
-                step,
-                {
-                    **rollout_metrics(samples, job.prompts, rewards_S, step),
-                    "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
-                    **sync_metrics(sync, logprob_gap),
-                    **mean_metrics(policy_results, "train/"),
-                    **mean_metrics(critic_results, "critic/"),
-                    **graded.metrics(),
-                    **timer.metrics(),
-                    "time/step_seconds": time.perf_counter() - step_start,
-                    "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
-                    "train/batch_tokens": batch.num_tokens,
-                    # The policy and the critic each take the batch.
-                    "train/update_tokens": 2 * batch.num_tokens * rl.num_epochs_per_step,
-                    "perf/update_tokens_per_second": 2 * batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
-                },
-            )
+                with timer.phase(Phase.ADVANTAGES):
+                    rewards_BT = _token_rewards(rewards_S, response_BT)
+                    kl_penalty_BT = torch.zeros_like(rewards_BT)
+                    if job.reference is not None and rl.kl_mode == "reward":
+                        # The KL penalty is part of the rewards GAE runs on, here: the one place the controller
+                        # fetches log-probabilities (with rl.kl_mode=loss the learners apply the KL themselves).
+                        kl_BT = kl_estimate(batch.old_logprobs_BT.resolve(), batch.ref_logprobs_BT.resolve(),
+                                            rl.kl_kind)
+                        kl_penalty_BT = rl.kl_coef * kl_BT * response_BT
+                    advantages_BT, returns_BT = gae(rewards_BT - kl_penalty_BT, values_BT, response_BT, rl.gamma,
+                                                    rl.gae_lambda)
+                    batch = dataclasses.replace(batch, advantages_BT=_whiten(advantages_BT, response_BT))
+                    critic_batch = ValueBatch(
+                        input_ids_BT=batch.input_ids_BT,
+                        attention_mask_BT=batch.attention_mask_BT,
+                        position_ids_BT=batch.position_ids_BT,
+                        loss_weights_BT=batch.loss_weights_BT,
+                        old_values_BT=values_BT,
+                        returns_BT=returns_BT,
+                    )
+
+                with timer.phase(Phase.UPDATE):
+                    policy_results, critic_results = [], []
+                    for _ in range(rl.num_epochs_per_step):
+                        for mini in batch.split(rl.num_mini_batches):
+                            policy_mini = with_aggregation_weights(mini, cfg)
+                            policy_results.append(job.learners.train_step(policy_mini, policy_loss).metrics)
+                        for mini in critic_batch.split(rl.num_mini_batches):
+                            critic_mini = with_aggregation_weights(mini, cfg)
+                            critic_results.append(job.critic.train_step(critic_mini, value_loss).metrics)
+                with timer.phase(Phase.SYNC):
+                    sync = job.rollout.sync_from(job.learners, step)
+
+                end_rl_step(
+                    job,
+                    step,
+                    {
+                        **rollout_metrics(samples, job.prompts, rewards_S, step),
+                        "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
+                        **sync_metrics(sync, logprob_gap),
+                        **mean_metrics(policy_results, "train/"),
+                        **mean_metrics(critic_results, "critic/"),
+                        **graded.metrics(),
+                        **timer.metrics(),
+                        "time/step_seconds": time.perf_counter() - step_start,
+                        "perf/generate_tokens_per_second": response_BT.sum().item() / timer.seconds["generate"],
+                        "train/batch_tokens": batch.num_tokens,
+                        # The policy and the critic each take the batch.
+                        "train/update_tokens": 2 * batch.num_tokens * rl.num_epochs_per_step,
+                        "perf/update_tokens_per_second":
+                            2 * batch.num_tokens * rl.num_epochs_per_step / timer.seconds["update"],
+                    },
+                )
         return run.finish()
 
 

@@ -59,7 +59,8 @@ class RLJob:
 
 def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | None = None) -> RLJob:
     """Validate the prompts, start every role, resume if asked, evaluate the starting policy. A reference server
-    starts when ``with_reference`` says so (default: when ``rl.kl_coef`` > 0)."""
+    starts when ``with_reference`` says so (default: when ``rl.kl_coef`` > 0). After a resume or a learner restart
+    the rollout workers take the restored weights."""
     cfg = run.cfg
     rl = cfg.rl
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
@@ -91,9 +92,15 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     control = run.keep(LiveControl(cfg))
     job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, graders, control, reference, critic)
     evaluate_fn = (lambda step, tag: evaluate(job, step, tag)) if eval_prompts else None
-    run.begin(learners, sampler, total_steps, evaluate_fn, critic=critic)
-    if run.resume_from:
-        rollout.sync_from(learners, run.start_step)  # the workers generate with the resumed weights
+
+    def after_restore(step: int) -> None:
+        """After a resume or a learner restart: the workers generate with the restored weights, as version ``step``."""
+        rollout.sync_from(learners, step)
+        if cfg.logging.engine_times:
+            _job_engine_metrics(job)  # restoring is not the next step's work
+        DRIVER_INBOX.take()
+
+    run.begin(learners, sampler, total_steps, evaluate_fn, critic=critic, after_restore=after_restore)
     if cfg.logging.engine_times:
         _job_engine_metrics(job)  # start-up and the first evaluation are not the first step's work
     DRIVER_INBOX.take()

@@ -6,7 +6,9 @@ Run(cfg)                      paths resolved, output dir made, config written, t
   run.keep(role)              every role started is kept here and shut down with the run, in reverse order
   run.reference_group()       the reference server: built only here, replicas replaced up to ray.max_actor_restarts
   run.begin(learners, ...)    resume (learners, critic, data position), metrics log, start evaluation, progress bar
-  ── the controller's loop: run.end_step(step, metrics) logs, checkpoints and evaluates when due
+  ── the controller's loop:   for step in run.steps(): with run.recover_learners(): ... run.end_step(step, metrics)
+                              end_step logs, checkpoints and evaluates when due; a learner that dies in the block is
+                              restarted with its group, from the run's latest checkpoint, and the loop goes on from it
   run.finish()                final checkpoint, final_model/, final evaluation, summary.json
   run.shutdown()              (also on error: ``with Run(cfg) as run``)
 ```
@@ -14,12 +16,22 @@ Run(cfg)                      paths resolved, output dir made, config written, t
 Evaluation is the algorithm's ``evaluate(step, tag) -> metrics`` given to ``begin`` (RL: the rollout workers on
 held-out prompts; SFT and DPO: the evaluation worker, and DPO's held-out preference pairs); the run times it, logs
 it and returns ``eval/accuracy``.
+
+Learner restarts (``ray.max_learner_restarts``): a learner or critic rank that dies inside ``recover_learners``
+takes its whole group with it (ZeRO shards the state over the ranks). The run starts every learner and critic rank
+again, loads the checkpoint it saved last (or resumed from; none: the starting weights at step 0, as at ``begin``),
+rewinds the data position, the metrics log and the progress bar to that step, has the roles that copy the weights
+take them (``begin``'s ``after_restore``: the rollout workers) and lets ``steps()`` continue after that step. The
+redone steps are the resumed run's, so they log what an uninterrupted run logs. ``faults/learner_restarts`` counts
+the restarts; one death beyond the budget stops the job (``RestartBudgetError``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -35,9 +47,14 @@ from rlft.controller.common import (
 )
 from rlft.distributed.cluster import start_cluster
 from rlft.distributed.placement import job_demands
+from rlft.errors import LearnerFailedError, RestartBudgetError
 from rlft.metrics import MetricsLogger
 
 Evaluate = Callable[[int, str], dict[str, float]]
+# Called with a step after the learners were restored to it (resume, learner restart).
+AfterRestore = Callable[[int], None]
+
+logger = logging.getLogger(__name__)
 
 
 class Run:
@@ -57,6 +74,13 @@ class Run:
         self.progress: tqdm | None = None
         self.eval_accuracy_start: float | None = None
         self._evaluate: Evaluate | None = None
+        self._after_restore: AfterRestore | None = None
+        # Where a learner restart goes back to: the checkpoint saved last (or resumed from), else the data position
+        # at ``begin`` (step 0, the learners' starting weights).
+        self.last_checkpoint: Path | None = self.resume_from
+        self._start_data: dict | None = None
+        self._next_step = 0
+        self.learner_restarts = 0
 
     def __enter__(self) -> Run:
         return self
@@ -100,17 +124,17 @@ class Run:
         evaluate: Evaluate | None,
         critic=None,
         first_metrics: dict[str, float] | None = None,
+        after_restore: AfterRestore | None = None,
     ) -> int:
         """Resume if asked (weights, optimizer, RNG, data position), open the metrics log, evaluate the starting
-        policy (a fresh run only), start the progress bar; returns the first step's number minus one."""
+        policy (a fresh run only), start the progress bar; returns the first step's number minus one.
+        ``after_restore(step)`` brings the roles that copy the learners' weights up to date after a resume and after
+        a learner restart (RL: the rollout workers)."""
         self.learners, self.critic, self.sampler, self.total_steps = learners, critic, sampler, total_steps
-        self._evaluate = evaluate
+        self._evaluate, self._after_restore = evaluate, after_restore
+        self._start_data = sampler.state()
         if self.resume_from:
-            state = learners.load_checkpoint(self.resume_from)
-            if critic is not None:
-                critic.load_checkpoint(self.resume_from / "critic")
-            sampler.load_state(state["data"])
-            self.start_step = state["step"]
+            self.start_step = self._restore(self.resume_from)
             tqdm.write(f"resumed from {self.resume_from} at step {self.start_step}")
         self.logger = MetricsLogger(self.cfg, resume_step=self.start_step if self.resume_from else None)
         if first_metrics:
@@ -121,9 +145,57 @@ class Run:
                              disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
         return self.start_step
 
-    def steps(self) -> range:
-        """The step numbers still to run."""
-        return range(self.start_step + 1, self.total_steps + 1)
+    def _restore(self, checkpoint: Path | None) -> int:
+        """Learners, critic and data position as at ``checkpoint`` (None: as at ``begin``, on fresh learners); the
+        roles that copy the weights follow. Returns the checkpoint's step."""
+        step = 0
+        if checkpoint is None:
+            self.sampler.load_state(self._start_data)
+        else:
+            state = self.learners.load_checkpoint(checkpoint)
+            if self.critic is not None:
+                self.critic.load_checkpoint(checkpoint / "critic")
+            self.sampler.load_state(state["data"])
+            step = state["step"]
+        if self._after_restore is not None and (checkpoint is not None or self.learner_restarts):
+            self._after_restore(step)
+        return step
+
+    def steps(self) -> Iterator[int]:
+        """The step numbers still to run; after a learner restart (``recover_learners``), from the step after the
+        checkpoint it went back to."""
+        self._next_step = self.start_step + 1
+        while self._next_step <= self.total_steps:
+            step = self._next_step
+            self._next_step += 1
+            yield step
+
+    @contextmanager
+    def recover_learners(self):
+        """Around the body of a step: a learner or critic actor that dies in it (``LearnerFailedError``) restarts
+        both groups from the latest checkpoint and rewinds ``steps()`` to it, within ``ray.max_learner_restarts``."""
+        try:
+            yield
+        except LearnerFailedError as err:
+            self._restart_learners(err)
+
+    def _restart_learners(self, err: LearnerFailedError) -> None:
+        budget = self.cfg.ray.max_learner_restarts
+        if self.learner_restarts >= budget:
+            raise RestartBudgetError(f"{err}; the restart budget ray.max_learner_restarts = {budget} is spent") from err
+        self.learner_restarts += 1
+        checkpoint = self.last_checkpoint
+        origin = f"checkpoint {checkpoint}" if checkpoint else "the starting weights at step 0 (no checkpoint yet)"
+        logger.warning("learner restart %d of %d (ray.max_learner_restarts): %s; every rank starts again, from %s",
+                       self.learner_restarts, budget, err, origin)
+        for group in (self.learners, self.critic):
+            if group is not None:
+                group.restart()
+        step = self._restore(checkpoint)
+        self.logger.rewind(step)
+        self.progress.n = step
+        self.progress.refresh()
+        self._next_step = step + 1
 
     def evaluate(self, step: int, tag: str) -> float | None:
         """Run the algorithm's evaluation, log it with its time; ``eval/accuracy`` (None without evaluation)."""
@@ -147,12 +219,13 @@ class Run:
         self.learners.save_checkpoint(path, {"step": step, "data": self.sampler.state()})
         if self.critic is not None:
             self.critic.save_checkpoint(path / "critic", {"step": step})
+        self.last_checkpoint = path
         prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
 
     def end_step(self, step: int, metrics: dict[str, float], **postfix: str) -> None:
         """Log the step, then checkpoint and evaluate when due (the last step's are ``finish``'s)."""
         cfg = self.cfg
-        self.logger.log(step, metrics)
+        self.logger.log(step, {**metrics, "faults/learner_restarts": self.learner_restarts})
         self.progress.update(1)
         if postfix:
             self.progress.set_postfix(**postfix)

@@ -81,30 +81,31 @@ def sft(cfg: Config) -> RunResult:
                   first_metrics={**data_counts, "model/num_parameters": learners.num_parameters})
         loss = SFTLoss()
         for step in run.steps():
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            with timer.phase(Phase.DATA):
-                batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
-            with timer.phase(Phase.UPDATE):
-                result = learners.train_step(batch, loss)
-            step_seconds = time.perf_counter() - step_start
-            num_tokens = result.metrics["num_tokens"]
-            metrics = {
-                "train/loss": result.metrics["loss"],
-                "train/grad_norm": result.metrics["grad_norm"],
-                "train/lr": result.metrics["lr"],
-                "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
-                "train/num_tokens": num_tokens,
-                "train/batch_tokens": num_tokens,
-                "train/update_tokens": num_tokens,
-                **timer.metrics(),
-                "time/step_seconds": step_seconds,
-                # The slowest rank's time inside DeepSpeed (ranks wait for each other).
-                "engine/update_seconds": result.seconds_slowest_rank,
-                "perf/tokens_per_second": num_tokens / step_seconds,
-            }
-            run.end_step(step, metrics, loss=f"{metrics['train/loss']:.4f}",
-                         tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
+            with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                with timer.phase(Phase.DATA):
+                    batch = _make_batch(rows, sampler.next_batch(), tokenizer.pad_token_id)
+                with timer.phase(Phase.UPDATE):
+                    result = learners.train_step(batch, loss)
+                step_seconds = time.perf_counter() - step_start
+                num_tokens = result.metrics["num_tokens"]
+                metrics = {
+                    "train/loss": result.metrics["loss"],
+                    "train/grad_norm": result.metrics["grad_norm"],
+                    "train/lr": result.metrics["lr"],
+                    "train/epoch": sampler.epoch + sampler.index / max(sampler.num_rows, 1),
+                    "train/num_tokens": num_tokens,
+                    "train/batch_tokens": num_tokens,
+                    "train/update_tokens": num_tokens,
+                    **timer.metrics(),
+                    "time/step_seconds": step_seconds,
+                    # The slowest rank's time inside DeepSpeed (ranks wait for each other).
+                    "engine/update_seconds": result.seconds_slowest_rank,
+                    "perf/tokens_per_second": num_tokens / step_seconds,
+                }
+                run.end_step(step, metrics, loss=f"{metrics['train/loss']:.4f}",
+                             tok_s=f"{metrics['perf/tokens_per_second']:.0f}")
         return run.finish()
 
 

@@ -3,17 +3,23 @@
 The controller hands it the step's whole batch; the group splits it evenly over ranks, calls every rank at once
 and adds up the ranks' metrics. SFT uses it now; the RL and preference controllers use the same ``train_step``
 with their own losses.
+
+A rank that dies makes the call a ``LearnerFailedError`` naming it. The ranks share one sharded optimizer state, so
+none comes back alone: ``restart()`` starts every rank again, in the same placement bundles, from the model's
+starting weights, and the run (``rlft/controller/run.py``) loads its latest checkpoint into them.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from rlft.config import Config
 from rlft.data.batch import TokenBatch
@@ -27,6 +33,8 @@ from rlft.names import Role
 
 # Metrics every rank reports the same value of (the rest are summed over ranks).
 _SHARED_METRICS = ("grad_norm", "lr")
+# How long a failed call waits for Ray to notice which rank died (a survivor's collective can fail first).
+_DEATH_NOTICE_S = 30.0
 
 
 @dataclass
@@ -76,32 +84,76 @@ class LearnerGroup:
             head=head,
         )
         self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
-        role = Role.CRITIC if head == "value" else Role.LEARNERS
-        cpus, gpus = learner.num_cpus_per_learner, learner.num_gpus_per_learner
+        self.role = Role.CRITIC if head == "value" else Role.LEARNERS
+        self._local, self._placement = local, placement
+        self._cpus, self._gpus = learner.num_cpus_per_learner, learner.num_gpus_per_learner
+        self._weight_generation = 0
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        """Spawn every rank in its placement bundle, form the process group and build the engines."""
         self._failed = False
         self._weight_spec = None  # the open weight group (``collective`` transport), None until one is opened
-        self._weight_generation = 0
         self.workers = [
             spawn(
                 LearnerWorker,
                 rank,
-                resources=role_resources(placement, role, rank, cpus, gpus),
-                local=local,
+                resources=role_resources(self._placement, self.role, rank, self._cpus, self._gpus),
+                local=self._local,
             )
-            for rank in range(world_size)
+            for rank in range(self.spec.world_size)
         ]
         master_addr, master_port = self._wait(self.workers[0].address.remote())
         counts = self._wait([w.setup.remote(self.spec, master_addr, master_port) for w in self.workers])
         self.num_parameters = counts[0]
 
+    def restart(self) -> None:
+        """Every rank started again from the model's starting weights (after one died): the survivors are ended
+        (they may be blocked in a collective with the dead one) and their bundles reused. The weight group, if one
+        was open, is gone with rank 0; consumers form a new one (``weight_group_open``)."""
+        kill(self.workers)
+        self._start_ranks()
+
+    @property
+    def weight_group_open(self) -> bool:
+        """Whether these ranks hold an open weight group (``collective`` transport)."""
+        return self._weight_spec is not None
+
     def _wait(self, refs):
         """The results of calls on the ranks; the first rank that dies stops the group at once (the others may be
-        blocked in a collective waiting for it) with ``LearnerFailedError``."""
+        blocked in a collective waiting for it) with ``LearnerFailedError`` naming it. A survivor's collective may
+        fail before Ray reports the death: a failed call is a rank's death when a rank turns out dead."""
         try:
             return wait_each(refs)
-        except RayActorError as err:
+        except (RayActorError, RayTaskError) as err:
+            dead = self._dead_ranks()
+            if not dead and not isinstance(err, RayActorError):
+                raise
             self._failed = True
-            raise LearnerFailedError(f"a learner actor died ({type(err).__name__}): {err}".splitlines()[0]) from err
+            ranks = ", ".join(map(str, dead)) or "?"
+            first_line = f"{err}".strip().splitlines()[0] if f"{err}".strip() else ""
+            raise LearnerFailedError(
+                f"a learner actor died: {self.role} rank {ranks} ({type(err).__name__}: {first_line})"
+            ) from err
+
+    def _dead_ranks(self) -> list[int]:
+        """The ranks whose actors are dead (each is pinged; Ray may take a moment to notice a killed process)."""
+        if self._local:
+            return []
+        pings = {w.__ray_ready__.remote(): rank for rank, w in enumerate(self.workers)}
+        deadline = time.monotonic() + _DEATH_NOTICE_S
+        dead, pending = [], list(pings)
+        while pending:
+            # Once one is found dead, the others get a moment more (a survivor blocked in a collective never answers).
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 2.0) if dead else left)
+            if not ready:
+                break
+            try:
+                ray.get(ready[0])
+            except RayActorError:
+                dead.append(pings[ready[0]])
+        return sorted(dead)
 
     @property
     def world_size(self) -> int:

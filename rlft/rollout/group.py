@@ -152,7 +152,7 @@ class RolloutGroup:
         self._serving = (policy_version, lambda: learners.publish_weights(policy_version, "object_store",
                                                                            bucket_bytes))
         if transport == "collective":
-            if not self._same_members():
+            if not self._same_members() or not learners.weight_group_open:  # new workers, or restarted learners
                 self._form_group(learners)
             handle = learners.publish_weights(policy_version, "collective", bucket_bytes)
             try:

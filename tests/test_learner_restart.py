@@ -1,0 +1,137 @@
+"""Learners come back: a learner rank killed (SIGKILL) in the middle of a step restarts its whole group in the same
+``rlft train`` process (``ray.max_learner_restarts``), from the run's latest checkpoint (GRPO) or from the starting
+weights when there is none yet (SFT). The steps since are redone as a resumed run does them, so every step is logged
+once and every computed metric equals that of the same job run without the kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster_helpers import kill_actor_during, rlft_popen, wait_until
+from conftest import ROOT, run_rlft
+from rlft.config import load_config
+from rlft.metrics import MetricsLogger, read_metrics
+from test_reproducibility import is_wall_clock
+
+# Float metrics of the redone steps against the uninterrupted run's (tests/test_grpo.py's resume test uses the same).
+TOLERANCE = 1e-6
+
+QUIET = ["eval.num_examples=0", "logging.wandb=false", "logging.progress_bar=false"]
+
+# GRPO on the untrained tiny model, 2 ZeRO-2 learner ranks; the reward (a digit anywhere in the completion) varies
+# within groups, so the updates are not zero.
+GRPO = [
+    str(ROOT / "configs/grpo_tiny.yaml"),
+    "model.path=tiny://model",
+    'graders.items=[{name: digit, type: regex, pattern: "[0-9]"}]',
+    "rl.num_prompts_per_step=16",
+    "rl.num_samples_per_prompt=4",
+    "trainer.global_batch_size=64",
+    "learner.micro_batch_size_per_learner=32",
+    "trainer.max_steps=5",
+    "checkpoint.every_n_steps=2",
+    *QUIET,
+]
+
+# SFT on the tiny model, 2 ZeRO-2 learner ranks, no checkpoint before the end: a restart starts again at step 0.
+SFT = [
+    str(ROOT / "configs/sft_tiny.yaml"),
+    "trainer.max_steps=5",
+    "trainer.global_batch_size=64",
+    "learner.micro_batch_size_per_learner=32",
+    "checkpoint.every_n_steps=0",
+    *QUIET,
+]
+
+
+def test_metrics_log_rewind_keeps_each_step_once(tmp_path):
+    """A rewind to step 2 drops what was logged after it (train and evaluation records); the redone steps follow."""
+    cfg = load_config(None, [f"logging.output_dir={tmp_path}", "logging.wandb=false"])
+    log = MetricsLogger(cfg)
+    log.log(0, {"data/rows": 10}, console=False)
+    for step in (1, 2, 3, 4):
+        log.log(step, {"train/loss": float(step)}, console=False)
+    log.log(4, {"eval/accuracy": 0.5}, console=False)
+    log.rewind(2)
+    for step in (3, 4):
+        log.log(step, {"train/loss": 10.0 * step}, console=False)
+    log.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r.get("train/loss") for r in records] == [None, 1.0, 2.0, 30.0, 40.0]
+
+
+def _train_records(run: Path, key: str) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if key in r]
+
+
+def assert_restarted_run_matches(straight: Path, restarted: Path, key: str, num_steps: int) -> None:
+    """Every step once, the restart counted, and every computed metric of every step as in the straight run."""
+    a, b = _train_records(straight, key), _train_records(restarted, key)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, num_steps + 1))
+    assert a[-1]["faults/learner_restarts"] == 0 and b[-1]["faults/learner_restarts"] == 1
+    for ra, rb in zip(a, b):
+        keys = {k for k in ra.keys() | rb.keys() if not is_wall_clock(k) and k != "faults/learner_restarts"}
+        differing = {
+            k: (ra.get(k), rb.get(k)) for k in keys
+            if not (isinstance(ra.get(k), float) and isinstance(rb.get(k), float)
+                    and rb[k] == pytest.approx(ra[k], rel=TOLERANCE, abs=TOLERANCE))
+            and ra.get(k) != rb.get(k)
+        }
+        assert not differing, f"step {ra['step']} (straight, restarted): {differing}"
+
+
+def run_killed(args: list[str], out: Path, tmp_path: Path, ready, what: str) -> str:
+    """``rlft train ARGS``; once ``ready()``, one learner rank is killed in its next ``train_step``. The run's log."""
+    log = tmp_path / "killed.log"
+    proc = rlft_popen("train", *args, f"logging.output_dir={out}", cwd=tmp_path, log=log)
+    try:
+        wait_until(ready, what, proc=proc, log=log)
+        kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step")
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    return log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_grpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path):
+    """Killed in step 3 (after the step-2 checkpoint): both ranks start again, load step 2, the rollout worker takes
+    those weights as policy version 2, and steps 3-5 are redone with the same samples and updates."""
+    straight = run_rlft("train", *GRPO, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    checkpoint = out / "checkpoints/step_000002"
+    output = run_killed(GRPO, out, tmp_path, lambda: (checkpoint / "trainer_state.json").exists(),
+                        "the step-2 checkpoint")
+    assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
+    assert f"every rank starts again, from checkpoint {checkpoint}" in output
+    assert_restarted_run_matches(tmp_path / "straight", out, "reward/mean", 5)
+    assert (out / "final_model/model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(tmp_path):
+    """No checkpoint yet: the restarted ranks start from the model's weights and the data from its first batch;
+    the redone steps 1-5 log what the straight run logs."""
+    straight = run_rlft("train", *SFT, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    metrics = out / "metrics.jsonl"
+
+    def after_step_1() -> bool:
+        return metrics.exists() and any('"train/loss"' in line and json.loads(line)["step"] >= 1
+                                        for line in metrics.read_text().splitlines() if line.endswith("}"))
+
+    output = run_killed(SFT, out, tmp_path, after_step_1, "step 1")
+    assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
+    assert "every rank starts again, from the starting weights at step 0" in output
+    assert_restarted_run_matches(tmp_path / "straight", out, "train/loss", 5)
