@@ -16,20 +16,54 @@ import argparse
 import os
 import sys
 
-from rlft.config import load_config, to_yaml
+from rlft.config import Config, check_local_paths, load_config, to_yaml
 from rlft.errors import ConfigError, DataError, GraderFailureRateError, LearnerFailedError, RestartBudgetError
 
 
+# How many rows of the training prompts are checked for the fields the graders read, before anything starts.
+NUM_ROWS_CHECKED = 16
+
+
 def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)
     _name_the_cpu_accelerator()
     from rlft.controller import run_job
 
-    result = run_job(load_config(args.config, args.overrides))
+    result = run_job(cfg)
     print(f"final model: {result.final_model_dir}")
     if result.eval_accuracy_end is not None:
         start = "n/a" if result.eval_accuracy_start is None else f"{result.eval_accuracy_start:.3f}"
         print(f"held-out accuracy: {start} -> {result.eval_accuracy_end:.3f}  ({result.num_steps} steps, {result.seconds:.0f} s)")
     return 0
+
+
+def check_inputs(cfg: Config) -> None:
+    """What ``rlft train`` checks before it starts anything (Ray, a model, a tokenizer), beyond ``load_config``:
+    the paths it reads and writes (``check_local_paths``), and that the first ``NUM_ROWS_CHECKED`` training prompts
+    of an RL job have every field its graders read and, when it evaluates, held-out prompts an ``answer``."""
+    check_local_paths(cfg)
+    if cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
+        return
+    from rlft.data import formats
+    from rlft.graders.config import check_rows_have_grader_fields
+    from rlft.tiny import resolve
+
+    def first_rows(field: str, path: str) -> list:
+        try:
+            path = resolve(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{field}: {exc}") from None
+        return formats.load_examples(path, formats.parse_rft, on_bad_row=cfg.data.on_bad_row,
+                                     limit=NUM_ROWS_CHECKED).examples
+
+    train = first_rows("data.train_path", cfg.data.train_path)
+    check_rows_have_grader_fields(cfg.graders, [(p.where, p.extra) for p in train])
+    if cfg.eval.path and cfg.eval.num_examples:
+        for prompt in first_rows("eval.path", cfg.eval.path)[: cfg.eval.num_examples]:
+            if not isinstance(prompt.extra.get("answer"), str):
+                raise DataError(prompt.where, "answer", "held-out prompts (eval.path) need a string 'answer' field, "
+                                                        "which the evaluation compares completions with")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ batch arithmetic is checked before any actor starts::
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -24,7 +26,7 @@ from rlft.graders.config import GraderConfig, validate_graders
 from rlft.reference.config import ReferenceConfig
 from rlft.rollout.config import RolloutConfig, validate_rollout_config
 
-__all__ = ["Config", "ConfigError", "load_config", "to_yaml"]
+__all__ = ["Config", "ConfigError", "check_local_paths", "load_config", "to_yaml"]
 
 # Names shared with the loss math in ``rlft.algorithms``, which imports them from here: loading and checking a
 # config (``rlft config show``) imports no torch. Aggregation: how a per-token loss becomes one number; KL: the
@@ -156,15 +158,19 @@ class RayConfig:
     placement_strategy: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
     # How long to wait for the cluster to place the job's actors before giving up with a clear error.
     placement_timeout_s: float = 120.0
+    # Deadline of every remote call inside a step's phases (generate, reference, old_logprobs, update, ...; weight
+    # syncs and graders keep their own): past it the job writes every actor's stacks to <output_dir>/stacks/ and
+    # fails with an error naming the phase and the actors that did not answer.
+    call_timeout_s: float = 1800.0
     # Per role (rollout workers, reference replicas, grader workers): how many dead actors may be replaced during
     # the run, their work redone; one death more stops the job.
     max_actor_restarts: int = 3
-    # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
-    # (one learner only).
     # How many times a learner (or critic) actor may die during the run: every rank of the group is started again
     # (ZeRO state is sharded), the latest checkpoint of the run is loaded (or the starting weights, before the first
     # checkpoint) and the steps since are redone in the same job; one death more stops the job.
     max_learner_restarts: int = 1
+    # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
+    # (one learner only).
     local_mode: bool = False
 
 
@@ -282,6 +288,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if float in typing.get_args(tp) and isinstance(value, float) and not math.isfinite(value):
+            return _coerce(value, float, path)  # name the problem, not "matches none of"
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, path)
@@ -317,6 +325,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -382,21 +392,45 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config; a top-level ``defaults: [other.yaml]`` list (or one name) is merged underneath, relative
-    to the file."""
+    to the file. ``chain`` holds the files whose ``defaults`` led here, so a file that refers back to one of them is
+    an error instead of endless recursion."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    parents = data.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not (isinstance(parents, list) and all(isinstance(p, str) and p for p in parents)):
+        raise ConfigError(f"{path}: defaults: expected a list of config files (relative to this one), got {parents!r}")
+    chain = (*chain, path.resolve())
     merged: dict = {}
-    parents = data.pop("defaults", []) or []
-    for parent in [parents] if isinstance(parents, str) else parents:
-        merged = _merge(merged, _read_yaml(path.parent / parent))
+    for parent in parents:
+        parent_path = path.parent / parent
+        if parent_path.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(parent_path.resolve()):], parent_path.resolve()))
+            raise ConfigError(f"{path}: defaults: {parent} refers back to a file that includes it ({cycle})")
+        merged = _merge(merged, _read_yaml(parent_path, chain))
     return _merge(merged, data)
 
 
@@ -404,6 +438,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file (if any), then each ``key.sub=value`` override; validated."""
     data = _read_yaml(Path(path)) if path else {}
     return config_from_dict(data, list(overrides))
+
+
+def check_local_paths(cfg: Config) -> None:
+    """Check the paths a job run on this machine reads and writes, before anything starts: a model or tokenizer
+    path that is written as a local path must be a directory, and the output and checkpoint directories must not be
+    (or lie under) files. ``rlft train`` calls it; ``load_config`` does not, since a config submitted to a cluster
+    names paths on the cluster.
+    """
+    for where, value in (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)):
+        if value and looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            problem = "is a file, not a model directory" if Path(value).expanduser().exists() else "no such directory"
+            raise ConfigError(f"{where}: {value}: {problem} (a path that is not a Hugging Face hub id such as "
+                              f"'org/name' must be a local model directory)")
+    for where, value in (("logging.output_dir", cfg.logging.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if not value:
+            continue
+        directory = Path(value).expanduser()
+        for existing in (directory, *directory.parents):
+            if existing.exists():
+                break
+        if existing.exists() and not existing.is_dir():
+            where_file = "is a file" if existing == directory else f"cannot be made: {existing} is a file"
+            raise ConfigError(f"{where}: {value} {where_file}; expected a directory")
+
+
+def looks_like_local_path(path: str) -> bool:
+    """Whether ``path`` can only mean a local path: absolute, ``~``, ``./`` or ``../``, or with more separators
+    than a Hugging Face hub id (``name`` or ``org/name``) has. ``tiny://`` paths are not local paths."""
+    if "://" in path:
+        return False
+    parts = re.split(f"[{re.escape('/' + os.sep + (os.altsep or ''))}]", path)
+    return (
+        os.path.isabs(path)
+        or path.startswith("~")
+        or path in (".", "..")
+        or parts[0] in (".", "..")
+        or len(parts) > 2
+    )
 
 
 def to_dict(cfg: Config) -> dict:
@@ -460,7 +532,9 @@ def validate(cfg: Config) -> None:
     positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)
     non_negative("ray.num_cpus", cfg.ray.num_cpus)
     positive("ray.placement_timeout_s", cfg.ray.placement_timeout_s)
+    positive("ray.call_timeout_s", cfg.ray.call_timeout_s)
     non_negative("ray.max_actor_restarts", cfg.ray.max_actor_restarts)
+    non_negative("ray.max_learner_restarts", cfg.ray.max_learner_restarts)
     if cfg.reference.colocate_with_learners and cfg.reference.num_replicas > cfg.learner.num_learners:
         raise ConfigError(
             f"reference.colocate_with_learners: replica i shares learner i's bundle, so reference.num_replicas "
@@ -529,7 +603,6 @@ def _validate_rl(cfg: Config) -> None:
     rl = cfg.rl
     for name in ("num_prompts_per_step", "num_samples_per_prompt", "num_mini_batches", "num_epochs_per_step"):
         if getattr(rl, name) <= 0:
-    non_negative("ray.max_learner_restarts", cfg.ray.max_learner_restarts)
             raise ConfigError(f"rl.{name}: must be positive, got {getattr(rl, name)}")
     if cfg.algorithm == "grpo" and rl.num_samples_per_prompt < 2:
         raise ConfigError("rl.num_samples_per_prompt: GRPO compares samples of a prompt, so it needs at least 2")

@@ -211,6 +211,7 @@ def test_a_faulty_user_grader_costs_its_score_not_the_job(function, counter):
         user_function("faulty", function, weight=0.5),
         fallback_score=-1.0,
         timeout_s=timeout_s,
+        max_error_rate=1.0,  # it fails on every sample, which would stop the job by default
     )
     requests = [request("82"), request("81"), request("82")]
     for _ in range(2):  # a later call on the same pool works the same way
@@ -242,6 +243,7 @@ def test_ray_pool_gives_the_local_result_and_streams(ray_cluster):
         num_grader_workers=2,
         num_cpus_per_worker=0.5,
         fallback_score=-1.0,
+        max_error_rate=1.0,  # "raises" and "nan" fail on every sample
     )
     batches = [
         [request("82"), request("0.5", answer="1/2", bonus=1.0), request("It is 82"), request("none")],
@@ -269,6 +271,7 @@ def test_ray_worker_that_hangs_or_dies_is_replaced(ray_cluster):
         num_cpus_per_worker=0.5,
         timeout_s=timeout_s,
         fallback_score=-1.0,
+        max_error_rate=1.0,  # every sample of a share fails here
     )
     pool = GraderPool(cfg)
     try:

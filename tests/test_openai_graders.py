@@ -379,7 +379,8 @@ def test_score_and_label_model_graders_against_a_vllm_server(judge_server):
 def test_model_grader_without_a_reachable_endpoint_counts_errors():
     spec = {"type": "score_model", "model": "judge", "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
     item = GraderItemConfig(name="judge", type="openai", spec=spec, endpoint="http://127.0.0.1:9/v1")
-    result = GraderPool(GraderConfig(items=[item], timeout_s=20), local=True).grade([GradeRequest([], "x", {})])
+    result = GraderPool(GraderConfig(items=[item], timeout_s=20, max_error_rate=1.0), local=True).grade(
+        [GradeRequest([], "x", {})])
     assert result.num_errors == 1 and result.scores["judge"] == [0.0]
     assert "Connection" in result.examples["judge"]
 

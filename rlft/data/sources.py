@@ -56,11 +56,17 @@ def _raise(error: DataError) -> None:
 
 
 def _read_jsonl(path: str, on_bad_line: Callable[[DataError], None]) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with open(path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                on_bad_line(DataError(where, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                 f"{exc.start + 1}); save the file as UTF-8"))
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -73,13 +79,18 @@ def _read_jsonl(path: str, on_bad_line: Callable[[DataError], None]) -> Iterator
 
 
 def _read_parquet(path: str) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row_number = 0
-    for record_batch in pq.ParquetFile(path).iter_batches():
-        for data in record_batch.to_pylist():
-            yield Row(_without_nulls(data), f"{path}:row {row_number}")
-            row_number += 1
+    try:
+        for record_batch in pq.ParquetFile(path).iter_batches():
+            for data in record_batch.to_pylist():
+                yield Row(_without_nulls(data), f"{path}:row {row_number}")
+                row_number += 1
+    except (pa.ArrowException, OSError) as exc:
+        where = f"{path}:row {row_number}" if row_number else path
+        raise DataError(where, "", f"not a readable Parquet file: {exc}") from None
 
 
 def _read_dataset_dir(path: str) -> Iterator[Row]:

@@ -21,16 +21,15 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         return
     for key, value in BASE_ENV.items():
         os.environ.setdefault(key, value)
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     _keep_on_loopback()
-    num_cpus = cfg.num_cpus or os.cpu_count() or 1
     ray.init(
         # "local" starts a fresh cluster even when `ray start` already runs one on this machine.
         address="local",
-        num_cpus=max(num_cpus, int(num_cpus_needed + 0.999)),
+        num_cpus=local_num_cpus(cfg, num_cpus_needed),
         include_dashboard=cfg.include_dashboard,
         dashboard_host=cfg.dashboard_host,
         _node_ip_address="127.0.0.1",
@@ -38,12 +37,37 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
     )
 
 
+def cluster_address(cfg: RayConfig) -> str:
+    """The cluster the job joins: ``ray.address``, else RAY_ADDRESS; empty means a local cluster of its own."""
+    return cfg.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def local_num_cpus(cfg: RayConfig, num_cpus_needed: float) -> int:
+    """Logical CPUs of a local cluster: ``ray.num_cpus`` or the machine's cores, raised to what the job needs."""
+    return max(cfg.num_cpus or os.cpu_count() or 1, int(num_cpus_needed + 0.999))
+
+
+def local_num_gpus() -> int:
+    """The GPUs a local Ray cluster finds on this machine, as Ray counts them: the devices NVML reports, no more
+    than CUDA_VISIBLE_DEVICES lists when it is set."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    num_gpus = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return num_gpus if visible is None else min(num_gpus, len(visible))
+
+
 def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
     """Join or start Ray, check that the job's ``demands`` fit the cluster's free resources (``ClusterFitError``
     naming the fields otherwise, before any actor starts) and make its placement groups. ``None`` in
-    ``ray.local_mode``, where every role runs in this process."""
+    ``ray.local_mode``, where every role runs in this process. A job that would start a local cluster is checked
+    against this machine first, so that a job asking for GPUs the machine lacks stops before Ray starts."""
     if cfg.ray.local_mode:
         return None
+    if not ray.is_initialized() and not cluster_address(cfg.ray):
+        machine = {"CPU": float(local_num_cpus(cfg.ray, total(demands, "CPU"))), "GPU": float(local_num_gpus())}
+        check_fit(demands, [machine], cluster="this machine (ray.address is unset: a local Ray cluster)")
     init_ray(cfg.ray, total(demands, "CPU"))
     check_fit(demands, free_node_resources())
     return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)

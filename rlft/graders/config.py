@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
-from rlft.errors import ConfigError
-from rlft.graders.openai_spec import parse_spec
+from rlft.errors import ConfigError, DataError
+from rlft.graders.openai_spec import _TEMPLATE, parse_spec
 from rlft.graders.sandbox import SandboxLimits
 
 GraderType = Literal["exact_match", "math", "regex", "python_function", "openai", "reward_model"]
@@ -78,8 +78,9 @@ class GraderConfig:
     # The score a grader gives a sample when it raises, times out, or returns something other than a finite number.
     fallback_score: float = 0.0
     # Stop the job when one grader fails (errors, timeouts, invalid values) on more than this share of a step's
-    # samples; the message names the grader and gives an example error. 1.0 never stops.
-    max_error_rate: float = 1.0
+    # samples; the message names the grader and gives its first error. The default tolerates a flaky judge but
+    # stops a grader that fails on most samples (a typo in a template, a missing field); 1.0 never stops.
+    max_error_rate: float = 0.5
     # Sandbox of ``python`` graders (OpenAI spec): one throw-away process per worker batch, with these limits; its
     # wall-clock limit is ``timeout_s``.
     python_memory_mib: int = 1024
@@ -201,3 +202,50 @@ def _validate_item(item: GraderItemConfig, where: str, cfg: GraderConfig) -> Non
 
 def _fail(path: str, message: str) -> NoReturn:
     raise ConfigError(f"{path}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fields graders read from each row, checked against the first rows of the data before any actor starts.
+
+
+def check_rows_have_grader_fields(cfg: GraderConfig, rows: list[tuple[str, dict]], path: str = "graders") -> None:
+    """Check that each row has every item field the graders read: the ``answer_field`` of exact_match and math
+    graders and each ``{{item.field}}`` template of openai graders. ``rows`` are ``(where, fields)`` pairs, the
+    first rows of the training prompts (``RFTPrompt.where`` and ``.extra``). Raises ``DataError`` at the first row
+    that lacks one, naming the grader, so a grader that would fail on every sample stops the run before it starts.
+    """
+    reads = [(field_path, f"{path}.items[{i}] (grader {item.name!r}) reads it {how}")
+             for i, item in enumerate(cfg.items) for field_path, how in _item_fields_read(item, f"{path}.items[{i}]")]
+    for where, fields in rows:
+        for field_path, reader in reads:
+            node = fields
+            for part in field_path.split("."):
+                if not (isinstance(node, dict) and part in node):
+                    raise DataError(where, field_path, f"missing; {reader}")
+                node = node[part]
+
+
+def _item_fields_read(item: GraderItemConfig, where: str) -> list[tuple[str, str]]:
+    """``(field path, how it is read)`` for each item field a grader needs in every row."""
+    if item.type in ("exact_match", "math"):
+        return [(item.answer_field, f"as its answer_field ({where}.answer_field)")]
+    if item.type != "openai":
+        return []  # python_function graders get None where a row lacks a field; python graders read what they like
+    found: list[tuple[str, str]] = []
+
+    def walk(node, node_path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key != "source":  # a python grader's code, not a template
+                    walk(value, f"{node_path}.{key}")
+        elif isinstance(node, list):
+            for k, value in enumerate(node):
+                walk(value, f"{node_path}[{k}]")
+        elif isinstance(node, str):
+            for match in _TEMPLATE.finditer(node):
+                head, _, field_path = match.group(1).partition(".")
+                if head == "item" and field_path:
+                    found.append((field_path, f"in the template {match.group(0)} at {node_path}"))
+
+    walk(load_spec(item), f"{where}.spec")
+    return found
