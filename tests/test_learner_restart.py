@@ -6,11 +6,16 @@ once and every computed metric equals that of the same job run without the kill.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from cluster_helpers import kill_actor_during, rlft_popen, wait_until
+from cluster_helpers import rlft_popen, wait_until
 from conftest import ROOT, run_rlft
 from rlft.config import load_config
 from rlft.metrics import MetricsLogger, read_metrics
@@ -84,13 +89,30 @@ def assert_restarted_run_matches(straight: Path, restarted: Path, key: str, num_
         assert not differing, f"step {ra['step']} (straight, restarted): {differing}"
 
 
+def kill_own_learner_in_train_step(proc: subprocess.Popen, timeout_s: float = 120) -> int:
+    """SIGKILL a learner rank of ``proc``'s own Ray cluster (the driver starts the raylet, whose children the actors
+    are) while it runs ``train_step``; other Ray clusters on the machine are left alone. Returns its PID."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmdline and cmdline[0].startswith("ray::LearnerWorker.train_step"):
+                os.kill(child.pid, signal.SIGKILL)
+                return child.pid
+        time.sleep(0.01)
+    raise AssertionError(f"no learner of the run ran train_step within {timeout_s} s")
+
+
 def run_killed(args: list[str], out: Path, tmp_path: Path, ready, what: str) -> str:
     """``rlft train ARGS``; once ``ready()``, one learner rank is killed in its next ``train_step``. The run's log."""
     log = tmp_path / "killed.log"
     proc = rlft_popen("train", *args, f"logging.output_dir={out}", cwd=tmp_path, log=log)
     try:
         wait_until(ready, what, proc=proc, log=log)
-        kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step")
+        kill_own_learner_in_train_step(proc)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         proc.kill()
