@@ -17,10 +17,10 @@ from rlft.graders.config import GraderConfig, GraderItemConfig, validate_graders
 from rlft.graders.expression import ExpressionError, compile_expression
 from rlft.graders.openai_spec import GraderFailure, parse_spec, sample_of
 from rlft.graders.pool import GraderFailureRateError
-from rlft.graders.sandbox import SandboxLimits, run_sandboxed
+from rlft.graders.sandbox import PythonGraderLimits, run_sandboxed
 from rlft.metrics import read_metrics
 
-LIMITS = SandboxLimits(wall_timeout_s=5, cpu_seconds=2, memory_mib=256)
+LIMITS = PythonGraderLimits(wall_timeout_s=5, cpu_seconds=2, memory_mib=256)
 
 
 def score(spec: dict, completions: list[str], items: list[dict]) -> list:

@@ -25,7 +25,7 @@ from math_verify import parse, verify
 from rlft.graders.exact import exact_match
 from rlft.graders.config import GraderItemConfig, api_key_of, load_function, load_spec
 from rlft.graders.openai_spec import parse_spec, sample_of
-from rlft.graders.sandbox import SandboxLimits
+from rlft.graders.sandbox import PythonGraderLimits
 
 # A reference answer without one of these is wrapped in ``$...$`` so math-verify reads it as LaTeX
 # (bare ``x+1`` does not parse; ``$x+1$`` does).
@@ -82,14 +82,14 @@ def regex_match(completion: str, pattern: re.Pattern, fullmatch: bool) -> float:
 
 def build_grader(
     item: GraderItemConfig,
-    limits: SandboxLimits | None = None,
+    limits: PythonGraderLimits | None = None,
     concurrency: int = 8,
     reward_models: dict | None = None,
 ) -> Grader:
     """The grader an (already validated) config item describes; ``limits`` bound sandboxed Python graders,
     ``concurrency`` is how many requests a judge grader keeps open, ``reward_models`` holds the
     ``RewardModelGroup`` of each reward_model grader by name."""
-    limits = limits or SandboxLimits()
+    limits = limits or PythonGraderLimits()
     if item.type == "exact_match":
         return SampleGrader(
             item.name, lambda r: float(exact_match(r.completion, answer_of(r, item.answer_field), item.case_sensitive))

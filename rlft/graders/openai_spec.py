@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlft.graders.expression import Expression, ExpressionError, compile_expression
-from rlft.graders.sandbox import SandboxError, SandboxLimits, check_source, run_sandboxed
+from rlft.graders.sandbox import PythonGraderLimits, SandboxError, check_source, run_sandboxed
+from rlft.sandbox import namespaces_unavailable
 
 STRING_OPERATIONS = ("eq", "ne", "like", "ilike")
 SIMILARITY_METRICS = (
@@ -123,7 +124,7 @@ class TextSimilarity(SpecGrader):
 @dataclass
 class PythonGrader(SpecGrader):
     source: str
-    limits: SandboxLimits
+    limits: PythonGraderLimits
 
     def score(self, samples, items):
         results = run_sandboxed(self.source, list(zip(samples, items)), self.limits)
@@ -198,7 +199,7 @@ class ModelGrader(SpecGrader):
 
 def parse_spec(
     spec: dict,
-    limits: SandboxLimits,
+    limits: PythonGraderLimits,
     path: str = "spec",
     endpoint: str = "",
     api_key: str = "EMPTY",
@@ -243,6 +244,13 @@ def parse_spec(
             check_source(source, limits)
         except ValueError as exc:
             raise ValueError(f"{path}.source: {exc}") from None
+        unavailable = namespaces_unavailable() if limits.mode == "namespaces" else None
+        if unavailable:
+            raise ValueError(
+                f"graders.sandbox: python graders run in the namespace sandbox, which cannot start on this host "
+                f"({unavailable}); set graders.sandbox: audit_hook_only to run them with the weaker audit-hook-only "
+                "sandbox (no OS boundary)"
+            )
         return PythonGrader(source, limits)
     if kind == "multi":
         graders = need("graders", dict)

@@ -1,20 +1,13 @@
-"""Run untrusted Python grader source (OpenAI's ``python`` grader: ``def grade(sample, item) -> float``) in a
-throw-away subprocess.
+"""Run untrusted Python grader source (OpenAI's ``python`` grader: ``def grade(sample, item) -> float``) in the
+sandbox (``rlft.sandbox``: namespaces the operating system enforces, resource limits, an audit hook).
 
-    results = run_sandboxed(source, [(sample, item), ...], SandboxLimits())
+    results = run_sandboxed(source, [(sample, item), ...], PythonGraderLimits())
     results[i]  # a float, or a SandboxError naming what went wrong for pair i
 
-Containment, from the outside in:
-
-- a fresh interpreter (``python -I``: no user site, no environment paths) in its own session, killed with its whole
-  process group at ``wall_timeout_s``;
-- resource limits set before it starts: address space (``memory_mib``), CPU seconds (``cpu_seconds``), size of any
-  file it writes (``max_file_mib``), open files;
-- a throw-away working directory, removed afterwards;
-- an audit hook (PEP 578), installed before the grader's source is read, that the source cannot remove. It refuses
-  sockets (no network), new processes (fork, exec, spawn, subprocess, os.system: no fork bombs), signals to other
-  processes, ctypes (no calls into libc behind the hook's back), changing resource limits, and writing, creating,
-  deleting, renaming or changing the mode of any path outside the working directory.
+One sandbox process scores a worker's share of a batch. Each score comes back on the result channel tagged with its
+sample's index, as soon as it is computed, so the grader's own prints cannot shift scores, and the scores finished
+before a later sample hangs are kept when the wall-clock limit kills the process. The grader's stdout and stderr are
+read up to a bound; the end of stderr goes into the reason of a grader that failed to load.
 
 A grader that raises, returns something other than a finite number, or is killed costs the samples it had not
 scored a ``SandboxError`` with the reason; the caller counts those and gives them the fallback score.
@@ -23,23 +16,18 @@ scored a ``SandboxError`` with the reason; the caller counts those and gives the
 from __future__ import annotations
 
 import json
-import os
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
+
+from rlft.sandbox import SandboxLimits, SandboxMode, run_python
 
 MAX_SOURCE_BYTES_DEFAULT = 64 * 1024
 
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    wall_timeout_s: float = 10.0
-    cpu_seconds: int = 10
-    memory_mib: int = 1024
-    max_file_mib: int = 16
+class PythonGraderLimits(SandboxLimits):
+    """The sandbox's limits, its mode (``graders.sandbox``) and the longest grader source accepted."""
+
+    mode: SandboxMode = "namespaces"
     max_source_bytes: int = MAX_SOURCE_BYTES_DEFAULT
 
 
@@ -53,74 +41,41 @@ class SandboxError:
         return self.message
 
 
-# Runs inside the sandbox. Reads {"source", "pairs"} from stdin, writes one JSON line per pair to stdout.
+# Runs inside the sandbox. Reads {"source", "pairs"} from stdin; writes one JSON line per scored pair, tagged with
+# its index, to the result channel.
 _RUNNER = r"""
-import json, math, os, sys, traceback
-_out = sys.stdout
-_request = json.loads(sys.stdin.read())
-_root = os.path.realpath(os.getcwd())
+import json, math, os, sys
 
-def _inside(path):
-    if isinstance(path, int):
-        return True
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    full = os.path.realpath(os.path.join(_root, path))
-    return full == _root or full.startswith(_root + os.sep)
-
-_BLOCKED = ("socket.", "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn", "os.system",
-            "subprocess.", "os.kill", "os.killpg", "signal.pthread_kill", "pty.", "ctypes.", "resource.setrlimit",
-            "resource.prlimit", "os.setuid", "os.chroot", "sys.settrace", "sys.setprofile")
-_PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1, "os.truncate": 1,
-                "os.utime": 1, "shutil.rmtree": 1, "os.rename": 2, "os.symlink": 2, "os.link": 2,
-                "shutil.copyfile": 2, "shutil.move": 2}
-
-def _hook(event, args):
-    if event.startswith(_BLOCKED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open":
-        path, mode, flags = args
-        writes = (mode and any(c in mode for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
-        if writes and path is not None and not _inside(path):
-            raise PermissionError(f"sandbox: writing {path!r} outside the working directory is not allowed")
-    elif event in _PATH_EVENTS:
-        for path in args[: _PATH_EVENTS[event]]:
-            if path is not None and not isinstance(path, int) and not _inside(path):
-                raise PermissionError(f"sandbox: {event} on {path!r} outside the working directory is not allowed")
-
-sys.addaudithook(_hook)
-del _hook
-
-def _emit(record):
-    _out.write(json.dumps(record) + "\n")
-    _out.flush()
-
-_namespace = {"__name__": "grader"}
-try:
-    exec(compile(_request["source"], "<grader>", "exec"), _namespace)
-    _grade = _namespace["grade"]
-    if not callable(_grade):
-        raise TypeError("grade is not a function")
-except BaseException as exc:
-    _emit({"fatal": f"loading the grader failed: {type(exc).__name__}: {exc}"})
-    sys.exit(0)
-
-for _sample, _item in _request["pairs"]:
+def _main(result_fd):
+    out = os.fdopen(result_fd, "w", buffering=1)
+    emit = lambda record: out.write(json.dumps(record) + "\n")
+    request = json.loads(sys.stdin.read())
+    namespace = {"__name__": "grader"}
     try:
-        _value = _grade(_sample, _item)
-        if isinstance(_value, bool) or not isinstance(_value, (int, float)) or not math.isfinite(_value):
-            _emit({"error": f"grade returned {_value!r:.80}, not a finite number"})
-        else:
-            _emit({"score": float(_value)})
+        exec(compile(request["source"], "<grader>", "exec"), namespace)
+        grade = namespace["grade"]
+        if not callable(grade):
+            raise TypeError("grade is not a function")
     except BaseException as exc:
-        if isinstance(exc, SystemExit):
-            _emit({"error": "grade called exit()"})
-            continue
-        _emit({"error": f"{type(exc).__name__}: {exc}"[:500]})
+        emit({"fatal": f"loading the grader failed: {type(exc).__name__}: {exc}"[:500]})
+        return
+    for i, (sample, item) in enumerate(request["pairs"]):
+        try:
+            value = grade(sample, item)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                emit({"i": i, "error": f"grade returned {value!r:.80}, not a finite number"})
+            else:
+                emit({"i": i, "score": float(value)})
+        except SystemExit:
+            emit({"i": i, "error": "grade called exit()"})
+        except BaseException as exc:
+            emit({"i": i, "error": f"{type(exc).__name__}: {exc}"[:500]})
+
+_main(RESULT_FD)
 """
 
 
-def check_source(source: str, limits: SandboxLimits) -> None:
+def check_source(source: str, limits: PythonGraderLimits) -> None:
     """Raise ``ValueError`` for source the sandbox will not run (too long, not Python, no ``grade``)."""
     size = len(source.encode())
     if size > limits.max_source_bytes:
@@ -133,66 +88,27 @@ def check_source(source: str, limits: SandboxLimits) -> None:
         raise ValueError("python grader source must define grade(sample, item)")
 
 
-def run_sandboxed(source: str, pairs: list[tuple[dict, dict]], limits: SandboxLimits) -> list[float | SandboxError]:
+def run_sandboxed(source: str, pairs: list[tuple[dict, dict]], limits: PythonGraderLimits) -> list[float | SandboxError]:
     """Score each (sample, item) pair with the source's ``grade``, in one sandboxed process."""
     if not pairs:
         return []
-    with tempfile.TemporaryDirectory(prefix="rlft-grader-") as workdir:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _RUNNER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=workdir,
-            env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"},
-            start_new_session=True,
-            preexec_fn=lambda: _limit(limits),
-        )
-        request = json.dumps({"source": source, "pairs": pairs})
-        try:
-            out, _ = proc.communicate(request.encode(), timeout=limits.wall_timeout_s)
-            ended = _exit_reason(proc.returncode, limits)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, _ = proc.communicate()
-            ended = f"timed out after {limits.wall_timeout_s}s (wall clock)"
-    return _results(out.decode(errors="replace"), len(pairs), ended)
-
-
-def _limit(limits: SandboxLimits) -> None:
-    """In the child before exec: resource limits (soft = hard, so the grader cannot raise them back)."""
-    mib = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mib * mib, limits.memory_mib * mib))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_mib * mib, limits.max_file_mib * mib))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _exit_reason(returncode: int, limits: SandboxLimits) -> str:
-    if returncode == -signal.SIGXCPU or returncode == -signal.SIGKILL:
-        return f"killed at its CPU-time limit ({limits.cpu_seconds}s)"
-    if returncode < 0:
-        return f"killed by signal {signal.Signals(-returncode).name}"
-    return f"exited with status {returncode}"
-
-
-def _results(out: str, num_pairs: int, ended: str) -> list[float | SandboxError]:
-    results: list[float | SandboxError] = []
-    for line in out.splitlines():
+    done = run_python(_RUNNER, json.dumps({"source": source, "pairs": pairs}).encode(), limits, limits.mode)
+    results: list[float | SandboxError | None] = [None] * len(pairs)
+    for line in done.results.decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(record, dict):
+            continue
         if "fatal" in record:
-            return [SandboxError(record["fatal"])] * num_pairs
-        results.append(record["score"] if "score" in record else SandboxError(record["error"]))
-    missing = num_pairs - len(results)
-    return results[:num_pairs] + [SandboxError(f"grader process {ended} before scoring this sample")] * missing
+            return [SandboxError(str(record["fatal"]))] * len(pairs)
+        i = record.get("i")
+        if isinstance(i, int) and 0 <= i < len(pairs) and results[i] is None:
+            score = record.get("score")
+            results[i] = float(score) if isinstance(score, (int, float)) else SandboxError(str(record.get("error")))
+    ended = done.ended or "exited"
+    if done.ended and done.ended.startswith("exited") and done.stderr:
+        ended += f"; stderr ends: {done.stderr.decode(errors='replace').strip()[-300:]}"
+    missing = SandboxError(f"grader process {ended} before scoring this sample")
+    return [missing if r is None else r for r in results]
