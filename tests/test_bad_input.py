@@ -254,18 +254,21 @@ def test_a_grader_that_fails_on_every_sample_stops_the_job_by_default():
 
 
 def test_job_that_needs_more_gpus_than_the_machine_stops_before_ray_starts(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]}
+    data = write_jsonl(tmp_path / "sft.jsonl", [chat] * 128)  # one step's rows: the check comes after reading data
     proc = run_train(tmp_path, str(ROOT / "configs/sft_tiny.yaml"), "learner.num_gpus_per_learner=64",
-                     f"logging.output_dir={tmp_path / 'run'}")
+                     f"data.train_path={data}", "eval.path=", f"logging.output_dir={tmp_path / 'run'}")
     assert_stopped_before_ray(
         proc, tmp_path, "rlft: config error: learner.num_learners, learner.num_cpus_per_learner, "
-                        "learner.num_gpus_per_learner: the job does not fit this machine (ray.address is unset: a "
-                        "local Ray cluster): it needs", one_line=False)
+                        "learner.num_gpus_per_learner: the job does not fit this machine: it needs", one_line=False)
     assert "no node has room for one learners actor (1 CPU, 64 GPU)" in proc.stderr.splitlines()[0]
+    assert proc.stderr.splitlines()[-1] == ("Lower those fields, or set ray.address to a cluster that has them (unset, "
+                                            "the job starts a local Ray cluster).")
 
 
 def test_local_gpus_are_counted_as_ray_counts_them(monkeypatch):
-    from rlft.distributed.cluster import local_num_cpus, local_num_gpus
     from rlft.config import RayConfig
+    from rlft.distributed.cluster import local_num_cpus, local_num_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert local_num_gpus() == 0

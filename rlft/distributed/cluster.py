@@ -67,7 +67,8 @@ def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
         return None
     if not ray.is_initialized() and not cluster_address(cfg.ray):
         machine = {"CPU": float(local_num_cpus(cfg.ray, total(demands, "CPU"))), "GPU": float(local_num_gpus())}
-        check_fit(demands, [machine], cluster="this machine (ray.address is unset: a local Ray cluster)")
+        check_fit(demands, [machine], cluster="this machine",
+                  remedy="set ray.address to a cluster that has them (unset, the job starts a local Ray cluster)")
     init_ray(cfg.ray, total(demands, "CPU"))
     check_fit(demands, free_node_resources())
     return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)

@@ -103,12 +103,14 @@ def total(demands: list[RoleDemand], resource: str) -> float:
     return sum(d.count * d.bundle.get(resource, 0.0) for d in demands)
 
 
-def check_fit(demands: list[RoleDemand], nodes: list[dict[str, float]], cluster: str = "the cluster") -> None:
+def check_fit(demands: list[RoleDemand], nodes: list[dict[str, float]], cluster: str = "the cluster",
+              remedy: str = "add nodes") -> None:
     """Raise ``ClusterFitError`` unless every actor's bundle can be placed on the nodes' free resources.
 
     Bundles are placed largest first, each on the node with the most room left that can hold it (a bundle never
     spans nodes). The message's first line names the config fields of the first actor that finds no room, and
-    what ``cluster`` (its name in the message) has; the lines after it list every role's demand.
+    what ``cluster`` (its name in the message) has; the lines after it list every role's demand and end with
+    ``remedy`` (besides lowering the fields).
     """
     free = [dict(node) for node in nodes]
     bundles = sorted(
@@ -119,13 +121,15 @@ def check_fit(demands: list[RoleDemand], nodes: list[dict[str, float]], cluster:
     for demand, bundle in bundles:
         fitting = [n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())]
         if not fitting:
-            raise ClusterFitError(_no_fit_message(demands, nodes, demand, cluster))
+            raise ClusterFitError(_no_fit_message(demands, nodes, demand, cluster, remedy))
         node = max(fitting, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)))
         for key, value in bundle.items():
             node[key] = node.get(key, 0.0) - value
 
 
-def _no_fit_message(demands: list[RoleDemand], nodes: list[dict[str, float]], first: RoleDemand, cluster: str) -> str:
+def _no_fit_message(
+    demands: list[RoleDemand], nodes: list[dict[str, float]], first: RoleDemand, cluster: str, remedy: str
+) -> str:
     have_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     have_gpu = sum(n.get("GPU", 0.0) for n in nodes)
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
@@ -136,7 +140,7 @@ def _no_fit_message(demands: list[RoleDemand], nodes: list[dict[str, float]], fi
         f"room for one {first.role} actor ({first.cpus:g} CPU, {first.gpus:g} GPU).",
         "The job asks for:",
         *(f"  {d.describe()}" for d in demands),
-        "Lower those fields, or add nodes.",
+        f"Lower those fields, or {remedy}.",
     ]
     return "\n".join(lines)
 
