@@ -1,13 +1,47 @@
-"""Wall seconds by phase: the controller times each phase of a step with it, and every role actor the work inside
-its engine under the phase it belongs to (``rlft bench`` sets the two side by side). Imports nothing heavy, so any
-process can use it."""
+"""Wall seconds by phase, and the deadline of every remote call made inside a phase.
+
+The controller times each phase of a step with ``PhaseTimer``, and every role actor the work inside its engine
+under the phase it belongs to (``rlft bench`` sets the two side by side). In the driver of a run
+(``rlft.distributed.stacks.watch``), a remote call made inside a phase waits at most ``ray.call_timeout_s``
+(``call_timeout_s()``; calls that pass their own timeout keep it). A phase whose call overruns that deadline writes
+the stacks of every actor to the run directory and fails with ``PhaseTimeoutError``, which names the phase, the
+actors that did not answer and where the stacks are. Imports nothing heavy, so any process can use it.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 
+from rlft.errors import PeerTimeoutError
 from rlft.names import Phase
+
+logger = logging.getLogger(__name__)
+
+# ``ray.call_timeout_s`` in the driver of a run; None elsewhere (role actors, tools), where phases only time.
+_call_timeout_s: float | None = None
+_current_phase: ContextVar[str | None] = ContextVar("rlft_phase", default=None)
+
+
+def set_call_timeout(seconds: float | None) -> None:
+    global _call_timeout_s
+    _call_timeout_s = seconds
+
+
+def call_timeout_s() -> float | None:
+    """The deadline of a remote call made now: ``ray.call_timeout_s`` inside a phase of the driver, else None."""
+    return _call_timeout_s if _current_phase.get() is not None else None
+
+
+class PhaseTimeoutError(PeerTimeoutError):
+    """A call of a phase overran its deadline. ``phase``: the phase's name; ``stacks_dir``: where every actor's stacks
+    were written (None when none could be)."""
+
+    def __init__(self, message: str, phase: str, stacks_dir=None):
+        super().__init__(message)
+        self.phase, self.stacks_dir = phase, stacks_dir
 
 
 class PhaseTimer:
@@ -20,10 +54,16 @@ class PhaseTimer:
     @contextmanager
     def phase(self, phase: Phase):
         name = Phase(phase).value
+        token = _current_phase.set(name)
         start = time.perf_counter()
         try:
             yield
+        except Exception as err:
+            if _call_timeout_s is None or isinstance(err, PhaseTimeoutError) or not _overran(err):
+                raise
+            raise _phase_timeout(name, err) from err
         finally:
+            _current_phase.reset(token)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
@@ -33,3 +73,19 @@ class PhaseTimer:
         """The seconds so far, and start again from none."""
         taken, self.seconds = self.seconds, {}
         return taken
+
+
+def _overran(err: Exception) -> bool:
+    """A call that did not answer in time: a timeout, or a weight sync with peers still pending."""
+    return isinstance(err, TimeoutError) or bool(getattr(err, "pending", None))
+
+
+def _phase_timeout(phase: str, err: Exception) -> PhaseTimeoutError:
+    from rlft.distributed.stacks import dump_all
+
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    stacks_dir = dump_all(f"phase {phase}: {first}")
+    where = f"stacks of every actor in {stacks_dir}" if stacks_dir is not None else "no actor stacks written"
+    message = f"phase {phase} overran its deadline: {first}; {where}"
+    logger.error(message)
+    return PhaseTimeoutError(message, phase, stacks_dir)

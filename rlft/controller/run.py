@@ -47,6 +47,7 @@ from rlft.controller.common import (
 )
 from rlft.distributed.cluster import start_cluster
 from rlft.distributed.placement import job_demands
+from rlft.distributed.stacks import watch
 from rlft.errors import LearnerFailedError, RestartBudgetError
 from rlft.metrics import MetricsLogger
 
@@ -94,6 +95,8 @@ class Run:
         """Ray and the placement group for the roles the job runs (``job_demands``); checked against the cluster
         before any actor starts."""
         self.placement = start_cluster(self.cfg, job_demands(self.cfg, **demands))
+        # Deadlines for the phases' calls; the stacks of every actor started from here on are written on overrun.
+        watch(self.out_dir / "stacks", self.cfg.ray.call_timeout_s)
 
     def keep(self, role):
         """Shut ``role`` down with the run; returns it."""

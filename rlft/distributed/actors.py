@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlft.distributed import stacks
 from rlft.errors import PeerTimeoutError, RestartBudgetError
+from rlft.timing import call_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ def role_env(num_gpus: float) -> dict[str, str]:
     env = dict(BASE_ENV)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir(), "torch_extensions"))
     env["RLFT_CACHE_DIR"] = cache_dir()
+    if os.environ.get(stacks.HANDLER_DIR_ENV):
+        env[stacks.HANDLER_DIR_ENV] = os.environ[stacks.HANDLER_DIR_ENV]
     if num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -109,7 +113,9 @@ def spawn(cls: type, *args, resources: Resources, local: bool = False, name: str
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             resources.placement_group, placement_group_bundle_index=resources.bundle_index
         )
-    return ray.remote(cls).options(**options).remote(*args, **kwargs)
+    handle = ray.remote(cls).options(**options).remote(*args, **kwargs)
+    stacks.track(handle, cls)
+    return handle
 
 
 class DriverInbox:
@@ -154,8 +160,14 @@ def payload_bytes(value: Any, _depth: int = 0) -> int:
     return 8  # numbers, None, object references, handles
 
 
+class CallTimeoutError(PeerTimeoutError, GetTimeoutError):
+    """Calls on actors did not answer within their deadline; the message names the actors (role, rank, process).
+    Also a ``GetTimeoutError``, so code that expects Ray's own keeps working."""
+
+
 def wait(refs, timeout_s: float | None = None):
-    """``ray.get`` that also accepts the results of local calls (one ref or a list)."""
+    """``ray.get`` that also accepts the results of local calls (one ref or a list). Without ``timeout_s``, the
+    deadline of a call inside a phase (``rlft.timing.call_timeout_s``); past it, ``CallTimeoutError``."""
     if isinstance(refs, list):
         if all(isinstance(r, _Done) for r in refs):
             return [r.value for r in refs]
@@ -164,7 +176,19 @@ def wait(refs, timeout_s: float | None = None):
 
 
 def _get_within(refs, timeout_s: float | None):
-    return DRIVER_INBOX.add(ray.get(refs, timeout=timeout_s))
+    timeout_s = call_timeout_s() if timeout_s is None else timeout_s
+    try:
+        return DRIVER_INBOX.add(ray.get(refs, timeout=timeout_s))
+    except GetTimeoutError:
+        listed = refs if isinstance(refs, list) else [refs]
+        _, pending = ray.wait(listed, num_returns=len(listed), timeout=0)
+        raise _not_answered(pending, timeout_s) from None
+
+
+def _not_answered(pending: list, timeout_s: float, names: list[str] | None = None) -> CallTimeoutError:
+    """The error for calls ``pending`` past ``timeout_s``; ``names``: the caller's names for their actors."""
+    actors = ", ".join(stacks.describe(pending, names)) or "a call"
+    return CallTimeoutError(f"{actors} did not answer within {timeout_s:g} s")
 
 
 def wait_peers(calls: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
@@ -205,18 +229,20 @@ def _first_line(err: BaseException) -> str:
 
 def wait_each(refs, timeout_s: float | None = None):
     """Like ``wait``, but a call that failed raises as soon as it has, without waiting for the rest (which may be
-    blocked on the failed one, e.g. in a collective). ``timeout_s`` bounds the whole wait (``GetTimeoutError``)."""
+    blocked on the failed one, e.g. in a collective). ``timeout_s`` (by default the deadline of a call inside a
+    phase) bounds the whole wait: ``CallTimeoutError`` naming the actors that did not answer."""
     if not isinstance(refs, list):
         return wait_each([refs], timeout_s)[0]
     if all(isinstance(r, _Done) for r in refs):
         return [r.value for r in refs]
+    timeout_s = call_timeout_s() if timeout_s is None else timeout_s
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not ready:
-            raise ray.exceptions.GetTimeoutError(f"{len(pending)} calls not done within {timeout_s} s")
+            raise _not_answered(pending, timeout_s)
         ray.get(ready)  # raises the call's error now
     return _get_within(refs, None)
 
@@ -255,8 +281,14 @@ class WorkerSet:
 
     def add(self) -> None:
         """Start one more actor, in the next slot."""
-        self.handles.append(self._start(len(self.handles)))
+        self.handles.append(self._started(len(self.handles)))
         self._generations.append(0)
+
+    def _started(self, slot: int):
+        handle = self._start(slot)
+        if not self.local:
+            stacks.label(handle, self.role, slot)
+        return handle
 
     def remove_last(self) -> None:
         kill([self.handles.pop()])
@@ -273,15 +305,17 @@ class WorkerSet:
         logger.warning("%s actor %d died (%s); starting a replacement (restart %d of %d)",
                        self.role, slot, reason, self.restarts, self.max_restarts)
         kill([self.handles[slot]])
-        self.handles[slot] = self._start(slot)
+        self.handles[slot] = self._started(slot)
         self._generations[slot] += 1
 
     def as_completed(
         self, calls: dict[Any, tuple[int, Callable[[Any], Any]]], timeout_s: float | None = None
     ) -> Iterator[tuple[Any, Any]]:
         """``calls`` maps a key to ``(slot, fn)``, ``fn(handle)`` making the remote call; yields ``(key, result)``
-        as calls finish, redoing on a replacement the calls of an actor that died. With ``timeout_s``, a wait of
-        that long with no call finishing raises ``PeerTimeoutError`` naming the actors still busy."""
+        as calls finish, redoing on a replacement the calls of an actor that died. With ``timeout_s`` (by default the
+        deadline of a call inside a phase), a wait of that long with no call finishing raises ``CallTimeoutError``
+        naming the actors still busy."""
+        timeout_s = call_timeout_s() if timeout_s is None else timeout_s
         pending = {}
 
         def send(key):
@@ -296,10 +330,9 @@ class WorkerSet:
             else:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
                 if not done:
-                    slots = sorted({calls[key][0] for key, _ in pending.values()})
-                    raise PeerTimeoutError(
-                        f"{self.role} actor(s) {', '.join(map(str, slots))} did not answer within {timeout_s:g} s"
-                    )
+                    busy = list(pending)
+                    raise _not_answered(busy, timeout_s,
+                                        [f"{self.role} actor {calls[pending[ref][0]][0]}" for ref in busy])
                 (ref,) = done
             key, generation = pending.pop(ref)
             try:
@@ -343,5 +376,60 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    """This process's node address, as other nodes reach it (loopback on a single machine)."""
+    """This process's node address, as other nodes reach it: 127.0.0.1 on a local cluster (rlft starts it on
+    loopback, ``rlft.distributed.cluster``), the node's IP on a multi-node one."""
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+# ------------------------------------------------------------------------------------------------ listeners
+# Every socket rlft listens on binds one address, the node's (``node_ip``), never all interfaces: on a local cluster
+# nothing is reachable from outside the machine. A torch.distributed ``TCPStore`` server binds all interfaces unless
+# it is handed a socket already listening (``master_listen_fd``), and gloo's connections listen on the address its
+# device is made for (``GLOO_SOCKET_IFNAME`` for groups made by ``init_process_group``).
+
+
+def listen_socket(host: str | None = None, port: int = 0) -> socket.socket:
+    """A TCP socket listening on ``host`` (default: this node's address) and ``port`` (0: one the OS picks)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or node_ip(), port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tcp_store(host: str, port: int, world_size: int, timeout, listener: socket.socket | None = None):
+    """A torch.distributed ``TCPStore`` at ``host:port``: its server (``listener`` given, or ``port`` free here)
+    listens on ``listener`` (``listen_socket``), a client otherwise. The store takes the socket over."""
+    from torch.distributed import TCPStore
+
+    if listener is None:
+        return TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    fd = listener.detach()
+    try:
+        return TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def local_address_toward(host: str) -> str:
+    """The address of this machine that reaches ``host`` (127.0.0.1 for a loopback ``host``); no packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))
+        return sock.getsockname()[0]
+
+
+def bind_collectives_to(address: str) -> None:
+    """Have gloo (and NCCL's bootstrap) groups made from now on in this process listen on the interface holding
+    ``address`` only, unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME already say where."""
+    import psutil
+
+    for interface, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == address for a in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+            return

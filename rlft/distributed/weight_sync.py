@@ -236,9 +236,16 @@ class WeightGroup:
     workers (or their tensor-parallel ranks). Every operation has ``spec.timeout_s``; a peer that does not take part
     in time becomes ``WeightSyncError`` here, and the driver names which peer it was."""
 
-    def __init__(self, spec: CollectiveSpec, rank: int):
+    def __init__(self, spec: CollectiveSpec, rank: int, listener=None):
+        """``listener``: rank 0's socket listening at ``spec.address:spec.port`` (``LearnerWorker.address``); without
+        it rank 0 opens one there. Either way the rendezvous listens on that address only, and the group's own
+        connections on the address of this machine that reaches it (loopback on a local cluster)."""
+        from rlft.distributed.actors import listen_socket, local_address_toward, tcp_store
+
         self.spec, self.rank = spec, rank
         timeout = datetime.timedelta(seconds=spec.timeout_s)
+        if rank == 0 and listener is None:
+            listener = listen_socket(spec.address, spec.port)
         if spec.backend == "nccl":
             # vLLM's stateless group: its own TCP rendezvous, nothing shared with torch.distributed's default group.
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -246,17 +253,20 @@ class WeightGroup:
 
             pg = StatelessProcessGroup.create(
                 host=spec.address, port=spec.port, rank=rank, world_size=spec.world_size,
-                store_timeout=int(spec.timeout_s),
+                store_timeout=int(spec.timeout_s), listen_socket=listener,
             )
             self._nccl = PyNcclCommunicator(pg, device=torch.cuda.current_device())
             self._gloo = None
         else:
-            from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+            from torch.distributed import PrefixStore, ProcessGroupGloo
 
-            store = TCPStore(spec.address, spec.port, spec.world_size, is_master=rank == 0, timeout=timeout)
+            store = tcp_store(spec.address, spec.port, spec.world_size, timeout, listener)
             self._store = store  # the master's store must outlive the group
+            options = ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [ProcessGroupGloo.create_device(hostname=local_address_toward(spec.address))]
             self._gloo = ProcessGroupGloo(PrefixStore(f"rlft-weights-{spec.generation}/", store), rank,
-                                          spec.world_size, timeout)
+                                          spec.world_size, options)
             self._nccl = None
 
     @property

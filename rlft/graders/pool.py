@@ -75,6 +75,8 @@ class GraderWorker:
     """Scores shares of a batch with every configured grader, each grader under a deadline of ``timeout_s``."""
 
     def __init__(self, cfg: GraderConfig, reward_models: dict[str, RewardModelGroup] | None = None):
+        from rlft.distributed.stacks import install_handler  # stacks on a phase overrun (rlft/timing.py)
+        install_handler()
         self.graders: list[Grader] = [
             build_grader(item, sandbox_limits(cfg), cfg.concurrency_per_worker, reward_models) for item in cfg.items
         ]

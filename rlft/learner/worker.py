@@ -85,6 +85,9 @@ class LearnerWorker:
     """One rank. Created by ``LearnerGroup``; its methods are called on every rank at once."""
 
     def __init__(self, rank: int):
+        from rlft.distributed.stacks import install_handler
+
+        install_handler()
         self.rank = rank
         self.engine = None
         self.spec: LearnerSpec | None = None
@@ -93,6 +96,7 @@ class LearnerWorker:
         self._weight_group = None  # rank 0: the weight group it broadcasts on (``collective`` transport)
         self._ipc_buffers: list[torch.Tensor] = []
         self._scratch: dict[str, torch.Tensor] = {}  # by device, for filling buckets
+        self._listeners: dict = {}  # by port: sockets ``address`` opened, until a store takes them over
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by phase: ``update``, ``sync`` (publishing weights) and
@@ -106,10 +110,15 @@ class LearnerWorker:
     # ------------------------------------------------------------------------------------------------ set-up
 
     def address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the process group (called on rank 0 only)."""
-        from rlft.distributed.actors import free_port, node_ip
+        """Where rank 0 listens for a group's rendezvous (the learners' process group, a weight group): a socket
+        already listening on this node's address only (loopback on a local cluster), kept until the group's store
+        takes it over, so no other process can take the port meanwhile. Called on rank 0 only."""
+        from rlft.distributed.actors import listen_socket
 
-        return node_ip(), free_port()
+        sock = listen_socket()
+        host, port = sock.getsockname()[:2]
+        self._listeners[port] = sock
+        return host, port
 
     def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> int:
         """Join the process group, load the model and build the DeepSpeed engine; returns the parameter count."""
@@ -128,7 +137,8 @@ class LearnerWorker:
         )
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         _seed_everything(spec.seed)
-        deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)
+        self._init_process_group(spec, master_addr, master_port)
+        deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)  # keeps the group above
 
         ds_config = spec.deepspeed_config()
         # Under ZeRO-3 this object must stay alive while from_pretrained runs, so parameters are partitioned as
@@ -156,6 +166,20 @@ class LearnerWorker:
         )
         self.engine.train()
         return sum(_numel(p) for p in self.engine.module.parameters())
+
+    def _init_process_group(self, spec: LearnerSpec, master_addr: str, master_port: int) -> None:
+        """The ranks' process group, its rendezvous store served by rank 0 on the socket ``address`` opened and
+        gloo's connections on the same interface: nothing listens beyond this node's address."""
+        import torch.distributed as dist
+        from torch.distributed.constants import default_pg_timeout
+
+        from rlft.distributed.actors import bind_collectives_to, local_address_toward, tcp_store
+
+        bind_collectives_to(local_address_toward(master_addr))
+        store = tcp_store(master_addr, master_port, spec.world_size, default_pg_timeout,
+                          listener=self._listeners.pop(master_port) if self.rank == 0 else None)
+        dist.init_process_group(spec.backend, store=store, rank=self.rank, world_size=spec.world_size,
+                                timeout=default_pg_timeout)
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -256,7 +280,7 @@ class LearnerWorker:
         from rlft.distributed.weight_sync import WeightGroup
 
         self._weight_group = None
-        self._weight_group = WeightGroup(spec, 0)
+        self._weight_group = WeightGroup(spec, 0, listener=self._listeners.pop(spec.port, None))
 
     def publish_weights(self, transport: str, bucket_bytes: int) -> tuple[list, dict]:
         """Publish this version's weights bucket by bucket; every rank must call it (under ZeRO-3 each parameter is

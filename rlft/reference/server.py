@@ -15,6 +15,7 @@ from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
 from rlft.distributed.placement import role_resources
 from rlft.distributed.remote_rows import RemoteRows, keep_here
+from rlft.distributed.stacks import install_handler
 from rlft.reference.config import ReferenceConfig
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
@@ -28,6 +29,7 @@ class ReferenceWorker:
 
         from transformers import AutoModelForCausalLM
 
+        install_handler()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+from rlft.distributed.stacks import install_handler
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
 from rlft.names import Phase
@@ -40,6 +41,7 @@ def make_engine(model_path: str, cfg: RolloutConfig):
 
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig):
+        install_handler()  # first: a hang while the engine starts is dumped too
         self.engine = make_engine(model_path, cfg)
         self._policy_version = 0
         self._group = None  # this worker's membership of the weight group, when it receives in this process
