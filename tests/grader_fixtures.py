@@ -56,3 +56,12 @@ def misbehaves_on_request(prompts: list[list[dict]], completions: list[str], **e
     if "exit" in completions:
         os._exit(1)
     return [1.0] * len(completions)
+
+
+_held: list[bytes] = []
+
+
+def leaks(prompts: list[list[dict]], completions: list[str], **extra) -> list[float]:
+    """Keeps 256 MiB more on every call (touched, so resident)."""
+    _held.append(b"x" * (256 * 2**20))
+    return [1.0] * len(completions)

@@ -296,3 +296,26 @@ def test_ray_worker_that_hangs_or_dies_is_replaced(ray_cluster):
         assert grade(["82", "81"], 2 * STARTUP_S + SLACK_S).rewards == [1.0, 1.0]
     finally:
         pool.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_worker_over_its_memory_limit_is_replaced(ray_cluster):
+    """A user function that leaks 256 MiB a call: the worker's memory is reported after every share, and the worker
+    is replaced (and counted) after the share that takes it past graders.max_worker_memory_mib."""
+    limit = 1200
+    cfg = GraderConfig(items=[user_function("leaky", "leaks")], num_grader_workers=1, num_cpus_per_worker=0.5,
+                       max_worker_memory_mib=limit)
+    pool = GraderPool(cfg)
+    try:
+        results = [pool.grade([request("82")]) for _ in range(6)]
+    finally:
+        pool.shutdown()
+    memory = [r.metrics()["graders/worker_memory_mib"] for r in results]
+    replaced = [r.metrics()["graders/memory_replacements"] for r in results]
+    assert all(r.rewards == [1.0] for r in results)
+    assert replaced == [float(m > limit) for m in memory], (memory, replaced)
+    assert sum(replaced) >= 1, memory
+    first = replaced.index(1)
+    assert memory[first] - memory[0] >= first * 200  # it grew by about 256 MiB a share
+    if first + 1 < len(memory):
+        assert memory[first + 1] < memory[first] - 200  # a fresh worker

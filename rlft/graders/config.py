@@ -20,7 +20,8 @@ from typing import Literal, NoReturn
 
 from rlft.errors import ConfigError, DataError
 from rlft.graders.openai_spec import _TEMPLATE, parse_spec
-from rlft.graders.sandbox import SandboxLimits
+from rlft.graders.sandbox import PythonGraderLimits
+from rlft.sandbox import SANDBOX_MODES, SandboxMode
 
 GraderType = Literal["exact_match", "math", "regex", "python_function", "openai", "reward_model"]
 
@@ -81,11 +82,18 @@ class GraderConfig:
     # samples; the message names the grader and gives its first error. The default tolerates a flaky judge but
     # stops a grader that fails on most samples (a typo in a template, a missing field); 1.0 never stops.
     max_error_rate: float = 0.5
-    # Sandbox of ``python`` graders (OpenAI spec): one throw-away process per worker batch, with these limits; its
-    # wall-clock limit is ``timeout_s``.
+    # Sandbox of ``python`` graders (OpenAI spec): one throw-away process per worker share, with these limits. Its
+    # wall-clock limit is ``timeout_s`` less a margin (1 s, or a quarter of ``timeout_s`` if shorter), so that the
+    # scores it finished are back before the worker stops waiting. ``namespaces``: user, mount, network and PID
+    # namespaces the OS enforces (the default; refused with a clear error where the host has no user namespaces).
+    # ``audit_hook_only``: rlimits and an audit hook, no OS boundary; used only where it is asked for by name.
+    sandbox: SandboxMode = "namespaces"
     python_memory_mib: int = 1024
     python_cpu_seconds: int = 10
     python_max_source_bytes: int = 65536
+    # A grader worker whose resident memory (its process and the sandboxes it started) passes this after a share is
+    # replaced, counted in ``graders/memory_replacements``; 0 never replaces. ``graders/worker_memory_mib`` is logged.
+    max_worker_memory_mib: int = 4096
 
 
 def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
@@ -105,6 +113,10 @@ def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
         _fail(f"{path}.fallback_score", f"must be a finite number, got {cfg.fallback_score}")
     if not 0.0 <= cfg.max_error_rate <= 1.0:
         _fail(f"{path}.max_error_rate", f"must be between 0 and 1, got {cfg.max_error_rate}")
+    if cfg.sandbox not in SANDBOX_MODES:
+        _fail(f"{path}.sandbox", f"must be one of {', '.join(SANDBOX_MODES)}, got {cfg.sandbox!r}")
+    if cfg.max_worker_memory_mib < 0:
+        _fail(f"{path}.max_worker_memory_mib", f"must be 0 (off) or a number of MiB, got {cfg.max_worker_memory_mib}")
     for name in ("python_memory_mib", "python_cpu_seconds", "python_max_source_bytes", "concurrency_per_worker"):
         if getattr(cfg, name) <= 0:
             _fail(f"{path}.{name}", f"must be positive, got {getattr(cfg, name)}")
@@ -117,11 +129,12 @@ def validate_graders(cfg: GraderConfig, path: str = "graders") -> None:
         _validate_item(item, where, cfg)
 
 
-def sandbox_limits(cfg: GraderConfig) -> SandboxLimits:
-    return SandboxLimits(
-        wall_timeout_s=cfg.timeout_s,
+def sandbox_limits(cfg: GraderConfig) -> PythonGraderLimits:
+    return PythonGraderLimits(
+        wall_timeout_s=cfg.timeout_s - min(1.0, cfg.timeout_s / 4),
         cpu_seconds=cfg.python_cpu_seconds,
         memory_mib=cfg.python_memory_mib,
+        mode=cfg.sandbox,
         max_source_bytes=cfg.python_max_source_bytes,
     )
 

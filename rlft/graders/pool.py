@@ -69,6 +69,7 @@ class WorkerResult:
     outcomes: dict[str, list[Outcome]]  # grader name -> one outcome per request of the share
     num_stuck_threads: int  # abandoned grader threads still running in the worker
     examples: dict[str, str]  # grader name -> the first failure's reason in this share, if any
+    memory_mib: float = 0.0  # the worker's resident memory after the share (its process and its children)
 
 
 class GraderWorker:
@@ -99,7 +100,7 @@ class GraderWorker:
         with self.clock.phase(Phase.GRADE):
             outcomes = {grader.name: self._run(grader, requests, extra_fields, examples) for grader in self.graders}
         self._stuck = [thread for thread in self._stuck if thread.is_alive()]
-        return WorkerResult(outcomes, len(self._stuck), examples)
+        return WorkerResult(outcomes, len(self._stuck), examples, resident_mib())
 
     def _run(
         self, grader: Grader, requests: list[GradeRequest], extra_fields: list[str], examples: dict[str, str]
@@ -126,6 +127,20 @@ class GraderWorker:
         if reasons:
             examples[grader.name] = reasons[0]
         return settled
+
+
+def resident_mib() -> float:
+    """Resident memory of this process and its live children (sandboxes, judge clients), in MiB."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 def _fill_per_sample(
@@ -204,6 +219,8 @@ class GradeResult:
     num_invalid: int  # the grader returned something other than a finite number
     failures_by_grader: dict[str, int]  # grader name -> samples it gave no score (errors + timeouts + invalid)
     examples: dict[str, str]  # grader name -> the reason of one of its failures
+    worker_memory_mib: float = 0.0  # the largest resident memory a worker reported after its share
+    memory_replacements: int = 0  # workers replaced for passing graders.max_worker_memory_mib
 
     @classmethod
     def concat(cls, results: list[GradeResult]) -> GradeResult:
@@ -221,6 +238,8 @@ class GradeResult:
             num_invalid=sum(r.num_invalid for r in results),
             failures_by_grader={name: sum(r.failures_by_grader[name] for r in results) for name in names},
             examples=examples,
+            worker_memory_mib=max(r.worker_memory_mib for r in results),
+            memory_replacements=sum(r.memory_replacements for r in results),
         )
 
     def check_error_rate(self, max_error_rate: float) -> None:
@@ -239,6 +258,8 @@ class GradeResult:
             "graders/errors": self.num_errors,
             "graders/timeouts": self.num_timeouts,
             "graders/invalid": self.num_invalid,
+            "graders/worker_memory_mib": self.worker_memory_mib,
+            "graders/memory_replacements": self.memory_replacements,
         }
         for name, scores in self.scores.items():
             if scores:
@@ -280,6 +301,8 @@ class GraderPool:
         # over the pool's life; None: no limit.
         self.max_restarts = max_restarts
         self.restarts = 0
+        # Of the batch being collected: the largest worker memory reported, and workers replaced for their memory.
+        self._memory_mib, self._memory_replacements = 0.0, 0
         self.weights = {item.name: item.weight for item in cfg.items}
         self.reward_models: dict[str, RewardModelGroup] = {}
         try:
@@ -331,13 +354,16 @@ class GraderPool:
 
     def collect(self, handle: GradeHandle) -> GradeResult:
         """Wait for a submitted batch (no share past its deadline) and combine the graders' scores."""
+        self._memory_mib, self._memory_replacements = 0.0, 0
         by_first = {share.first: self._await(share) for share in sorted(handle.shares, key=lambda s: s.deadline)}
         outcomes = {name: [o for first in sorted(by_first) for o in by_first[first][0][name]] for name in self.weights}
         examples: dict[str, str] = {}
         for first in sorted(by_first):
             for name, reason in by_first[first][1].items():
                 examples.setdefault(name, reason)
-        return self._result(outcomes, handle.num_requests, examples)
+        result = self._result(outcomes, handle.num_requests, examples)
+        result.worker_memory_mib, result.memory_replacements = self._memory_mib, self._memory_replacements
+        return result
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds spent grading since the last call (the slowest worker's)."""
@@ -386,7 +412,14 @@ class GraderPool:
         except RayError:
             logger.warning("grading a share failed on worker %d", share.worker, exc_info=True)
             return self._all(share, Failure.ERROR), dict.fromkeys(self.weights, "grading the share failed in Ray")
+        self._memory_mib = max(self._memory_mib, result.memory_mib)
+        limit = self.cfg.max_worker_memory_mib
         if result.num_stuck_threads:
+            self._replace(share.worker, share.generation)
+        elif limit and not self.local and result.memory_mib > limit:
+            logger.warning("grader worker %d holds %.0f MiB, more than graders.max_worker_memory_mib = %d; replacing it",
+                           share.worker, result.memory_mib, limit)
+            self._memory_replacements += 1
             self._replace(share.worker, share.generation)
         return result.outcomes, result.examples
 
