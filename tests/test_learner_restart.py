@@ -69,6 +69,11 @@ def test_metrics_log_rewind_keeps_each_step_once(tmp_path):
     assert [r.get("train/loss") for r in records] == [None, 1.0, 2.0, 30.0, 40.0]
 
 
+def is_measured(key: str) -> bool:
+    """Timed (``is_wall_clock``) or a process's memory (``graders/worker_memory_mib``): not the run's computation."""
+    return is_wall_clock(key) or key.endswith("_mib")
+
+
 def _train_records(run: Path, key: str) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if key in r]
 
@@ -79,7 +84,7 @@ def assert_restarted_run_matches(straight: Path, restarted: Path, key: str, num_
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, num_steps + 1))
     assert a[-1]["faults/learner_restarts"] == 0 and b[-1]["faults/learner_restarts"] == 1
     for ra, rb in zip(a, b):
-        keys = {k for k in ra.keys() | rb.keys() if not is_wall_clock(k) and k != "faults/learner_restarts"}
+        keys = {k for k in ra.keys() | rb.keys() if not is_measured(k) and k != "faults/learner_restarts"}
         differing = {
             k: (ra.get(k), rb.get(k)) for k in keys
             if not (isinstance(ra.get(k), float) and isinstance(rb.get(k), float)
@@ -157,3 +162,46 @@ def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(tmp_p
     assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
     assert "every rank starts again, from the starting weights at step 0" in output
     assert_restarted_run_matches(tmp_path / "straight", out, "train/loss", 5)
+
+
+# PPO on the untrained tiny model: 2 learner and 2 critic ranks (the same actor class, so either may be killed).
+PPO = [
+    str(ROOT / "configs/ppo_tiny.yaml"),
+    *GRPO[1:],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
+    """PPO's critic is a second learner group: whichever rank dies, both groups start again from the step-2
+    checkpoint (policy and critic), and steps 3-5 log what the straight run logs."""
+    straight = run_rlft("train", *PPO, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    checkpoint = out / "checkpoints/step_000002"
+    output = run_killed(PPO, out, tmp_path, lambda: (checkpoint / "trainer_state.json").exists(),
+                        "the step-2 checkpoint")
+    assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: " in output
+    assert f"every rank starts again, from checkpoint {checkpoint}" in output
+    assert_restarted_run_matches(tmp_path / "straight", out, "critic/value_loss", 5)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_learner_death_beyond_the_budget_stops_the_job_naming_it(tmp_path):
+    """``ray.max_learner_restarts=0``: the first death stops the job (rc 1), naming the budget field."""
+    log = tmp_path / "run.log"
+    proc = rlft_popen("train", *SFT, "ray.max_learner_restarts=0", f"logging.output_dir={tmp_path / 'run'}",
+                      cwd=tmp_path, log=log)
+    try:
+        wait_until(lambda: (tmp_path / "run/metrics.jsonl").exists(), "the metrics log", proc=proc, log=log)
+        kill_own_learner_in_train_step(proc)
+        assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    output = log.read_text()
+    assert "rlft: job stopped: a learner actor died: learners rank " in output
+    assert "the restart budget ray.max_learner_restarts = 0 is spent" in output
