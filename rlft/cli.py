@@ -39,9 +39,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def check_inputs(cfg: Config) -> None:
-    """What ``rlft train`` checks before it starts anything (Ray, a model, a tokenizer), beyond ``load_config``:
-    the paths it reads and writes (``check_local_paths``), and that the first ``NUM_ROWS_CHECKED`` training prompts
-    of an RL job have every field its graders read and, when it evaluates, held-out prompts an ``answer``."""
+    """What ``rlft train`` and ``rlft bench`` check before they start anything (Ray, a model, a tokenizer), beyond
+    ``load_config``: the paths the job reads and writes (``check_local_paths``), and that the first
+    ``NUM_ROWS_CHECKED`` training prompts of an RL job have every field its graders read and, when it evaluates,
+    that held-out prompts have an ``answer``."""
     check_local_paths(cfg)
     if cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
         return
@@ -67,6 +68,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    check_inputs(load_config(args.config, args.overrides))
     _name_the_cpu_accelerator()
     from pathlib import Path
 

@@ -146,7 +146,8 @@ def test_missing_local_model_and_tokenizer_paths_name_the_field(tmp_path):
     proc = run_train(tmp_path, *GRPO, "model.path=/no/such/model")
     assert_stopped_before_ray(proc, tmp_path, "rlft: config error: model.path: /no/such/model: no such directory")
     proc = run_train(tmp_path, *GRPO, "model.tokenizer_path=./tokenizer")
-    assert_stopped_before_ray(proc, tmp_path, "rlft: config error: model.tokenizer_path: ./tokenizer: no such directory")
+    assert_stopped_before_ray(proc, tmp_path,
+                              "rlft: config error: model.tokenizer_path: ./tokenizer: no such directory")
 
 
 def test_hub_ids_and_existing_directories_are_not_local_path_errors(tmp_path):
