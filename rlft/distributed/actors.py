@@ -251,6 +251,7 @@ def kill(handles: list) -> None:
     """End role actors started by ``spawn`` (in-process ones simply go out of scope)."""
     for handle in handles:
         if not isinstance(handle, LocalActor):
+            stacks.forget(handle)
             ray.kill(handle, no_restart=True)
 
 

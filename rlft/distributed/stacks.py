@@ -87,6 +87,7 @@ class _Actor:
     identity_ref: Any  # answers _identity
     pid: int | None = None
     node: str = ""
+    started: float = 0.0  # the process's start time, so a pid taken over by another process is never signalled
 
     def resolve(self, timeout_s: float) -> None:
         if self.pid is not None:
@@ -99,6 +100,17 @@ class _Actor:
             return
         if self.rank is None:
             self.rank = own_rank
+        process = _process(self.pid)
+        self.started = process.create_time() if process is not None else 0.0
+
+    def process(self):
+        """This actor's process on this node, or None (ended, elsewhere, or not known)."""
+        from rlft.distributed.actors import node_ip
+
+        if self.pid is None or self.node != node_ip():
+            return None
+        process = _process(self.pid)
+        return process if process is not None and process.create_time() == self.started else None
 
     @property
     def name(self) -> str:
@@ -149,6 +161,12 @@ def label(handle: Any, role: str, rank: int) -> None:
         actor.role, actor.rank = str(role), rank
 
 
+def forget(handle: Any) -> None:
+    """An actor that was ended (``actors.kill``): nothing to dump any more."""
+    if _watch is not None:
+        _watch.actors.pop(handle._actor_id.hex(), None)
+
+
 def describe(refs: list, fallback: list[str] | None = None) -> list[str]:
     """The actors that the calls ``refs`` went to: ``"learners actor 1 (pid 4242, stopped)"``; an actor not tracked
     is named by ``fallback[i]`` (its caller's name for it), else by its Ray id."""
@@ -172,20 +190,15 @@ def dump_all(reason: str) -> Path | None:
     directory, or None when there is nothing to dump (no watched run, or no actors)."""
     if _watch is None or not _watch.actors:
         return None
-    from rlft.distributed.actors import node_ip
-
     out = _watch.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    here = node_ip()
     waiting: list[tuple[_Actor, Path, int]] = []  # signalled actors: their handler file and its size before
     extra: dict[int, list[str]] = {}  # by pid: stopped actors' and children's stacks read with py-spy
     for actor in list(_watch.actors.values()):
         actor.resolve(2.0)
-        if actor.pid is None or actor.node != here:
-            continue
-        process = _process(actor.pid)
+        process = actor.process()
         if process is None:
-            continue  # ended (killed or replaced)
+            continue  # on another node, ended, or never answered
         sections = extra.setdefault(actor.pid, [])
         handler = _watch.handler_dir / f"{actor.pid}.txt"
         if _status(process) == "stopped":
@@ -254,7 +267,7 @@ def _process_note(actor: _Actor) -> str:
 
     if actor.node != node_ip():
         return f"pid {actor.pid} on {actor.node}"
-    process = _process(actor.pid)
+    process = actor.process()
     return f"pid {actor.pid}, {_status(process) if process is not None else 'gone'}"
 
 
