@@ -319,3 +319,16 @@ def test_ray_worker_over_its_memory_limit_is_replaced(ray_cluster):
     assert memory[first] - memory[0] >= first * 200  # it grew by about 256 MiB a share
     if first + 1 < len(memory):
         assert memory[first + 1] < memory[first] - 200  # a fresh worker
+
+
+@pytest.mark.ray
+def test_ray_worker_runs_python_graders_in_the_namespace_sandbox(ray_cluster):
+    """From a grader actor, as in a job: the grader sees its own uid, root and PID namespace."""
+    source = ("import os\ndef grade(sample, item):\n"
+              "    return float(os.getuid() == 1000 and os.getcwd() == '/sandbox' and not os.path.exists('/etc'))")
+    spec = {"type": "python", "source": source}
+    pool = GraderPool(GraderConfig(items=[GraderItemConfig(name="py", type="openai", spec=spec)], num_cpus_per_worker=0.5))
+    try:
+        assert pool.grade([request("82"), request("81")]).scores["py"] == [1.0, 1.0]
+    finally:
+        pool.shutdown()
