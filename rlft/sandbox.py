@@ -138,7 +138,8 @@ def namespaces_unavailable() -> str | None:
     try:
         done = _run("import os; os.write(RESULT_FD, b'ok')", b"", SandboxLimits(wall_timeout_s=30.0), "namespaces")
     except OSError as exc:
-        return f"starting it failed: {exc}"
+        hint = "" if os.geteuid() == 0 else " (mapping the sandbox's unprivileged uid needs rlft to run as root)"
+        return f"starting it failed: {exc}{hint}"
     if done.results != b"ok":
         return f"a trial run failed ({done.ended}): {done.stderr.decode(errors='replace').strip()[-300:]}"
     return None
