@@ -17,10 +17,11 @@ import time
 import pytest
 
 from cluster_helpers import busy_actor_pid, rlft_popen, wait_until
+from rlft import timing
+from rlft.names import Phase
+from rlft.timing import PhaseTimeoutError, PhaseTimer
 from test_loopback import tiny_grpo_args
 
-# About 70 s each on 2 cores: Ray, two learners, a vLLM engine, then the deadline.
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 CALL_TIMEOUT_S = 15
 # Beyond the deadline: the steps before the stopped actor's call, the stack dump.
@@ -67,9 +68,40 @@ def _stop_and_expect(tmp_path, victim_title: str, phase: str, role: str):
     return error
 
 
+def test_calls_inside_a_phase_get_the_deadline_and_an_overrun_names_the_phase():
+    timer = PhaseTimer()
+    timing.set_call_timeout(7.0)
+    try:
+        assert timing.call_timeout_s() is None  # outside phases: start-up, evaluation, checkpoints
+        with timer.phase(Phase.UPDATE):
+            assert timing.call_timeout_s() == 7.0
+        with pytest.raises(PhaseTimeoutError, match=r"^phase update overran its deadline: learners actor 1 did not "
+                                                     r"answer within 7 s; no actor stacks written$") as err:
+            with timer.phase(Phase.UPDATE):
+                raise TimeoutError("learners actor 1 did not answer within 7 s")
+        assert err.value.phase == "update" and "update" in timer.seconds
+        with pytest.raises(ValueError):  # other errors pass through unchanged
+            with timer.phase(Phase.UPDATE):
+                raise ValueError("not a timeout")
+    finally:
+        timing.set_call_timeout(None)
+    with pytest.raises(TimeoutError) as err:  # no deadline configured (a role actor's own clock): left as it is
+        with timer.phase(Phase.UPDATE):
+            raise TimeoutError("inside an actor")
+    assert not isinstance(err.value, PhaseTimeoutError)
+
+
+# About 70 s on 2 cores: Ray, two learners, a vLLM engine, then the deadline.
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_a_stopped_rollout_worker_fails_the_generate_phase(tmp_path):
     _stop_and_expect(tmp_path, "ray::RolloutWorker", "generate", "rollout")
 
 
+# About 70 s on 2 cores: Ray, two learners, a vLLM engine, then the deadline.
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_a_stopped_learner_fails_the_old_logprobs_phase(tmp_path):
     _stop_and_expect(tmp_path, "ray::LearnerWorker", "old_logprobs", "learners")

@@ -19,8 +19,6 @@ import pytest
 from cluster_helpers import rlft_popen
 from conftest import ROOT
 
-# About 80 s on 2 cores: Ray, two learners, a vLLM engine, two steps.
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 
 def tiny_grpo_args(out, *overrides: str) -> list[str]:
@@ -57,6 +55,27 @@ def _listeners(root: psutil.Process) -> dict[tuple[str, int], str]:
     return found
 
 
+def test_a_rendezvous_store_listens_on_the_address_it_is_given():
+    """A TCPStore server left to itself listens on every interface; rlft hands it a socket bound to one address."""
+    import datetime
+
+    from rlft.distributed.actors import listen_socket, tcp_store
+
+    listener = listen_socket("127.0.0.1")
+    port = listener.getsockname()[1]
+    server = tcp_store("127.0.0.1", port, None, datetime.timedelta(seconds=30), listener=listener)
+    client = tcp_store("127.0.0.1", port, None, datetime.timedelta(seconds=30))
+    server.set("key", "value")
+    assert client.get("key") == b"value"
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert ("127.0.0.1", port) in [(a.ip, a.port) for a in listening]
+    assert all(a.ip == "127.0.0.1" for a in listening if a.port == port)
+
+
+# About 50 s on 2 cores: Ray, two learners, a vLLM engine, two steps.
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_a_local_run_listens_on_loopback_only(tmp_path):
     log = tmp_path / "run.log"
     proc = rlft_popen(*tiny_grpo_args(tmp_path / "run", "rollout.weight_transport=collective"), cwd=tmp_path, log=log)

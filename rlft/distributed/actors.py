@@ -8,6 +8,7 @@ a role. Facades such as ``LearnerGroup`` are the only callers; the controller ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -402,7 +403,7 @@ def listen_socket(host: str | None = None, port: int = 0) -> socket.socket:
     return sock
 
 
-def tcp_store(host: str, port: int, world_size: int, timeout, listener: socket.socket | None = None):
+def tcp_store(host: str, port: int, world_size: int | None, timeout, listener: socket.socket | None = None):
     """A torch.distributed ``TCPStore`` at ``host:port``: its server (``listener`` given, or ``port`` free here)
     listens on ``listener`` (``listen_socket``), a client otherwise. The store takes the socket over."""
     from torch.distributed import TCPStore
@@ -413,7 +414,8 @@ def tcp_store(host: str, port: int, world_size: int, timeout, listener: socket.s
     try:
         return TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=fd)
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # the store may have closed it already
+            os.close(fd)
         raise
 
 
