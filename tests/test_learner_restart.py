@@ -205,3 +205,21 @@ def test_a_learner_death_beyond_the_budget_stops_the_job_naming_it(tmp_path):
     output = log.read_text()
     assert "rlft: job stopped: a learner actor died: learners rank " in output
     assert "the restart budget ray.max_learner_restarts = 0 is spent" in output
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_dpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path):
+    """Offline DPO (reference sums from the on-disk cache), a checkpoint every 2 steps: killed in a step after the
+    step-2 checkpoint (its steps are short, so which one is left to chance), the run goes back to the latest
+    checkpoint and the redone steps log the same pairs, losses and margins."""
+    dpo = [str(ROOT / "configs/dpo_tiny.yaml"), "model.path=tiny://model", "dpo.eval_path=", "trainer.max_steps=8",
+           "checkpoint.every_n_steps=2", *QUIET]
+    straight = run_rlft("train", *dpo, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    output = run_killed(dpo, out, tmp_path, lambda: (out / "checkpoints/step_000002/trainer_state.json").exists(),
+                        "the step-2 checkpoint")
+    assert f"every rank starts again, from checkpoint {out / 'checkpoints/step_00000'}" in output
+    assert_restarted_run_matches(tmp_path / "straight", out, "train/margin", 8)
