@@ -226,17 +226,19 @@ class Run:
         prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
 
     def end_step(self, step: int, metrics: dict[str, float], **postfix: str) -> None:
-        """Log the step, then checkpoint and evaluate when due (the last step's are ``finish``'s)."""
+        """Log the step, then evaluate and checkpoint when due (the last step's are ``finish``'s). The evaluation
+        comes first, so a checkpoint is only written once its step is complete: a learner restart from it redoes no
+        evaluation and loses none."""
         cfg = self.cfg
         self.logger.log(step, {**metrics, "faults/learner_restarts": self.learner_restarts})
         self.progress.update(1)
         if postfix:
             self.progress.set_postfix(**postfix)
         if step < self.total_steps:
-            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-                self.save_checkpoint(step)
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
                 self.evaluate(step, f"step{step}")
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+                self.save_checkpoint(step)
 
     def finish(self) -> RunResult:
         """Final checkpoint, the Hugging Face model directory, the final evaluation and ``summary.json``."""
