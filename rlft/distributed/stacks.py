@@ -310,8 +310,8 @@ def _py_spy(pid: int) -> str:
         return ""
     lines = ["(read with py-spy)\n"]
     for thread in threads:
-        lines.append(f"Thread {thread.get('thread_id', 0):#x} {thread.get('thread_name') or ''}"
-                     f"(most recent call first):\n")
+        name = f" {thread['thread_name']}" if thread.get("thread_name") else ""
+        lines.append(f"Thread {thread.get('thread_id', 0):#x}{name} (most recent call first):\n")
         for frame in thread.get("frames", []):
             lines.append(f'  File "{frame.get("filename")}", line {frame.get("line")} in {frame.get("name")}\n')
         lines.append("\n")
