@@ -19,7 +19,7 @@ from rlft.graders import (
     regex_match,
     validate_graders,
 )
-from rlft.graders.pool import STUCK_MARGIN_S
+from rlft.graders.pool import resident_mib, STUCK_MARGIN_S
 
 FIXTURES = "tests.grader_fixtures"
 # Slack for scheduling on a busy 2-core machine, on top of the time a call is allowed.
@@ -182,6 +182,8 @@ def test_reward_is_the_weighted_sum_of_graders():
         "graders/correct/mean": pytest.approx(1 / 3),
         "graders/format/mean": pytest.approx(2 / 3),
         "graders/math/mean": pytest.approx(1 / 3),
+        "graders/worker_memory_mib": pytest.approx(resident_mib(), rel=0.5),
+        "graders/memory_replacements": 0,
     }
 
 

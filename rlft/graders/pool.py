@@ -28,7 +28,7 @@ import math
 import numbers
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -219,8 +219,9 @@ class GradeResult:
     num_invalid: int  # the grader returned something other than a finite number
     failures_by_grader: dict[str, int]  # grader name -> samples it gave no score (errors + timeouts + invalid)
     examples: dict[str, str]  # grader name -> the reason of one of its failures
-    worker_memory_mib: float = 0.0  # the largest resident memory a worker reported after its share
-    memory_replacements: int = 0  # workers replaced for passing graders.max_worker_memory_mib
+    # Worker health, not scores: left out of comparisons (an in-process pool and Ray workers grade alike).
+    worker_memory_mib: float = field(default=0.0, compare=False)  # the largest a worker reported after its share
+    memory_replacements: int = field(default=0, compare=False)  # workers replaced past max_worker_memory_mib
 
     @classmethod
     def concat(cls, results: list[GradeResult]) -> GradeResult:
