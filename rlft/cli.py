@@ -17,7 +17,14 @@ import os
 import sys
 
 from rlft.config import Config, check_local_paths, load_config, to_yaml
-from rlft.errors import ConfigError, DataError, GraderFailureRateError, LearnerFailedError, RestartBudgetError
+from rlft.errors import (
+    ConfigError,
+    DataError,
+    GraderFailureRateError,
+    LearnerFailedError,
+    PeerTimeoutError,
+    RestartBudgetError,
+)
 
 
 # How many rows of the training prompts are checked for the fields the graders read, before anything starts.
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except GraderFailureRateError as exc:
         print(f"rlft: grader error: {exc}", file=sys.stderr)
         return 1
-    except (LearnerFailedError, RestartBudgetError) as exc:
+    except (LearnerFailedError, RestartBudgetError, PeerTimeoutError) as exc:
         print(f"rlft: job stopped: {exc}", file=sys.stderr)
         checkpoint = _latest_checkpoint(args)
         if checkpoint:

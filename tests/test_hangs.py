@@ -58,6 +58,7 @@ def _stop_and_expect(tmp_path, victim_title: str, phase: str, role: str):
     assert f"phase {phase} overran its deadline" in error
     assert re.search(rf"{role} actor \d+ \(pid {pid}, stopped\) did not answer within {CALL_TIMEOUT_S} s", error)
     assert f"stacks of every actor in {out / 'stacks'}" in error
+    assert f"rlft: job stopped: phase {phase} overran its deadline" in text  # one line from the CLI, rc 1
     dumps = {path.name: path.read_text() for path in (out / "stacks").glob("*.txt")}
     mine = [name for name in dumps if name.startswith(f"{role}-") and name.endswith(f"-{pid}.txt")]
     assert mine, sorted(dumps)
