@@ -1,7 +1,8 @@
 """Learners come back: a learner rank killed (SIGKILL) in the middle of a step restarts its whole group in the same
-``rlft train`` process (``ray.max_learner_restarts``), from the run's latest checkpoint (GRPO) or from the starting
-weights when there is none yet (SFT). The steps since are redone as a resumed run does them, so every step is logged
-once and every computed metric equals that of the same job run without the kill."""
+``rlft train`` process (``ray.max_learner_restarts``), from the run's latest checkpoint (GRPO, PPO with its critic,
+DPO) or from the starting weights when there is none yet (SFT). The steps since are redone as a resumed run does
+them, so every step is logged once and every computed metric equals that of the same job run without the kill
+(within 1e-6; in practice bit for bit). One death beyond the budget stops the job, naming the budget."""
 
 from __future__ import annotations
 
