@@ -37,7 +37,7 @@ GRPO = [
     "rl.num_samples_per_prompt=4",
     "trainer.global_batch_size=64",
     "learner.micro_batch_size_per_learner=32",
-    "trainer.max_steps=5",
+    "trainer.max_steps=4",
     "checkpoint.every_n_steps=2",
     *QUIET,
 ]
@@ -130,7 +130,7 @@ def run_killed(args: list[str], out: Path, tmp_path: Path, ready, what: str) -> 
 @pytest.mark.vllm
 def test_grpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path):
     """Killed in step 3 (after the step-2 checkpoint): both ranks start again, load step 2, the rollout worker takes
-    those weights as policy version 2, and steps 3-5 are redone with the same samples and updates."""
+    those weights as policy version 2, and steps 3-4 are redone with the same samples and updates."""
     straight = run_rlft("train", *GRPO, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
     assert straight.returncode == 0, straight.stderr[-4000:]
 
@@ -140,7 +140,7 @@ def test_grpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path)
                         "the step-2 checkpoint")
     assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
     assert f"every rank starts again, from checkpoint {checkpoint}" in output
-    assert_restarted_run_matches(tmp_path / "straight", out, "reward/mean", 5)
+    assert_restarted_run_matches(tmp_path / "straight", out, "reward/mean", 4)
     assert (out / "final_model/model.safetensors").exists()
 
 
@@ -169,6 +169,9 @@ def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(tmp_p
 PPO = [
     str(ROOT / "configs/ppo_tiny.yaml"),
     *GRPO[1:],
+    "rl.num_prompts_per_step=8",
+    "trainer.global_batch_size=32",
+    "learner.micro_batch_size_per_learner=16",
 ]
 
 
@@ -177,7 +180,7 @@ PPO = [
 @pytest.mark.vllm
 def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
     """PPO's critic is a second learner group: whichever rank dies, both groups start again from the step-2
-    checkpoint (policy and critic), and steps 3-5 log what the straight run logs."""
+    checkpoint (policy and critic), and steps 3-4 log what the straight run logs."""
     straight = run_rlft("train", *PPO, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
     assert straight.returncode == 0, straight.stderr[-4000:]
 
@@ -187,7 +190,7 @@ def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
                         "the step-2 checkpoint")
     assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: " in output
     assert f"every rank starts again, from checkpoint {checkpoint}" in output
-    assert_restarted_run_matches(tmp_path / "straight", out, "critic/value_loss", 5)
+    assert_restarted_run_matches(tmp_path / "straight", out, "critic/value_loss", 4)
 
 
 @pytest.mark.slow
