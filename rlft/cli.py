@@ -75,6 +75,8 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.steps < 1:  # the command's own arguments first, then the job's inputs
+        raise ConfigError(f"--steps: need at least 1 measured step, got {args.steps}")
     check_inputs(load_config(args.config, args.overrides))
     _name_the_cpu_accelerator()
     from pathlib import Path
