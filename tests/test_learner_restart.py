@@ -70,11 +70,6 @@ def test_metrics_log_rewind_keeps_each_step_once(tmp_path):
     assert [r.get("train/loss") for r in records] == [None, 1.0, 2.0, 30.0, 40.0]
 
 
-def is_measured(key: str) -> bool:
-    """Timed (``is_wall_clock``) or a process's memory (``graders/worker_memory_mib``): not the run's computation."""
-    return is_wall_clock(key) or key.endswith("_mib")
-
-
 def _train_records(run: Path, key: str) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if key in r]
 
@@ -85,7 +80,7 @@ def assert_restarted_run_matches(straight: Path, restarted: Path, key: str, num_
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, num_steps + 1))
     assert a[-1]["faults/learner_restarts"] == 0 and b[-1]["faults/learner_restarts"] == 1
     for ra, rb in zip(a, b):
-        keys = {k for k in ra.keys() | rb.keys() if not is_measured(k) and k != "faults/learner_restarts"}
+        keys = {k for k in ra.keys() | rb.keys() if not is_wall_clock(k) and k != "faults/learner_restarts"}
         differing = {
             k: (ra.get(k), rb.get(k)) for k in keys
             if not (isinstance(ra.get(k), float) and isinstance(rb.get(k), float)

@@ -29,8 +29,9 @@ SFT_CONFIG = ROOT / "configs/sft_tiny.yaml"
 
 
 def is_wall_clock(key: str) -> bool:
-    """Measured, not computed: the record's timestamp, phase and engine seconds, throughputs (tokens/s, GB/s)."""
-    return key == "time" or key.startswith(("time/", "perf/", "engine/")) or key.endswith(("seconds", "_per_s"))
+    """Measured, not computed: the record's timestamp, phase and engine seconds, throughputs (tokens/s, GB/s), a
+    process's memory (MiB)."""
+    return key == "time" or key.startswith(("time/", "perf/", "engine/")) or key.endswith(("seconds", "_per_s", "_mib"))
 
 
 def computed_records(run: Path, last_step: int, evaluations: bool) -> list[dict]:
