@@ -340,6 +340,7 @@ def _policy_batch(seed: int = 0) -> tuple[PolicyBatch, torch.Tensor]:
         old_logprobs_BT=(token_logprobs(logits, input_ids) + 0.3 * torch.randn(B, T, generator=gen)) * response,
         advantages_BT=torch.randn(B, T, generator=gen) * response,
         ref_logprobs_BT=(token_logprobs(logits, input_ids) + 0.5 * torch.randn(B, T, generator=gen)) * response,
+        sampler_logprobs_BT=(token_logprobs(logits, input_ids) + 0.2 * torch.randn(B, T, generator=gen)) * response,
     )
     return batch, logits
 
@@ -388,7 +389,8 @@ def test_policy_loss_is_exact_across_micro_batches():
         micro_logits = logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]]
         share, metrics = loss_fn(micro_logits, micro)
         shares.append(share)
-        summed = {k: summed[k] + v for k, v in metrics.items()}
+        # Metrics named ``*_max`` combine by max, the others by sum.
+        summed = {k: max(summed[k], v) if k.endswith("_max") else summed[k] + v for k, v in metrics.items()}
     torch.testing.assert_close(sum(shares), whole)
     assert summed == pytest.approx(whole_metrics)
 
@@ -420,7 +422,8 @@ def test_policy_batch_rows_split_trimmed_concat():
     assert parts[1].input_ids_BT.shape[1] < batch.input_ids_BT.shape[1]
     joined = PolicyBatch.concat(parts)
     assert type(joined) is PolicyBatch
-    for name in ("input_ids_BT", "loss_weights_BT", "old_logprobs_BT", "advantages_BT", "ref_logprobs_BT"):
+    for name in ("input_ids_BT", "loss_weights_BT", "old_logprobs_BT", "advantages_BT", "ref_logprobs_BT",
+                 "sampler_logprobs_BT"):
         torch.testing.assert_close(getattr(joined, name), getattr(batch, name))
     plain = TokenBatch.concat(parts)
     assert type(plain) is TokenBatch

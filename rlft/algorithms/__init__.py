@@ -11,6 +11,13 @@ from rlft.algorithms.advantages import (
 from rlft.algorithms.aggregation import AggregationMode, aggregate, aggregation_weights
 from rlft.algorithms.dpo import DPO_LOSS_TYPES, DPOLoss, PreferenceBatch, dpo_loss
 from rlft.algorithms.kl import KLKind, kl_estimate
+from rlft.algorithms.off_policy import (
+    ISLevel,
+    OffPolicyCorrection,
+    check_off_policy_correction,
+    importance_weights,
+    importance_weights_by_token,
+)
 from rlft.algorithms.policy_loss import (
     PolicyBatch,
     PolicyLoss,
@@ -25,18 +32,23 @@ __all__ = [
     "DPOLoss",
     "PreferenceBatch",
     "AggregationMode",
+    "ISLevel",
     "KLKind",
+    "OffPolicyCorrection",
     "PolicyBatch",
     "PolicyLoss",
     "SFTLoss",
     "aggregate",
     "aggregation_weights",
+    "check_off_policy_correction",
     "clipped_policy_loss",
     "clipped_value_loss",
     "dpo_loss",
     "entropy_from_logits",
     "gae",
     "grpo_advantages",
+    "importance_weights",
+    "importance_weights_by_token",
     "kl_estimate",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",

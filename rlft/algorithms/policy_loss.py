@@ -7,8 +7,10 @@ Public API:
 - ``clipped_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip, aggregation="token_mean",
   aggregation_constant=None) -> (loss, stats)``
 - ``entropy_from_logits(logits_BTV) -> entropy_BT``
-- ``PolicyBatch(TokenBatch)``: adds ``old_logprobs_BT``, ``advantages_BT``, ``ref_logprobs_BT``
-- ``PolicyLoss(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0)``:
+- ``PolicyBatch(TokenBatch)``: adds ``old_logprobs_BT``, ``advantages_BT``, ``ref_logprobs_BT``,
+  ``sampler_logprobs_BT``
+- ``PolicyLoss(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0,
+  old_logprobs_from_update=False, off_policy_correction="none", is_level="token", is_cap=2.0)``:
   ``__call__(logits_BTV, batch: PolicyBatch) -> (loss, metrics)``, a learner ``Loss``
 
 The pure functions take a mask and an aggregation mode (``rlft.algorithms.aggregation``) and return stats as
@@ -25,6 +27,12 @@ import torch
 
 from rlft.algorithms.aggregation import AggregationMode, aggregate
 from rlft.algorithms.kl import KLKind, kl_estimate
+from rlft.algorithms.off_policy import (
+    ISLevel,
+    OffPolicyCorrection,
+    check_off_policy_correction,
+    importance_weights_by_token,
+)
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 
@@ -122,6 +130,7 @@ class PolicyBatch(TokenBatch):
     old_logprobs_BT: torch.Tensor  # log π_old of each token: the policy that sampled it, before this update
     advantages_BT: torch.Tensor
     ref_logprobs_BT: torch.Tensor  # log π_ref of each token; zeros when the KL coefficient is 0
+    sampler_logprobs_BT: torch.Tensor  # log π_behav of each token, as the sampler (vLLM) computed it; zeros if unknown
 
 
 @dataclass(frozen=True)
@@ -136,9 +145,23 @@ class PolicyLoss:
     ``clipped_policy_loss(..., aggregation=mode)`` plus the KL and entropy terms aggregated the same way, where
     mode is the one the weights were made with.
 
+    The ratio's denominator is the *proximal* policy π_old: ``batch.old_logprobs_BT`` (the learner's log-probabilities
+    before the update), or with ``old_logprobs_from_update`` this forward pass's own log-probabilities, detached. The
+    ratio is then exactly 1 and the gradient is the plain policy gradient Σ_t w_t (−A_t) ∇log π(a_t), which is what
+    PPO amounts to when each batch makes one optimizer step (TRL computes it so); ``batch.old_logprobs_BT`` is not
+    read. With ``off_policy_correction`` other than ``"none"``, l_t is multiplied by the importance weight of the
+    sampler's tokens towards π_old (``importance_weights`` of ``rlft.algorithms.off_policy``: decoupled PPO, with
+    ``is_level`` and ``is_cap``) before the weighted sum; with ``"none"`` the loss is the surrogate alone.
+
     Metrics are weighted by w too, so their sums over the step's micro-batches are the step's values (means under
     the two mean modes, whose weights sum to 1; scaled like the loss under the token-sum modes): ``policy_loss``,
-    ``clip_fraction``, ``approx_kl`` (k3 of KL(π_old ‖ π)), ``entropy``, and ``kl`` when ``kl_coef`` is not 0.
+    ``clip_fraction``, ``approx_kl`` (k3 of KL(π_old ‖ π)), ``entropy``, ``sampler_kl`` (k3 of KL(π_behav ‖ π_old)
+    from the sampler's tokens), ``kl`` when ``kl_coef`` is not 0, and ``is_weight_mean`` and
+    ``is_truncated_fraction`` (the weighted share of tokens whose weight the cap truncated or masked) under a
+    correction. Metrics whose names end in ``_max`` are maxima over the micro-batch's valid tokens, and a caller
+    combines them over micro-batches and ranks by max, not sum: ``logprob_diff_max``, the largest
+    |log π_old − log π_behav| (large when the sampler does not run the learner's weights), and ``is_weight_max``
+    under a correction.
     """
 
     clip_low: float = 0.2
@@ -147,35 +170,54 @@ class PolicyLoss:
     kl_coef: float = 0.0
     kl_kind: KLKind = "k3"
     entropy_coef: float = 0.0
+    old_logprobs_from_update: bool = False
+    off_policy_correction: OffPolicyCorrection = "none"
+    is_level: ISLevel = "token"
+    is_cap: float = 2.0
 
     def __post_init__(self):
         _check_clip(self.clip_low, self.clip_high, self.dual_clip)
         if self.kl_kind not in get_args(KLKind):
             raise ValueError(f"unknown KL estimator {self.kl_kind!r}; expected one of {get_args(KLKind)}")
+        check_off_policy_correction(self.off_policy_correction, self.is_level, self.is_cap)
 
     def __call__(self, logits_BTV: torch.Tensor, batch: PolicyBatch) -> tuple[torch.Tensor, dict[str, float]]:
         weights_BT = batch.loss_weights_BT
+        valid_BT = weights_BT != 0
         logprobs_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
+        proximal_BT = logprobs_BT.detach() if self.old_logprobs_from_update else batch.old_logprobs_BT
         surrogate_BT, clipped_BT = _clipped_surrogate(
             logprobs_BT,
-            batch.old_logprobs_BT,
+            proximal_BT,
             batch.advantages_BT,
-            weights_BT != 0,
+            valid_BT,
             self.clip_low,
             self.clip_high,
             self.dual_clip,
         )
+        if self.off_policy_correction != "none":
+            is_weights_BT, truncated_BT = importance_weights_by_token(
+                proximal_BT, batch.sampler_logprobs_BT, valid_BT, self.off_policy_correction, self.is_level, self.is_cap
+            )
+            surrogate_BT = surrogate_BT * is_weights_BT
         policy_loss = _weighted_sum(surrogate_BT, weights_BT)
         # Without an entropy bonus the entropy is only a metric: no graph through the logits for it.
         entropy = _weighted_sum(_token_entropy(logits_BTV if self.entropy_coef else logits_BTV.detach()), weights_BT)
-        approx_kl_BT = kl_estimate(batch.old_logprobs_BT, logprobs_BT.detach(), "k3")
+        approx_kl_BT = kl_estimate(proximal_BT, logprobs_BT.detach(), "k3")
+        sampler_kl_BT = kl_estimate(batch.sampler_logprobs_BT, proximal_BT.detach(), "k3")
         loss = policy_loss - self.entropy_coef * entropy
         metrics = {
             "policy_loss": policy_loss.item(),
             "clip_fraction": _weighted_sum(clipped_BT.to(weights_BT.dtype), weights_BT).item(),
             "approx_kl": _weighted_sum(approx_kl_BT, weights_BT).item(),
             "entropy": entropy.item(),
+            "sampler_kl": _weighted_sum(sampler_kl_BT, weights_BT).item(),
+            "logprob_diff_max": _valid_max((proximal_BT.detach() - batch.sampler_logprobs_BT).abs(), valid_BT),
         }
+        if self.off_policy_correction != "none":
+            metrics["is_weight_mean"] = _weighted_sum(is_weights_BT, weights_BT).item()
+            metrics["is_truncated_fraction"] = _weighted_sum(truncated_BT.to(weights_BT.dtype), weights_BT).item()
+            metrics["is_weight_max"] = _valid_max(is_weights_BT, valid_BT)
         if self.kl_coef:
             kl = _weighted_sum(kl_estimate(logprobs_BT, batch.ref_logprobs_BT, self.kl_kind), weights_BT)
             loss = loss + self.kl_coef * kl
@@ -259,6 +301,11 @@ def _token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
 
 def _weighted_sum(x_BT: torch.Tensor, weights_BT: torch.Tensor) -> torch.Tensor:
     return torch.where(weights_BT != 0, x_BT * weights_BT, 0.0).sum()
+
+
+def _valid_max(x_BT: torch.Tensor, valid_BT: torch.Tensor) -> float:
+    """The largest of ``x_BT`` (not negative) on valid tokens; 0 without any."""
+    return torch.where(valid_BT, x_BT, 0.0).max().item() if x_BT.numel() else 0.0
 
 
 def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
