@@ -212,6 +212,20 @@ class RLConfig:
     # PPO critic: value-loss clip and its learning rate (the critic shares the learner settings otherwise).
     value_clip: float = 0.2
     critic_lr: float = 1e-3
+    # Asynchronous RL: the rollout workers generate the coming steps' samples while the learners update, up to this
+    # many policy versions behind them (a sample of version v enters step s's batch only if s − 1 − v <= this).
+    # 0 is synchronous: each step's samples come from the weights its previous step published.
+    max_staleness_steps: int = 0
+    # Where the ratio's denominator (the proximal policy) comes from: ``recompute``, a learner forward pass before
+    # the update; ``sampler``, the sampler's own log-probabilities (no correction then); ``auto``, the update's own
+    # forward pass when each batch is used for one optimizer step (the weights are the same), else ``recompute``.
+    old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
+    # Off-policy correction of the sampler (behaviour) ↔ learner (proximal) gap: truncated (``tis``) or masked
+    # (``mis``) importance weights, per token or per sequence, capped at ``is_cap``. ``auto``: ``tis`` when
+    # max_staleness_steps > 0, ``none`` in synchronous mode (on CPU the sampler and the learner agree to 1e-5).
+    off_policy_correction: Literal["auto", "none", "tis", "mis"] = "auto"
+    is_level: Literal["token", "sequence"] = "token"
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -572,6 +586,7 @@ def validate(cfg: Config) -> None:
         _validate_dpo(cfg.dpo)
     if cfg.algorithm == "online_dpo":
         rl = cfg.rl
+        _validate_off_policy(cfg)
         if rl.num_samples_per_prompt < 2:
             raise ConfigError("rl.num_samples_per_prompt: online DPO pairs the best and worst of a prompt's samples, "
                               f"so it needs at least 2, got {rl.num_samples_per_prompt}")
@@ -619,5 +634,46 @@ def _validate_rl(cfg: Config) -> None:
         raise ConfigError(f"rl.dual_clip: must be greater than 1 (or null), got {rl.dual_clip}")
     if rl.kl_coef < 0:
         raise ConfigError(f"rl.kl_coef: must not be negative, got {rl.kl_coef}")
+    _validate_off_policy(cfg)
     validate_rollout_config(cfg.rollout)
     validate_graders(cfg.graders)
+
+
+def _validate_off_policy(cfg: Config) -> None:
+    """Asynchronous RL and its corrections (GRPO, PPO and online DPO)."""
+    rl = cfg.rl
+    if rl.max_staleness_steps < 0:
+        raise ConfigError(f"rl.max_staleness_steps: must be 0 (synchronous) or more, got {rl.max_staleness_steps}")
+    if rl.is_cap <= 1:
+        raise ConfigError(f"rl.is_cap: importance weights are capped above 1, got {rl.is_cap}")
+    if rl.old_logprobs == "sampler":
+        if cfg.rollout.engine == "simulated":
+            raise ConfigError("rl.old_logprobs: sampler needs the sampler's log-probabilities of the policy, which "
+                              "rollout.engine: simulated does not produce; use auto or recompute")
+        if off_policy_correction(cfg) != "none":
+            raise ConfigError(f"rl.off_policy_correction: {rl.off_policy_correction} weighs the learner's "
+                              "log-probabilities against the sampler's, but rl.old_logprobs: sampler takes the "
+                              "sampler's as the learner's; set rl.off_policy_correction: none or rl.old_logprobs: auto")
+    if rl.max_staleness_steps and cfg.rollout.weight_transport == "collective":
+        raise ConfigError("rollout.weight_transport: collective broadcasts to every worker at once, so the learners "
+                          "would wait for the workers' queued generation; asynchronous RL (rl.max_staleness_steps > "
+                          "0) needs object_store or cuda_ipc")
+
+
+def off_policy_correction(cfg: Config) -> str:
+    """``rl.off_policy_correction`` with ``auto`` resolved: ``tis`` in asynchronous mode, ``none`` otherwise."""
+    rl = cfg.rl
+    if rl.off_policy_correction != "auto":
+        return rl.off_policy_correction
+    return "tis" if rl.max_staleness_steps > 0 and rl.old_logprobs != "sampler" else "none"
+
+
+def recomputes_old_logprobs(cfg: Config) -> bool:
+    """Whether a learner forward pass computes the proximal log-probabilities before the update: asked for, or
+    needed because a step's samples serve several optimizer steps (mini-batches, epochs) or PPO's KL penalty on the
+    reward reads them."""
+    rl = cfg.rl
+    if rl.old_logprobs != "auto":
+        return rl.old_logprobs == "recompute"
+    reward_kl = cfg.algorithm == "ppo" and rl.kl_mode == "reward" and rl.kl_coef > 0
+    return rl.num_mini_batches * rl.num_epochs_per_step > 1 or reward_kl

@@ -89,6 +89,42 @@ def test_collective_weight_transport_needs_processes():
         load_config(ROOT / "configs/grpo_tiny.yaml", ["rollout.weight_sync_timeout_s=0"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rl.max_staleness_steps=-1"], "rl.max_staleness_steps: must be 0 (synchronous) or more, got -1"),
+        (["rl.is_cap=1.0"], "rl.is_cap: importance weights are capped above 1, got 1.0"),
+        (["rl.old_logprobs=sampler", "rollout.engine=simulated"],
+         "rl.old_logprobs: sampler needs the sampler's log-probabilities of the policy"),
+        (["rl.old_logprobs=sampler", "rl.off_policy_correction=tis"],
+         "rl.off_policy_correction: tis weighs the learner's log-probabilities against the sampler's"),
+        (["rl.max_staleness_steps=1", "rollout.weight_transport=collective"],
+         "asynchronous RL (rl.max_staleness_steps > 0) needs object_store or cuda_ipc"),
+        (["rl.off_policy_correction=sometimes"], "rl.off_policy_correction"),
+    ],
+)
+def test_bad_async_settings_name_the_field(overrides, message):
+    for config in ("grpo_tiny.yaml", "ppo_tiny.yaml", "online_dpo_tiny.yaml"):
+        with pytest.raises(ConfigError) as err:
+            load_config(ROOT / "configs" / config, overrides)
+        assert message in str(err.value), config
+
+
+def test_async_defaults_resolve():
+    from rlft.config import off_policy_correction, recomputes_old_logprobs
+
+    sync = load_config(ROOT / "configs/grpo_tiny.yaml", [])
+    assert off_policy_correction(sync) == "none" and not recomputes_old_logprobs(sync)
+    one_off = load_config(ROOT / "configs/grpo_tiny.yaml", ["rl.max_staleness_steps=1"])
+    assert off_policy_correction(one_off) == "tis" and not recomputes_old_logprobs(one_off)
+    # Two optimizer steps per batch: the second needs the log-probabilities from before the first.
+    two = load_config(ROOT / "configs/grpo_tiny.yaml", ["rl.num_mini_batches=2", "trainer.global_batch_size=128",
+                                                         "learner.micro_batch_size_per_learner=32"])
+    assert recomputes_old_logprobs(two)
+    sampler = load_config(ROOT / "configs/grpo_tiny.yaml", ["rl.max_staleness_steps=1", "rl.old_logprobs=sampler"])
+    assert off_policy_correction(sampler) == "none" and not recomputes_old_logprobs(sampler)
+
+
 def test_batch_arithmetic_checked():
     with pytest.raises(ConfigError) as err:
         load_config(

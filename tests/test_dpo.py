@@ -150,6 +150,7 @@ def test_online_dpo_end_to_end(sft_demo_run, fixed_prompts, tmp_path):
         f"data.train_path={fixed_prompts}",
         "trainer.max_steps=4",
         "dpo.ref_update_every_n_steps=2",
+        "rl.max_staleness_steps=1",
         "eval.num_examples=50",
         "eval.every_n_steps=0",
         "eval.num_samples=0",
@@ -163,6 +164,8 @@ def test_online_dpo_end_to_end(sft_demo_run, fixed_prompts, tmp_path):
     for r in steps:
         assert r["pairs/num"] + r["pairs/ties_dropped"] == 32
         assert 0 <= r["reward/mean"] <= 1 and r["sync/bytes"] > 0
+        # One step off-policy: the pairs of step s come from the weights of step s − 2 (step 1: the start's).
+        assert r["async/staleness_max"] == r["async/staleness_mean"] == min(r["step"] - 1, 1)
         if r["pairs/num"]:
             assert torch.isfinite(torch.tensor(r["train/loss"])) and r["time/reference_seconds"] > 0
     assert (out / "final_model/model.safetensors").exists()

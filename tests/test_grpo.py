@@ -36,8 +36,10 @@ def test_step_metrics_and_weight_sync(grpo_run):
         assert r["driver/received_bytes"] < r["sync/bytes"] / 10, r
         assert r["rollout/policy_version_lag"] == 0
         assert r["graders/errors"] == r["graders/timeouts"] == r["graders/invalid"] == 0
-        phases = ["generate", "grade", "advantages", "old_logprobs", "update", "sync"]
+        phases = ["generate", "grade", "advantages", "update", "sync"]
         assert all(r[f"time/{p}_seconds"] > 0 for p in phases)
+        # One optimizer step per batch: the update's own forward pass gives the ratio's denominator, no pass before.
+        assert "time/old_logprobs_seconds" not in r and r["train/logprob_diff_max"] < 1e-3
         assert sum(r[f"time/{p}_seconds"] for p in phases) <= r["time/step_seconds"] * 1.01
         for key in ("train/clip_fraction", "train/entropy", "train/grad_norm", "rollout/response_tokens_mean"):
             assert key in r

@@ -52,8 +52,8 @@ from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
     end_rl_step,
-    generate_and_grade,
     make_policy_loss,
+    proximal_logprobs,
     start_rl_job,
     with_aggregation_weights,
 )
@@ -88,22 +88,17 @@ def grpo(cfg: Config) -> RunResult:
                 step_start = time.perf_counter()
                 indices = run.sampler.next_batch()
 
-                samples, graded = generate_and_grade(job, indices, timer)
+                samples, graded, staleness = job.rollouts.take(step, indices, timer)
                 rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
                 with timer.phase(Phase.ADVANTAGES):
-                    batch, sampler_logprobs_BT = policy_batch(
-                        samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
-                    )
-                    batch = batch.trimmed()
+                    batch = policy_batch(samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id,
+                                         cfg.rollout.max_model_len).trimmed()
                     batch = dataclasses.replace(
                         batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
                     )
-                    sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
                 # Log-probabilities stay on the learners and the reference server: the batch holds references.
-                with timer.phase(Phase.OLD_LOGPROBS):
-                    old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
-                    batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
+                batch, logprob_gap = proximal_logprobs(job, batch, timer)
                 if job.reference is not None:
                     with timer.phase(Phase.REFERENCE):
                         batch = dataclasses.replace(batch, ref_logprobs_BT=job.reference.keep_logprobs(batch))
@@ -115,7 +110,7 @@ def grpo(cfg: Config) -> RunResult:
                         for mini in batch.split(rl.num_mini_batches)
                     ]
                 with timer.phase(Phase.SYNC):
-                    sync = job.rollout.sync_from(job.learners, step)
+                    sync = job.rollouts.publish(step)
 
                 response_BT = batch.loss_weights_BT != 0
                 end_rl_step(
@@ -124,7 +119,8 @@ def grpo(cfg: Config) -> RunResult:
                     {
                         **rollout_metrics(samples, job.prompts, rewards_PG.flatten(), step),
                         "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
-                        **sync_metrics(sync, logprob_gap),
+                        **sync_metrics(sync, logprob_gap, results),
+                        **staleness,
                         **mean_metrics(results, "train/"),
                         **graded.metrics(),
                         **timer.metrics(),

@@ -23,7 +23,7 @@ import torch
 from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.dpo import Pairs, loss_of, pair_batch, rows_config
-from rlft.controller.rl_steps import end_rl_step, generate_and_grade, start_rl_job
+from rlft.controller.rl_steps import end_rl_step, start_rl_job
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import rollout_metrics, sync_metrics
 from rlft.data.tokenize import TokenizedExample
@@ -61,7 +61,7 @@ def online_dpo(cfg: Config) -> RunResult:
                 timer = PhaseTimer()
                 step_start = time.perf_counter()
                 indices = run.sampler.next_batch()
-                samples, graded = generate_and_grade(job, indices, timer)
+                samples, graded, staleness = job.rollouts.take(step, indices, timer)
                 rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
                 with timer.phase(Phase.PAIRS):
@@ -79,7 +79,7 @@ def online_dpo(cfg: Config) -> RunResult:
                                                             "rejected_logps", "grad_norm", "lr")}
                     update.update({"train/batch_tokens": m["num_tokens"], "train/update_tokens": m["num_tokens"]})
                 with timer.phase(Phase.SYNC):
-                    sync = job.rollout.sync_from(job.learners, step)
+                    sync = job.rollouts.publish(step)
                     if d.ref_update_every_n_steps and step % d.ref_update_every_n_steps == 0:
                         job.reference.sync_from(job.learners, step)
 
@@ -93,6 +93,7 @@ def online_dpo(cfg: Config) -> RunResult:
                         **update,
                         **graded.metrics(),
                         **sync_metrics(sync),
+                        **staleness,
                         **timer.metrics(),
                         "time/step_seconds": time.perf_counter() - step_start,
                     },

@@ -50,14 +50,15 @@ from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
     end_rl_step,
-    generate_and_grade,
     make_policy_loss,
+    proximal_logprobs,
     start_rl_job,
     with_aggregation_weights,
 )
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
 from rlft.data.samples import policy_batch
+from rlft.distributed.remote_rows import RemoteRows
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
@@ -74,19 +75,14 @@ def ppo(cfg: Config) -> RunResult:
                 step_start = time.perf_counter()
                 indices = run.sampler.next_batch()
 
-                samples, graded = generate_and_grade(job, indices, timer)
+                samples, graded, staleness = job.rollouts.take(step, indices, timer)
                 rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
-                batch, sampler_logprobs_BT = policy_batch(
-                    samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id, cfg.rollout.max_model_len
-                )
-                batch = batch.trimmed()
-                sampler_logprobs_BT = sampler_logprobs_BT[:, : batch.input_ids_BT.shape[1]]
+                batch = policy_batch(samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id,
+                                     cfg.rollout.max_model_len).trimmed()
                 response_BT = batch.loss_weights_BT != 0
 
                 # Log-probabilities stay on the learners and the reference server: the batch holds references.
-                with timer.phase(Phase.OLD_LOGPROBS):
-                    old_logprobs, logprob_gap = job.learners.keep_logprobs(batch, sampler_logprobs_BT)
-                    batch = dataclasses.replace(batch, old_logprobs_BT=old_logprobs)
+                batch, logprob_gap = proximal_logprobs(job, batch, timer)
                 with timer.phase(Phase.VALUES):
                     values_BT = job.critic.compute_values(batch)
                 if job.reference is not None:
@@ -99,7 +95,7 @@ def ppo(cfg: Config) -> RunResult:
                     if job.reference is not None and rl.kl_mode == "reward":
                         # The KL penalty is part of the rewards GAE runs on, here: the one place the controller
                         # fetches log-probabilities (with rl.kl_mode=loss the learners apply the KL themselves).
-                        kl_BT = kl_estimate(batch.old_logprobs_BT.resolve(), batch.ref_logprobs_BT.resolve(),
+                        kl_BT = kl_estimate(resolved(batch.old_logprobs_BT), resolved(batch.ref_logprobs_BT),
                                             rl.kl_kind)
                         kl_penalty_BT = rl.kl_coef * kl_BT * response_BT
                     advantages_BT, returns_BT = gae(rewards_BT - kl_penalty_BT, values_BT, response_BT, rl.gamma,
@@ -124,7 +120,7 @@ def ppo(cfg: Config) -> RunResult:
                             critic_mini = with_aggregation_weights(mini, cfg)
                             critic_results.append(job.critic.train_step(critic_mini, value_loss).metrics)
                 with timer.phase(Phase.SYNC):
-                    sync = job.rollout.sync_from(job.learners, step)
+                    sync = job.rollouts.publish(step)
 
                 end_rl_step(
                     job,
@@ -132,7 +128,8 @@ def ppo(cfg: Config) -> RunResult:
                     {
                         **rollout_metrics(samples, job.prompts, rewards_S, step),
                         "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
-                        **sync_metrics(sync, logprob_gap),
+                        **sync_metrics(sync, logprob_gap, policy_results),
+                        **staleness,
                         **mean_metrics(policy_results, "train/"),
                         **mean_metrics(critic_results, "critic/"),
                         **graded.metrics(),
@@ -147,6 +144,11 @@ def ppo(cfg: Config) -> RunResult:
                     },
                 )
         return run.finish()
+
+
+def resolved(rows) -> torch.Tensor:
+    """A per-token tensor the batch holds, fetched if it is a reference (``RemoteRows``)."""
+    return rows.resolve() if isinstance(rows, RemoteRows) else rows
 
 
 def _token_rewards(rewards_S: torch.Tensor, response_BT: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from rlft.algorithms.aggregation import aggregation_weights
-from rlft.algorithms.policy_loss import PolicyLoss
-from rlft.config import Config, ConfigError
+from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
+from rlft.config import Config, ConfigError, off_policy_correction, recomputes_old_logprobs
 from rlft.controller.common import EpochSampler
 from rlft.controller.evaluation import (
     EvalResult,
@@ -23,16 +23,16 @@ from rlft.controller.evaluation import (
     result_metrics,
     write_samples,
 )
+from rlft.controller.rollouts import Rollouts
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
 from rlft.distributed.actors import DRIVER_INBOX
 from rlft.distributed.control import LiveControl
-from rlft.graders import GradeRequest, GraderPool
-from rlft.graders.pool import GradeResult
+from rlft.graders import GraderPool
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
-from rlft.rollout import Sample, SamplingConfig
+from rlft.rollout import SamplingConfig
 from rlft.rollout.group import RolloutGroup
 from rlft.timing import PhaseTimer
 
@@ -51,6 +51,7 @@ class RLJob:
     control: LiveControl
     reference: object = None  # ReferenceGroup, when the KL term or online DPO needs one
     critic: LearnerGroup | None = None
+    rollouts: Rollouts | None = None  # each step's samples and the weights after it (in step, or ahead)
 
     @property
     def cfg(self) -> Config:
@@ -58,9 +59,9 @@ class RLJob:
 
 
 def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | None = None) -> RLJob:
-    """Validate the prompts, start every role, resume if asked, evaluate the starting policy. A reference server
-    starts when ``with_reference`` says so (default: when ``rl.kl_coef`` > 0). After a resume or a learner restart
-    the rollout workers take the restored weights."""
+    """Validate the prompts, start every role (at once), resume if asked, evaluate the starting policy, and in
+    asynchronous mode send the first batches. A reference server starts when ``with_reference`` says so (default:
+    when ``rl.kl_coef`` > 0). After a resume or a learner restart the rollout workers take the restored weights."""
     cfg = run.cfg
     rl = cfg.rl
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
@@ -80,76 +81,46 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     run.start_cluster(reference=with_reference, critic=with_critic)
     local, restarts, placement = cfg.ray.local_mode, cfg.ray.max_actor_restarts, run.placement
     optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
-    learners = run.keep(LearnerGroup(cfg, optimizer_steps, local=local, placement=placement))
-    rollout = run.keep(RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
-                                    max_restarts=restarts))
-    graders = run.keep(GraderPool(cfg.graders, local=local, max_restarts=restarts))
-    reference = run.reference_group() if with_reference else None
-    critic = None
+    starts = {
+        "learners": lambda: LearnerGroup(cfg, optimizer_steps, local=local, placement=placement),
+        "rollout": lambda: RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
+                                        max_restarts=restarts),
+        "graders": lambda: GraderPool(cfg.graders, local=local, max_restarts=restarts),
+    }
+    if with_reference:
+        starts["reference"] = run.reference_group
     if with_critic:
-        critic = run.keep(LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr,
-                                       placement=placement))
+        starts["critic"] = lambda: LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr,
+                                                placement=placement)
+    roles = run.start_roles(starts)
+    learners, rollout = roles["learners"], roles["rollout"]
     control = run.keep(LiveControl(cfg))
-    job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, graders, control, reference, critic)
+    job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, roles["graders"], control,
+                roles.get("reference"), roles.get("critic"))
+    job.rollouts = Rollouts(job)
     evaluate_fn = (lambda step, tag: evaluate(job, step, tag)) if eval_prompts else None
 
     def after_restore(step: int) -> None:
-        """After a resume or a learner restart: the workers generate with the restored weights, as version ``step``."""
-        rollout.sync_from(learners, step)
+        """After a resume or a learner restart: the workers generate with the restored weights, as version ``step``
+        (an older version than theirs after a learner restart), and the batches sent ahead are sent again."""
+        rollout.sync_from(learners, step, rewind=True)
+        job.rollouts.restart(step)
         if cfg.logging.engine_times:
             _job_engine_metrics(job)  # restoring is not the next step's work
         DRIVER_INBOX.take()
 
-    run.begin(learners, sampler, total_steps, evaluate_fn, critic=critic, after_restore=after_restore)
+    run.begin(learners, sampler, total_steps, evaluate_fn, critic=job.critic, after_restore=after_restore)
+    job.rollouts.send_ahead(run.start_step)  # asynchronous mode: the first batches, with the starting weights
     if cfg.logging.engine_times:
         _job_engine_metrics(job)  # start-up and the first evaluation are not the first step's work
     DRIVER_INBOX.take()
     return job
 
 
-def grade_requests(samples: list[Sample], prompts: PromptSet) -> list[GradeRequest]:
-    return [
-        GradeRequest(prompts.items[s.prompt_index].messages, s.response_text, prompts.items[s.prompt_index].extra)
-        for s in samples
-    ]
-
-
-def generate_and_grade(job: RLJob, indices: list[int], timer: PhaseTimer) -> tuple[list[Sample], GradeResult]:
-    """The step's samples (``rl.num_samples_per_prompt`` per prompt, in prompt order) and their grades. Each chunk
-    of samples goes to the grader pool as soon as it is generated (``rollout.chunks_per_worker``), so two phases
-    are timed: ``generate``, until the last sample exists, and ``grade``, what grading adds after that (the part
-    not hidden behind generation)."""
-    cfg = job.cfg
-    chunks, handles = {}, {}
-    with timer.phase(Phase.GENERATE):
-        for first, samples in job.rollout.generate_streamed(
-            [job.prompts.token_ids[i] for i in indices],
-            # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
-            dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
-            cfg.rl.num_samples_per_prompt,
-            indices,
-            cfg.rollout.chunks_per_worker,
-        ):
-            chunks[first] = samples
-            handles[first] = job.graders.submit(grade_requests(samples, job.prompts))
-    with timer.phase(Phase.GRADE):
-        order = sorted(chunks)
-        _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
-        graded = GradeResult.concat([job.graders.collect(handles[first]) for first in order])
-        graded.check_error_rate(cfg.graders.max_error_rate)
-    return [sample for first in order for sample in chunks[first]], graded
-
-
-def _check_complete(samples: list[Sample], indices: list[int], per_prompt: int) -> None:
-    """Every prompt's samples exactly once, in prompt order (a redone chunk must not add or drop any)."""
-    got = [s.prompt_index for s in samples]
-    want = [i for i in indices for _ in range(per_prompt)]
-    if got != want:
-        raise RuntimeError(f"rollout returned {len(got)} samples for {len(want)} expected, or out of order")
-
-
 def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
-    """The policy loss the ``rl`` section describes; the KL term only when it belongs in the loss."""
+    """The policy loss the ``rl`` section describes; the KL term only when it belongs in the loss. Without a
+    forward pass before the update (``rl.old_logprobs``), the ratio's denominator is the update's own forward pass
+    (``rl.old_logprobs: auto``) or the batch's ``old_logprobs_BT`` (set to the sampler's: ``sampler``)."""
     rl = cfg.rl
     return PolicyLoss(
         clip_low=rl.clip_low,
@@ -158,7 +129,28 @@ def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
         kl_coef=rl.kl_coef if kl_in_loss else 0.0,
         kl_kind=rl.kl_kind,
         entropy_coef=rl.entropy_coef,
+        old_logprobs_from_update=rl.old_logprobs == "auto" and not recomputes_old_logprobs(cfg),
+        off_policy_correction=off_policy_correction(cfg),
+        is_level=rl.is_level,
+        is_cap=rl.is_cap,
     )
+
+
+def proximal_logprobs(job: RLJob, batch: PolicyBatch, timer: PhaseTimer) -> tuple[PolicyBatch, dict[str, float]]:
+    """The batch with the ratio's denominator (the proximal policy's log-probabilities) where ``rl.old_logprobs``
+    puts it: a learner forward pass kept on the learners (``recompute``, or ``auto`` when a step makes several
+    optimizer steps), the sampler's (``sampler``), or nothing, the update's own pass (``auto`` otherwise: that
+    pass runs the same weights, so the ``old_logprobs`` phase takes no time). With the forward pass, the largest
+    gap between its log-probabilities and the sampler's (``sync/logprob_max_abs_diff``); otherwise the update
+    reports it (``train/logprob_diff_max``)."""
+    cfg = job.cfg
+    if recomputes_old_logprobs(cfg):
+        with timer.phase(Phase.OLD_LOGPROBS):
+            old_logprobs, gap = job.learners.keep_logprobs(batch, batch.sampler_logprobs_BT)
+        return dataclasses.replace(batch, old_logprobs_BT=old_logprobs), {"sync/logprob_max_abs_diff": gap}
+    if cfg.rl.old_logprobs == "sampler":
+        return dataclasses.replace(batch, old_logprobs_BT=batch.sampler_logprobs_BT), {}
+    return batch, {}
 
 
 def with_aggregation_weights(batch, cfg: Config):

@@ -31,8 +31,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -102,6 +104,28 @@ class Run:
         """Shut ``role`` down with the run; returns it."""
         self.roles.append(role)
         return role
+
+    def start_roles(self, starts: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+        """Start the roles at once, each in a thread of its own (a Ray job spends its start-up waiting for the
+        engines to load, side by side on different actors); the in-process backend starts them one by one. Every
+        role that started is kept, to shut down with the run, even when another failed: the first failure is
+        raised once all have finished starting."""
+        if self.cfg.ray.local_mode:
+            return {name: self._kept(start()) for name, start in starts.items()}
+        with ThreadPoolExecutor(max_workers=len(starts), thread_name_prefix="rlft-start") as pool:
+            futures = {name: pool.submit(start) for name, start in starts.items()}
+        roles, failures = {}, []
+        for name, future in futures.items():  # in the given order, so shutdown runs in the reverse
+            if future.exception() is None:
+                roles[name] = self._kept(future.result())
+            else:
+                failures.append(future.exception())
+        if failures:
+            raise failures[0]
+        return roles
+
+    def _kept(self, role):
+        return role if any(role is kept for kept in self.roles) else self.keep(role)
 
     def release(self, role) -> None:
         """Shut ``role`` down now (a role needed only at start, e.g. a reference pass over a data set)."""

@@ -26,22 +26,32 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
     }
 
 
-def sync_metrics(sync, logprob_gap: float | None = None) -> dict[str, float]:
-    """Seconds, bytes and GB/s of a weight sync (and what the driver received meanwhile). ``logprob_gap``, the
-    largest gap between the learner's recomputed log-probabilities of the sampled tokens and the sampler's own:
-    after a correct sync they agree up to numerics, so this is the check that rollout workers run the learner's
-    weights."""
+def sync_metrics(sync, logprob_gap: dict[str, float] | None = None,
+                 update_results: list[dict[str, float]] | None = None) -> dict[str, float]:
+    """Seconds, bytes and GB/s of a weight sync (and what the driver received meanwhile). In asynchronous mode
+    the sync returns once the learners published: its seconds are the publishing, the workers load the weights
+    behind their queued generation.
+
+    ``sync/logprob_max_abs_diff``: the largest gap between the learner's log-probabilities of the sampled tokens
+    and the sampler's own, from the forward pass before the update (``logprob_gap``) or, without one, from the
+    update's (``logprob_diff_max`` in ``update_results``). In synchronous mode they agree up to numerics after a
+    correct sync, so this is the check that rollout workers run the learner's weights; in asynchronous mode it
+    also holds the staleness."""
     metrics = {"sync/seconds": sync.seconds, "sync/bytes": sync.num_bytes, "sync/gb_per_s": sync.gb_per_s,
                "sync/driver_bytes": sync.driver_bytes, "sync/load_seconds": sync.load_seconds,
                "sync/transfer_gb_per_s": sync.transfer_gb_per_s}
-    if logprob_gap is not None:
-        metrics["sync/logprob_max_abs_diff"] = logprob_gap
+    if logprob_gap:
+        metrics.update(logprob_gap)
+    elif update_results and "logprob_diff_max" in update_results[0]:
+        metrics["sync/logprob_max_abs_diff"] = max(r["logprob_diff_max"] for r in update_results)
     return metrics
 
 
 def mean_metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """The mean of each metric over ``results`` (the step's optimizer steps); the largest for ``*_max`` keys."""
     keys = [k for k in results[0] if k != "seconds"]
-    return {prefix + k: sum(r[k] for r in results) / len(results) for k in keys}
+    return {prefix + k: max(r[k] for r in results) if k.endswith("_max") else sum(r[k] for r in results) / len(results)
+            for k in keys}
 
 
 def engine_metrics(*roles) -> dict[str, float]:

@@ -8,14 +8,10 @@ from rlft.algorithms.policy_loss import PolicyBatch
 from rlft.rollout.types import Sample
 
 
-def policy_batch(
-    samples: list[Sample], advantages_S: torch.Tensor, pad_id: int, width: int
-) -> tuple[PolicyBatch, torch.Tensor]:
-    """Prompt + response rows, right-padded to ``width``, each response token carrying its sample's advantage.
-
-    Returns the batch (``old_logprobs_BT`` and ``ref_logprobs_BT`` still zero, ``loss_weights_BT`` the response
-    mask) and the sampler's log-probabilities of the response tokens, aligned the same way.
-    """
+def policy_batch(samples: list[Sample], advantages_S: torch.Tensor, pad_id: int, width: int) -> PolicyBatch:
+    """Prompt + response rows, right-padded to ``width``, each response token carrying its sample's advantage and
+    the sampler's log-probability (``sampler_logprobs_BT``). ``old_logprobs_BT`` and ``ref_logprobs_BT`` are still
+    zero, ``loss_weights_BT`` is the response mask."""
     num = len(samples)
     input_ids_BT = torch.full((num, width), pad_id, dtype=torch.long)
     attention_BT = torch.zeros((num, width), dtype=torch.long)
@@ -36,5 +32,6 @@ def policy_batch(
         old_logprobs_BT=zeros_BT,
         advantages_BT=advantages_S[:, None] * response_BT,
         ref_logprobs_BT=zeros_BT.clone(),
+        sampler_logprobs_BT=sampler_logprobs_BT,
     )
-    return batch, sampler_logprobs_BT
+    return batch

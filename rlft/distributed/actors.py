@@ -256,6 +256,14 @@ def kill(handles: list) -> None:
             ray.kill(handle, no_restart=True)
 
 
+@dataclass
+class Submitted:
+    """Calls a ``WorkerSet`` has sent and not yet returned: each reference with its key, slot and actor."""
+
+    calls: dict[Any, tuple[int, Callable[[Any], Any]]]
+    pending: dict[Any, tuple[Any, int, Any]] = field(default_factory=dict)
+
+
 class WorkerSet:
     """A role's actors, one per slot, with a dead one replaced and its calls redone.
 
@@ -270,7 +278,6 @@ class WorkerSet:
         self.role, self._start, self.max_restarts, self.local = role, start, max_restarts, local
         self.restarts = 0
         self.handles: list = []
-        self._generations: list[int] = []
         try:
             for slot in range(num):
                 self.add()
@@ -284,7 +291,6 @@ class WorkerSet:
     def add(self) -> None:
         """Start one more actor, in the next slot."""
         self.handles.append(self._started(len(self.handles)))
-        self._generations.append(0)
 
     def _started(self, slot: int):
         handle = self._start(slot)
@@ -294,7 +300,6 @@ class WorkerSet:
 
     def remove_last(self) -> None:
         kill([self.handles.pop()])
-        self._generations.pop()
 
     def replace(self, slot: int, reason: str) -> None:
         """Start a new actor in ``slot`` (after the old one died), within the restart budget."""
@@ -308,7 +313,21 @@ class WorkerSet:
                        self.role, slot, reason, self.restarts, self.max_restarts)
         kill([self.handles[slot]])
         self.handles[slot] = self._started(slot)
-        self._generations[slot] += 1
+
+    def submit(self, calls: dict[Any, tuple[int, Callable[[Any], Any]]]) -> Submitted:
+        """Send ``calls`` (a key to ``(slot, fn)``, ``fn(handle)`` making the remote call) now; ``results`` waits
+        for them later. Between the two the set may lose actors (deaths, ``remove_last``): their calls are redone."""
+        submitted = Submitted(calls)
+        for key in calls:
+            self._send(submitted, key)
+        return submitted
+
+    def _send(self, submitted: Submitted, key: Any) -> None:
+        slot = calls_slot = submitted.calls[key][0]
+        if slot >= len(self.handles):  # the set shrank since the call was planned: another actor takes it
+            slot = calls_slot % len(self.handles)
+        handle = self.handles[slot]
+        submitted.pending[submitted.calls[key][1](handle)] = (key, slot, handle)
 
     def as_completed(
         self, calls: dict[Any, tuple[int, Callable[[Any], Any]]], timeout_s: float | None = None
@@ -317,15 +336,12 @@ class WorkerSet:
         as calls finish, redoing on a replacement the calls of an actor that died. With ``timeout_s`` (by default the
         deadline of a call inside a phase), a wait of that long with no call finishing raises ``CallTimeoutError``
         naming the actors still busy."""
+        yield from self.results(self.submit(calls), timeout_s)
+
+    def results(self, submitted: Submitted, timeout_s: float | None = None) -> Iterator[tuple[Any, Any]]:
+        """``(key, result)`` of the ``submit``-ted calls as they finish (see ``as_completed``)."""
         timeout_s = call_timeout_s() if timeout_s is None else timeout_s
-        pending = {}
-
-        def send(key):
-            slot, fn = calls[key]
-            pending[fn(self.handles[slot])] = (key, self._generations[slot])
-
-        for key in calls:
-            send(key)
+        pending = submitted.pending
         while pending:
             if self.local:
                 ref = next(iter(pending))
@@ -333,17 +349,15 @@ class WorkerSet:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
                 if not done:
                     busy = list(pending)
-                    raise _not_answered(busy, timeout_s,
-                                        [f"{self.role} actor {calls[pending[ref][0]][0]}" for ref in busy])
+                    raise _not_answered(busy, timeout_s, [f"{self.role} actor {pending[ref][1]}" for ref in busy])
                 (ref,) = done
-            key, generation = pending.pop(ref)
+            key, slot, handle = pending.pop(ref)
             try:
                 result = wait(ref)
             except RayActorError as err:
-                slot = calls[key][0]
-                if self._generations[slot] == generation:
+                if slot < len(self.handles) and self.handles[slot] is handle:  # died, not removed or replaced
                     self.replace(slot, type(err).__name__)
-                send(key)
+                self._send(submitted, key)
                 continue
             yield key, result
 
@@ -358,7 +372,7 @@ class WorkerSet:
 
     def shutdown(self) -> None:
         kill(self.handles)
-        self.handles, self._generations = [], []
+        self.handles = []
 
 
 def balanced_chunks(num_items: int, num_parts: int) -> list[tuple[int, int]]:

@@ -297,7 +297,7 @@ def _combine(results: list[dict[str, float]]) -> dict[str, float]:
     for key in results[0]:
         if key in _SHARED_METRICS:
             out[key] = results[0][key]
-        elif key == "seconds":
+        elif key == "seconds" or key.endswith("_max"):
             out[key] = max(r[key] for r in results)
         else:
             out[key] = sum(r[key] for r in results)

@@ -206,8 +206,7 @@ class LearnerWorker:
                 # Without ZeRO, DeepSpeed clips but does not report the norm; gradients are reduced by now.
                 self._last_grad_norm = _grad_norm(self.engine.module.parameters())
             self.engine.step()
-            for key, value in micro_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + value
+            _add_metrics(metrics, micro_metrics)
         grad_norm = self._last_grad_norm if spec.zero_stage == 0 else self.engine.get_global_grad_norm()
         return {
             **metrics,
@@ -226,8 +225,7 @@ class LearnerWorker:
         for micro in batch.split(self.spec.gradient_accumulation_steps):
             micro = micro.trimmed()
             _, micro_metrics = loss_fn(_forward_logits(self.engine, micro), micro)
-            for key, value in micro_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + value
+            _add_metrics(metrics, micro_metrics)
         self.engine.train()
         return metrics
 
@@ -391,6 +389,12 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _add_metrics(total: dict[str, float], micro: dict[str, float]) -> None:
+    """Add a micro-batch's metrics to the step's: summed, the largest for ``*_max`` keys."""
+    for key, value in micro.items():
+        total[key] = max(total.get(key, value), value) if key.endswith("_max") else total.get(key, 0.0) + value
 
 
 def _grad_norm(params) -> float:

@@ -36,7 +36,11 @@ class RolloutConfig:
     engine: Literal["vllm", "hf", "simulated"] = "vllm"
     simulated_seconds_per_token: float = 0.0005
     num_rollout_workers: int = 1
+    # A worker computes with this many threads (whole CPUs, at least 1).
     num_cpus_per_worker: float = 1.0
+    # Synchronous RL on one node: the learners wait while the workers generate, so each worker generates with the
+    # node's cores shared among the workers, and returns to its own share after (asynchronous RL keeps the shares).
+    borrow_idle_cores: bool = True
     # GPUs of one worker; a vLLM worker with ``tensor_parallel_size`` > 1 needs that many.
     num_gpus_per_worker: float = 0.0
     tensor_parallel_size: int = 1

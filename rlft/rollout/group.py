@@ -12,9 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import ray
 from ray.exceptions import RayActorError
 
-from rlft.distributed.actors import DRIVER_INBOX, WorkerSet, balanced_chunks, slowest, spawn, wait, wait_peers
+from rlft.distributed.actors import (
+    DRIVER_INBOX,
+    Submitted,
+    WorkerSet,
+    balanced_chunks,
+    slowest,
+    spawn,
+    wait,
+    wait_peers,
+)
 from rlft.distributed.placement import role_resources
 from rlft.distributed.weight_sync import SyncStats
 from rlft.errors import WeightSyncError
@@ -43,6 +53,8 @@ class RolloutGroup:
         self._object_store_handle = None
         # The workers that formed the current weight group (``collective``): it is formed again when they change.
         self._group_members: list = []
+        # Weight updates sent without waiting (``sync_from(wait_applied=False)``): reference -> (slot, worker).
+        self._updates_sent: dict = {}
         self.workers = WorkerSet(Role.ROLLOUT, self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
@@ -117,6 +129,21 @@ class RolloutGroup:
         """Like ``generate``, but yields ``(first prompt's position, samples)`` for each chunk as soon as it is done,
         in completion order: each worker's prompts are cut into ``chunks_per_worker`` consecutive calls, so grading
         the first chunks can start while later ones are generated. Samples do not depend on the chunking."""
+        yield from self.chunks(self.submit(prompts, sampling, num_samples_per_prompt, prompt_indices, chunks_per_worker))
+
+    def submit(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        num_samples_per_prompt: int,
+        prompt_indices: list[int] | None = None,
+        chunks_per_worker: int = 1,
+        num_threads: int = 0,
+    ) -> Submitted:
+        """Start generating now, chunk by chunk as ``generate_streamed`` cuts them; ``chunks`` yields them later.
+        Each worker runs its calls in order, after the weight updates sent to it before: a chunk is generated with
+        the newest weights the worker was sent before this call. ``num_threads`` > 0 sets each call's compute
+        threads (``RolloutWorker.generate``)."""
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(indices) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
@@ -125,10 +152,14 @@ class RolloutGroup:
             for first, end in balanced_chunks(stop - start, chunks_per_worker):
                 if end > first:
                     a, b = start + first, start + end
-                    calls[a] = (slot, _generate_call(prompts[a:b], sampling, num_samples_per_prompt, indices[a:b]))
-        # A chunk whose worker died is generated again by its replacement: the samples are the same (seeded by
-        # prompt index and policy version), and each chunk is yielded once.
-        yield from self.workers.as_completed(calls)
+                    calls[a] = (slot, _generate_call(prompts[a:b], sampling, num_samples_per_prompt, indices[a:b],
+                                                     num_threads))
+        return self.workers.submit(calls)
+
+    def chunks(self, submitted: Submitted) -> Iterator[tuple[int, list[Sample]]]:
+        """The chunks of a ``submit``, as they finish. A chunk whose worker died (or was removed by ``resize``) is
+        generated again by another: its samples carry the version that worker holds, and each chunk comes once."""
+        yield from self.workers.results(submitted)
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs of given sequences under the workers' current weights (spread like ``generate``)."""
@@ -139,14 +170,21 @@ class RolloutGroup:
         ]
         return [row for rows in self.workers.call(calls) for row in rows]
 
-    def sync_from(self, learners, policy_version: int, transport: str | None = None) -> SyncStats:
+    def sync_from(self, learners, policy_version: int, transport: str | None = None, wait_applied: bool = True,
+                  rewind: bool = False) -> SyncStats:
         """Have ``learners`` (a ``LearnerGroup``) publish their current weights as ``policy_version`` and every
         worker take them; returns when all workers generate with them. A worker that dies meanwhile is replaced
         (its replacement starts with these weights from the object store); one that does not answer within
         ``rollout.weight_sync_timeout_s`` is a ``WeightSyncError`` naming it. ``transport`` overrides
-        ``rollout.weight_transport`` for this sync (benchmarks compare them on one group)."""
+        ``rollout.weight_transport`` for this sync (benchmarks compare them on one group).
+
+        ``wait_applied=False`` (asynchronous RL) returns once the learners have published: each worker applies the
+        version after the generation calls already sent to it, before any sent later; the next sync checks that it
+        did. The ``collective`` transport always waits (its broadcast needs every worker at once). ``rewind``
+        lets the workers go back to an older version (after the learners restored a checkpoint)."""
         cfg = self.cfg
         transport = transport or cfg.weight_transport
+        self._check_updates_sent()
         start, inbox_before = time.perf_counter(), DRIVER_INBOX.num_bytes
         bucket_bytes = int(cfg.weight_sync_bucket_mib * _MIB)
         self._serving = (policy_version, lambda: learners.publish_weights(policy_version, "object_store",
@@ -170,9 +208,32 @@ class RolloutGroup:
             handle = learners.publish_weights(policy_version, transport, bucket_bytes)
             if handle.transport == "object_store":
                 self._object_store_handle = handle
-            timings = self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
+            if not wait_applied:
+                for slot, worker in enumerate(self.workers.handles):
+                    self._updates_sent[worker.update_weights.remote(handle, rewind)] = (slot, worker)
+                return SyncStats.since(start, handle, DRIVER_INBOX.num_bytes - inbox_before)
+            timings = self.workers.call_all(lambda w: w.update_weights.remote(handle, rewind),
+                                            cfg.weight_sync_timeout_s)
         load_seconds = max(t["load_s"] for t in timings)
         return SyncStats.since(start, handle, DRIVER_INBOX.num_bytes - inbox_before, load_seconds)
+
+    def _check_updates_sent(self) -> None:
+        """The weight updates sent without waiting that have been applied since: a worker that died with one queued
+        is replaced (the replacement starts with the newest weights); any other failure is a ``WeightSyncError``
+        naming the worker. Updates still queued behind generation stay pending."""
+        if not self._updates_sent:
+            return
+        done = list(self._updates_sent) if self.local else ray.wait(
+            list(self._updates_sent), num_returns=len(self._updates_sent), timeout=0)[0]
+        for ref in done:
+            slot, worker = self._updates_sent.pop(ref)
+            try:
+                wait(ref)
+            except RayActorError as err:
+                if slot < self.num_workers and self.workers.handles[slot] is worker:
+                    self.workers.replace(slot, type(err).__name__)
+            except Exception as err:
+                raise WeightSyncError(f"rollout worker {slot} failed to apply new weights: {err}") from err
 
     def _same_members(self) -> bool:
         handles = self.workers.handles
@@ -216,5 +277,5 @@ class RolloutGroup:
         self.workers.shutdown()
 
 
-def _generate_call(prompts, sampling, num_samples_per_prompt, indices):
-    return lambda worker: worker.generate.remote(prompts, sampling, num_samples_per_prompt, indices)
+def _generate_call(prompts, sampling, num_samples_per_prompt, indices, num_threads=0):
+    return lambda worker: worker.generate.remote(prompts, sampling, num_samples_per_prompt, indices, num_threads)

@@ -5,6 +5,7 @@ A plain class: ``RolloutGroup`` makes it a Ray actor with ``spawn`` (or an in-pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 
@@ -22,6 +23,23 @@ def prompt_seed(seed: int, policy_version: int, prompt_index: int) -> int:
     """The sampling seed of one prompt: fixed by (seed, policy_version, prompt_index), unrelated across prompts."""
     digest = hashlib.blake2b(f"{seed}:{policy_version}:{prompt_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+@contextlib.contextmanager
+def _compute_threads(num: int):
+    """torch's intra-op threads (OpenMP) set to ``num`` for the block, then back. Through ``torch._C``: vLLM's CPU
+    worker replaces ``torch.set_num_threads`` with a no-op once its engine has started. Nothing for ``num`` 0."""
+    if not num:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(before)
 
 
 def make_engine(model_path: str, cfg: RolloutConfig):
@@ -42,6 +60,12 @@ def make_engine(model_path: str, cfg: RolloutConfig):
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig):
         install_handler()  # first: a hang while the engine starts is dumped too
+        # As many compute threads as the worker has CPUs (Ray's OMP_NUM_THREADS says the same for whole CPUs).
+        self._threads = max(1, int(cfg.num_cpus_per_worker)) if cfg.engine != "simulated" else 0
+        if self._threads:
+            import torch
+
+            torch.set_num_threads(self._threads)
         self.engine = make_engine(model_path, cfg)
         self._policy_version = 0
         self._group = None  # this worker's membership of the weight group, when it receives in this process
@@ -62,10 +86,13 @@ class RolloutWorker:
         sampling: SamplingConfig,
         num_samples_per_prompt: int,
         prompt_indices: list[int],
+        num_threads: int = 0,
     ) -> list[Sample]:
-        """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version."""
+        """``num_samples_per_prompt`` samples of each prompt, prompt by prompt, stamped with the policy version.
+        ``num_threads`` > 0: this call's compute threads (cores the other roles leave idle), instead of the
+        worker's own ``rollout.num_cpus_per_worker``."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
-        with self.clock.phase(Phase.GENERATE):
+        with self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
@@ -96,12 +123,13 @@ class RolloutWorker:
         else:
             self._group = WeightGroup(spec, first_rank)
 
-    def update_weights(self, handle) -> dict[str, float]:
+    def update_weights(self, handle, rewind: bool = False) -> dict[str, float]:
         """Apply a published version (a ``WeightHandle``): all buckets in one engine update. Returns the seconds
-        spent receiving the bytes and loading them into the engine."""
+        spent receiving the bytes and loading them into the engine. An older version than the current one is an
+        error unless ``rewind`` (the learners went back to a checkpoint)."""
         from rlft.distributed.weight_sync import receive_buckets
 
-        if handle.version < self._policy_version:
+        if handle.version < self._policy_version and not rewind:
             raise ValueError(f"policy version {handle.version} is older than the current {self._policy_version}")
         start = time.perf_counter()
         if self.engine.weights_cross_processes and handle.transport != "object_store":

@@ -1,0 +1,189 @@
+"""The samples of each RL step: generated in step with training, or ahead of it (asynchronous RL).
+
+``rl.max_staleness_steps`` = k. The learners' policy version before step s is s − 1 (version v: the weights after
+v updates). Step s trains on a sample of version v only if (s − 1) − v <= k; the gap is the sample's staleness.
+
+k = 0, synchronous: step s sends its prompts to the rollout workers at its start, with version s − 1, and waits.
+
+k >= 1: at the end of step s the learners publish version s, every worker is sent it without waiting, and then
+the batches of steps s + 1 .. s + 1 + k not yet sent are sent. A worker runs its calls in the order they arrive,
+so those batches are generated with version s (or a newer one, on a worker that replaced a dead one), and step
+s + 1 + j trains its batch at staleness j <= k. The workers thus generate while the learners update (k = 1):
+
+    rollout workers │ batches 1, 2 @v0 │ batch 3 @v1      │ batch 4 @v2      │
+    learners        │  (batch 1)       │ update 1 → v1    │ update 2 → v2    │ update 3 (batch 3 @v1) ...
+
+A batch that comes back staler than k (the order above rules it out; the check keeps the promise) is generated
+again with the current weights, and its samples are counted as dropped. Prompts keep their order (the sampler is
+read ahead on a copy, so checkpoints hold the position of the last trained batch), and a prompt's samples are
+seeded by prompt and policy version, as in synchronous mode.
+
+What survives: a rollout worker that dies with batches queued is replaced and its chunks are generated again by
+the replacement, with the newest weights (each chunk comes back once); ``rlft scale`` moves a removed worker's
+chunks to the others. After a learner restart or a resume the batches in flight are dropped and generation starts
+again from the restored weights: a resumed asynchronous run trains the same prompts in the same order, but its
+first k batches are fresher than the uninterrupted run's, so its metrics differ from there on (at k = 0 a resume
+is exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import ray
+
+from rlft.data.prompts import PromptSet
+from rlft.distributed.actors import Submitted, payload_bytes
+from rlft.distributed.weight_sync import SyncStats
+from rlft.graders import GradeRequest
+from rlft.graders.pool import GradeResult
+from rlft.names import Phase
+from rlft.rollout import Sample
+from rlft.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from rlft.controller.rl_steps import RLJob
+
+
+@dataclass
+class _Sent:
+    indices: list[int]
+    submitted: Submitted
+
+
+class Rollouts:
+    """A step's samples (``take``) and the weights after its update (``publish``), for every RL controller."""
+
+    def __init__(self, job: RLJob):
+        self.job = job
+        self.max_staleness = job.cfg.rl.max_staleness_steps
+        self._sent: dict[int, _Sent] = {}  # step -> its batch, sent ahead of the step
+        self._dropped = 0
+        self.generate_threads = _borrowed_threads(job)
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.max_staleness > 0
+
+    def take(self, step: int, indices: list[int], timer: PhaseTimer) -> tuple[list[Sample], GradeResult, dict]:
+        """Step ``step``'s samples of the prompts ``indices`` (in prompt order), their grades, and the staleness
+        metrics. Waits for the batch sent ahead, or sends it now."""
+        ahead = len(self._sent)
+        sent = self._sent.pop(step, None)
+        if sent is None or sent.indices != indices:
+            sent = _Sent(indices, send_prompts(self.job, indices, self.generate_threads))
+        samples, graded = collect_and_grade(self.job, sent.indices, sent.submitted, timer)
+        staleness = staleness_of(samples, step)
+        if max(staleness) > self.max_staleness:  # a worker served older weights than promised: generate afresh
+            self._dropped += len(samples)
+            samples, graded = collect_and_grade(self.job, indices, send_prompts(self.job, indices), timer)
+            staleness = staleness_of(samples, step)
+        metrics = {
+            "async/staleness_mean": sum(staleness) / len(staleness),
+            "async/staleness_max": max(staleness),
+            "async/stale_samples_dropped": self._dropped,
+            "async/batches_ahead": ahead,
+            "async/batch_bytes": payload_bytes(samples),
+        }
+        return samples, graded, metrics
+
+    def publish(self, step: int) -> SyncStats:
+        """The learners' weights after step ``step``'s update become version ``step`` on every worker. Synchronous:
+        returns when every worker holds them. Asynchronous: returns once they are published, and sends the coming
+        steps' batches behind them."""
+        job = self.job
+        if not self.asynchronous:
+            return job.rollout.sync_from(job.learners, step)
+        stats = job.rollout.sync_from(job.learners, step, wait_applied=False)
+        self.send_ahead(step)
+        return stats
+
+    def send_ahead(self, step: int) -> None:
+        """After version ``step`` was sent: send the batches of steps ``step`` + 1 .. ``step`` + 1 + k (within the
+        run) that are not on their way yet. Nothing in synchronous mode."""
+        if not self.asynchronous:
+            return
+        run = self.job.run
+        sampler = copy.deepcopy(run.sampler)  # the run's own sampler moves only when a step takes its batch
+        for future in range(step + 1, min(step + 1 + self.max_staleness, run.total_steps) + 1):
+            indices = sampler.next_batch()
+            if future not in self._sent:
+                self._sent[future] = _Sent(indices, send_prompts(self.job, indices))
+
+    def restart(self, step: int) -> None:
+        """After the learners went back to step ``step`` (a resume or a learner restart): the batches on their way
+        were sent for other weights and prompts, so they are dropped, and sending starts again from ``step``."""
+        self._sent.clear()
+        self.send_ahead(step)
+
+
+def staleness_of(samples: list[Sample], step: int) -> list[int]:
+    """Each sample's staleness at step ``step``: the policy versions between it and the learners."""
+    return [step - 1 - s.policy_version for s in samples]
+
+
+
+def _borrowed_threads(job: RLJob) -> int:
+    """Compute threads of a worker's generate call in synchronous mode on one node (``rollout.borrow_idle_cores``):
+    the node's cores shared among the workers, since the learners wait meanwhile; 0 (the worker's own share)
+    otherwise."""
+    cfg = job.cfg
+    if cfg.rl.max_staleness_steps or not cfg.rollout.borrow_idle_cores or cfg.ray.local_mode:
+        return 0
+    if sum(node["Alive"] for node in ray.nodes()) != 1:
+        return 0
+    return max(1, len(os.sched_getaffinity(0)) // job.rollout.num_workers)
+
+
+def send_prompts(job: RLJob, indices: list[int], num_threads: int = 0) -> Submitted:
+    """Send the prompts ``indices`` to the rollout workers (``rl.num_samples_per_prompt`` samples each, in
+    ``rollout.chunks_per_worker`` calls per worker, ``num_threads`` compute threads each if > 0);
+    ``collect_and_grade`` waits for them."""
+    cfg = job.cfg
+    return job.rollout.submit(
+        [job.prompts.token_ids[i] for i in indices],
+        # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
+        dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
+        cfg.rl.num_samples_per_prompt,
+        indices,
+        cfg.rollout.chunks_per_worker,
+        num_threads,
+    )
+
+
+def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
+                      timer: PhaseTimer) -> tuple[list[Sample], GradeResult]:
+    """The samples of the sent prompts ``indices`` (in prompt order) and their grades. Each chunk goes to the
+    grader pool as soon as it is generated, so two phases are timed: ``generate``, until the last sample exists,
+    and ``grade``, what grading adds after that (the part not hidden behind generation)."""
+    cfg = job.cfg
+    chunks, handles = {}, {}
+    with timer.phase(Phase.GENERATE):
+        for first, samples in job.rollout.chunks(submitted):
+            chunks[first] = samples
+            handles[first] = job.graders.submit(grade_requests(samples, job.prompts))
+    with timer.phase(Phase.GRADE):
+        order = sorted(chunks)
+        _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
+        graded = GradeResult.concat([job.graders.collect(handles[first]) for first in order])
+        graded.check_error_rate(cfg.graders.max_error_rate)
+    return [sample for first in order for sample in chunks[first]], graded
+
+
+def grade_requests(samples: list[Sample], prompts: PromptSet) -> list[GradeRequest]:
+    return [
+        GradeRequest(prompts.items[s.prompt_index].messages, s.response_text, prompts.items[s.prompt_index].extra)
+        for s in samples
+    ]
+
+
+def _check_complete(samples: list[Sample], indices: list[int], per_prompt: int) -> None:
+    """Every prompt's samples exactly once, in prompt order (a redone chunk must not add or drop any)."""
+    got = [s.prompt_index for s in samples]
+    want = [i for i in indices for _ in range(per_prompt)]
+    if got != want:
+        raise RuntimeError(f"rollout returned {len(got)} samples for {len(want)} expected, or out of order")
