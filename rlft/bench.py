@@ -153,6 +153,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, out: Path)
     result.headline["memcpy_gb_per_second"] = memcpy
     if result.headline["weight_sync_gb_per_second"]:
         result.headline["weight_sync_share_of_memcpy"] = result.headline["weight_sync_gb_per_second"] / memcpy
+    result.headline["startup_seconds"] = records[0].get("time/startup_seconds") if records else None
     write_report(result, records, warmup, out)
     return result
 
@@ -225,6 +226,10 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         # What role calls handed back to the driver per step: samples, grades, handles, metrics; no payloads.
         "driver_received_bytes": _median([r["driver/received_bytes"] for r in records if "driver/received_bytes" in r]),
         "orchestration_overhead": _median(overheads),
+        # Asynchronous RL hides generation behind the learners' work: the step against the longer of the two sides'
+        # engine times (1.0: perfect overlap; synchronous steps run them one after the other, so near 2 when even).
+        "overlap_ratio": _median([ratio for r in records if (ratio := _overlap_ratio(r)) is not None]),
+        "staleness_mean": _median([r["async/staleness_mean"] for r in records if "async/staleness_mean" in r]),
         "samples_per_second": _median([r["rollout/num_samples"] / r["time/step_seconds"] for r in records
                                        if "rollout/num_samples" in r]),
     }
@@ -238,6 +243,16 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         phases=phases,
         headline=headline,
     )
+
+
+def _overlap_ratio(record: dict) -> float | None:
+    """One step's wall time over max(generation's engine time, the other roles' engine time but grading's)."""
+    generate = record.get("engine/generate_seconds")
+    rest = sum(v for k, v in record.items() if k.startswith("engine/")
+               and k not in ("engine/generate_seconds", "engine/grade_seconds"))
+    if not generate or not rest:
+        return None
+    return record["time/step_seconds"] / max(generate, rest)
 
 
 def environment(cfg: Config, load_before: tuple, load_after: tuple, started: float, command: str) -> dict:
@@ -333,6 +348,9 @@ def markdown(result: BenchResult) -> str:
         f"{_fmt(h.get('driver_received_bytes'))} bytes |",
         f"| samples per second (whole step) | {_fmt(h['samples_per_second'])} |",
         f"| orchestration overhead (step / engine sum) | {_fmt(h['orchestration_overhead'])} |",
+        f"| overlap (step / max(generation engine, other engines)) | {_fmt(h.get('overlap_ratio'))} |",
+        f"| staleness (policy versions, mean) | {_fmt(h.get('staleness_mean'))} |",
+        f"| time to the first step (process start to step 1) | {_fmt(h.get('startup_seconds'))} s |",
         "",
     ]
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from rlft.config import Config
@@ -73,6 +74,9 @@ class Run:
         self.sampler: EpochSampler | None = None
         self.total_steps = 0
         self.start_step = 0
+        # Seconds from the process's start to its first step (imports, Ray, the roles, resume, first evaluation).
+        self._startup_s: float | None = None
+        self._startup_logged = False
         self.logger: MetricsLogger | None = None
         self.progress: tqdm | None = None
         self.eval_accuracy_start: float | None = None
@@ -195,6 +199,8 @@ class Run:
         while self._next_step <= self.total_steps:
             step = self._next_step
             self._next_step += 1
+            if self._startup_s is None:  # the time to the first step: the process's start-up, then the roles'
+                self._startup_s = time.time() - psutil.Process().create_time()
             yield step
 
     @contextmanager
@@ -254,6 +260,9 @@ class Run:
         comes first, so a checkpoint is only written once its step is complete: a learner restart from it redoes no
         evaluation and loses none."""
         cfg = self.cfg
+        if not self._startup_logged:
+            self._startup_logged = True
+            metrics = {**metrics, "time/startup_seconds": self._startup_s}
         self.logger.log(step, {**metrics, "faults/learner_restarts": self.learner_restarts})
         self.progress.update(1)
         if postfix:
