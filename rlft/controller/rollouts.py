@@ -64,6 +64,7 @@ class Rollouts:
         self._sent: dict[int, _Sent] = {}  # step -> its batch, sent ahead of the step
         self._dropped = 0
         self.generate_threads = _borrowed_threads(job)
+        job.rollout.queued_ahead = self.asynchronous
 
     @property
     def asynchronous(self) -> bool:

@@ -55,6 +55,10 @@ class RolloutGroup:
         self._group_members: list = []
         # Weight updates sent without waiting (``sync_from(wait_applied=False)``): reference -> (slot, worker).
         self._updates_sent: dict = {}
+        # Generation is sent ahead of the steps (asynchronous RL): engine figures come one call late.
+        self.queued_ahead = False
+        self._engine_asked: list = []
+        self._engine_pending: list = []
         self.workers = WorkerSet(Role.ROLLOUT, self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
@@ -96,8 +100,33 @@ class RolloutGroup:
                 self.placement.release(Role.ROLLOUT, self.num_workers)
 
     def engine_seconds(self) -> dict[str, float]:
-        """Seconds inside the engines since the last call, by kind (the slowest worker's)."""
-        return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
+        """Seconds inside the engines since the last call, by kind (the slowest worker's).
+
+        With batches queued ahead (asynchronous RL, ``queued_ahead``) a call to a worker would wait behind them, so
+        the figures come one call late: each call sends the question and returns the answers to the previous one
+        that have arrived (an empty dict while none has). Over a run they add up to the same seconds."""
+        if not self.queued_ahead:
+            return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
+        asked, self._engine_asked = self._engine_asked, [w.engine_seconds.remote() for w in self.workers.handles]
+        if asked:
+            self._engine_pending.append(asked)
+        if self.local:
+            self._engine_pending.append(self._engine_asked)
+            self._engine_asked = []
+        elif not asked or len(ray.wait(asked, num_returns=len(asked), timeout=0)[0]) < len(asked):
+            return {}  # still queued behind generation; the earlier rounds are answered with it, next time
+        totals: dict[str, float] = {}
+        for round_refs in self._engine_pending:
+            answers = []
+            for ref in round_refs:
+                try:
+                    answers.append(wait(ref))
+                except RayActorError:  # the worker died since: its seconds are lost with it
+                    pass
+            for phase, seconds in slowest(answers).items() if answers else ():
+                totals[phase] = totals.get(phase, 0.0) + seconds
+        self._engine_pending = []
+        return totals
 
     def policy_versions(self) -> list[int]:
         """Each worker's current policy version (equal after every completed ``sync_from``)."""
