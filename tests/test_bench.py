@@ -47,6 +47,8 @@ def test_bench_grpo_measures_every_phase(tmp_path):
         "bench", str(ROOT / "configs/grpo_tiny.yaml"),
         "model.path=tiny://model",
         "rl.kl_coef=0.01",
+        # The forward pass before the update runs only when asked for (or needed): measured here too.
+        "rl.old_logprobs=recompute",
         "logging.progress_bar=false",
         "--steps", "2", "--warmup", "1", "--out", str(out),
         cwd=tmp_path,
