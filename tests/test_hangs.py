@@ -104,5 +104,6 @@ def test_a_stopped_rollout_worker_fails_the_generate_phase(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_a_stopped_learner_fails_the_old_logprobs_phase(tmp_path):
-    _stop_and_expect(tmp_path, "ray::LearnerWorker", "old_logprobs", "learners")
+def test_a_stopped_learner_fails_the_update_phase(tmp_path):
+    # One optimizer step per batch: the update is the step's first call to the learners (no old-logprob pass).
+    _stop_and_expect(tmp_path, "ray::LearnerWorker", "update", "learners")
