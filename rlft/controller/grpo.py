@@ -22,12 +22,13 @@ checkpoints, evaluation, summary, shutdown) is ``rlft/controller/run.py``.
 
 | phase | waits for |
 |---|---|
-| generate | the weights synced at the end of the previous step; each chunk goes to grading when done |
+| generate | the batch sent to the rollout workers: at the step's start with the weights synced at the end of the previous step, or up to ``rl.max_staleness_steps`` steps earlier (asynchronous, ``rollouts.py``); each chunk goes to grading when done |
 | grade | its chunk of samples (the phase's time is what grading adds after generation ends) |
-| reference, old logprobs | the samples |
 | advantages | the rewards |
-| update | advantages, old logprobs, reference logprobs |
-| sync | the update |
+| old logprobs | the samples; only when a step makes several optimizer steps (``rl.old_logprobs``), otherwise the update's own forward pass gives them |
+| reference | the samples |
+| update | advantages, reference logprobs (and old logprobs); importance weights against the sampler's log-probabilities (``rl.off_policy_correction``) |
+| sync | the update; asynchronous: only the learners' publishing, the workers load the weights behind their queued batches |
 
 Departures from the paper (Shao et al. 2024, arXiv:2402.03300) are options: the loss aggregation
 (``rl.loss_aggregation``; the paper's is ``seq_mean_token_mean``), the advantage scale (``rl.advantage_scale``;

@@ -63,7 +63,7 @@ class Rollouts:
         self.max_staleness = job.cfg.rl.max_staleness_steps
         self._sent: dict[int, _Sent] = {}  # step -> its batch, sent ahead of the step
         self._dropped = 0
-        self.generate_threads = _borrowed_threads(job)
+        self._one_node = job.cfg.ray.local_mode or sum(node["Alive"] for node in ray.nodes()) == 1
         job.rollout.queued_ahead = self.asynchronous
 
     @property
@@ -76,12 +76,13 @@ class Rollouts:
         ahead = len(self._sent)
         sent = self._sent.pop(step, None)
         if sent is None or sent.indices != indices:
-            sent = _Sent(indices, send_prompts(self.job, indices, self.generate_threads))
+            sent = _Sent(indices, send_prompts(self.job, indices, self._borrowed_threads()))
         samples, graded = collect_and_grade(self.job, sent.indices, sent.submitted, timer)
         staleness = staleness_of(samples, step)
         if max(staleness) > self.max_staleness:  # a worker served older weights than promised: generate afresh
             self._dropped += len(samples)
-            samples, graded = collect_and_grade(self.job, indices, send_prompts(self.job, indices), timer)
+            samples, graded = collect_and_grade(self.job, indices,
+                                                send_prompts(self.job, indices, self._borrowed_threads()), timer)
             staleness = staleness_of(samples, step)
         metrics = {
             "async/staleness_mean": sum(staleness) / len(staleness),
@@ -121,23 +122,19 @@ class Rollouts:
         self._sent.clear()
         self.send_ahead(step)
 
+    def _borrowed_threads(self) -> int:
+        """Compute threads of a worker's generate call in synchronous mode on one node
+        (``rollout.borrow_idle_cores``): the node's cores shared among the workers, since the learners wait
+        meanwhile; 0 (the worker's own share) otherwise."""
+        cfg = self.job.cfg
+        if self.asynchronous or not cfg.rollout.borrow_idle_cores or cfg.ray.local_mode or not self._one_node:
+            return 0
+        return max(1, len(os.sched_getaffinity(0)) // self.job.rollout.num_workers)
+
 
 def staleness_of(samples: list[Sample], step: int) -> list[int]:
     """Each sample's staleness at step ``step``: the policy versions between it and the learners."""
     return [step - 1 - s.policy_version for s in samples]
-
-
-
-def _borrowed_threads(job: RLJob) -> int:
-    """Compute threads of a worker's generate call in synchronous mode on one node (``rollout.borrow_idle_cores``):
-    the node's cores shared among the workers, since the learners wait meanwhile; 0 (the worker's own share)
-    otherwise."""
-    cfg = job.cfg
-    if cfg.rl.max_staleness_steps or not cfg.rollout.borrow_idle_cores or cfg.ray.local_mode:
-        return 0
-    if sum(node["Alive"] for node in ray.nodes()) != 1:
-        return 0
-    return max(1, len(os.sched_getaffinity(0)) // job.rollout.num_workers)
 
 
 def send_prompts(job: RLJob, indices: list[int], num_threads: int = 0) -> Submitted:
