@@ -144,6 +144,7 @@ def run_rlft(algorithm: str, model: str, steps: int, warmup: int, completion_tok
     staleness = [r["async/staleness_mean"] for r in measured if "async/staleness_mean" in r]
     return {"step_seconds": bench["step_seconds"], "completion_tokens_mean": completion,
             "orchestration_overhead": bench["orchestration_overhead"], "startup_seconds": startup,
+            "overlap_ratio": bench["figures"].get("overlap_ratio"),
             "staleness_mean": statistics.mean(staleness) if staleness else None}
 
 
