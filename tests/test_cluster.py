@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -152,6 +153,32 @@ def test_worker_set_replaces_a_dead_actor_and_redoes_its_calls_once(ray_cluster,
         os.remove(markers[0])
         with pytest.raises(RestartBudgetError, match=r"toy actor 0 died .* ray.max_actor_restarts = 1"):
             workers.call([(0, lambda w: w.work.remote(1))])
+    finally:
+        workers.shutdown()
+
+
+class _Slow:
+    def work(self, x: int) -> tuple[int, int]:
+        time.sleep(0.5)
+        return x * 10, os.getpid()
+
+
+@pytest.mark.ray
+def test_calls_sent_ahead_survive_removing_their_actor(ray_cluster, tmp_path):
+    """Asynchronous RL sends a step's generation before the step, and ``rlft scale`` may remove a worker meanwhile:
+    the removed actor's calls go to the others, each key comes back once, and no replacement is counted."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    workers = WorkerSet("toy", lambda slot: spawn(_Slow, resources=Resources(num_cpus=0.1)), 2, max_restarts=0)
+    try:
+        survivor = workers.call([(0, lambda w: w.work.remote(0))])[0][1]
+        sent = workers.submit({key: (key % 2, lambda w, key=key: w.work.remote(key)) for key in range(6)})
+        workers.remove_last()
+        results = dict(workers.results(sent))
+        assert sorted(results) == list(range(6)) and all(results[k][0] == k * 10 for k in range(6))
+        assert {pid for _, pid in results.values()} == {survivor}  # slot 1's calls were redone on slot 0
+        assert workers.restarts == 0
     finally:
         workers.shutdown()
 
