@@ -55,9 +55,9 @@ def test_one_step_off_policy_grpo_learns_within_the_bound(sft_demo_run, fixed_pr
     steps = check_steps(out, 1)
     # The batch of the coming step waits for the learners, so the step's generate phase is mostly hidden.
     assert sum(r["time/generate_seconds"] for r in steps[1:]) < sum(r["time/update_seconds"] for r in steps[1:])
-    # The workers' engine figures come one call late (asking sooner would wait behind the queued batches), but
-    # they come: vLLM generated in most steps' windows.
-    assert sum("engine/generate_seconds" in r for r in steps) >= GRPO_NUM_STEPS // 2
+    # The workers' engine figures come late (asking sooner would wait behind the queued batches), but they come.
+    assert sum(r.get("engine/generate_seconds", 0.0) for r in steps) > 0
+    assert all(r["engine/update_seconds"] > 0 for r in steps)
     assert steps[0]["time/startup_seconds"] > 0 and all("time/startup_seconds" not in r for r in steps[1:])
 
 

@@ -106,13 +106,13 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
         rollout.sync_from(learners, step, rewind=True)
         job.rollouts.restart(step)
         if cfg.logging.engine_times:
-            _job_engine_metrics(job)  # restoring is not the next step's work
+            _job_engine_metrics(job, reset=True)  # restoring is not the next step's work
         DRIVER_INBOX.take()
 
     run.begin(learners, sampler, total_steps, evaluate_fn, critic=job.critic, after_restore=after_restore)
     job.rollouts.send_ahead(run.start_step)  # asynchronous mode: the first batches, with the starting weights
     if cfg.logging.engine_times:
-        _job_engine_metrics(job)  # start-up and the first evaluation are not the first step's work
+        _job_engine_metrics(job, reset=True)  # start-up and the first evaluation are not the first step's work
     DRIVER_INBOX.take()
     return job
 
@@ -194,13 +194,17 @@ def end_rl_step(job: RLJob, step: int, metrics: dict[str, float]) -> None:
     if step < run.total_steps:
         job.control.apply_requests(job.rollout)
     if cfg.logging.engine_times:
-        _job_engine_metrics(job)  # evaluation and checkpoints are not the next step's work
+        _job_engine_metrics(job, reset=True)  # evaluation and checkpoints are not the next step's work
     DRIVER_INBOX.take()
     job.control.report({"step": step, "total_steps": run.total_steps, "rollout_workers": job.rollout.num_workers})
 
 
-def _job_engine_metrics(job: RLJob) -> dict[str, float]:
-    return engine_metrics(job.rollout, job.graders, job.learners, job.critic, job.reference)
+def _job_engine_metrics(job: RLJob, reset: bool = False) -> dict[str, float]:
+    """The roles' engine seconds since the last call. A ``reset`` (start-up, evaluation and checkpoints are no
+    step's work) leaves out rollout workers with batches queued ahead: their answers come late, and a reset would
+    drop them."""
+    rollout = None if reset and job.rollout.queued_ahead else job.rollout
+    return engine_metrics(rollout, job.graders, job.learners, job.critic, job.reference)
 
 
 def fault_metrics(job: RLJob) -> dict[str, float]:

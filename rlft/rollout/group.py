@@ -57,8 +57,7 @@ class RolloutGroup:
         self._updates_sent: dict = {}
         # Generation is sent ahead of the steps (asynchronous RL): engine figures come one call late.
         self.queued_ahead = False
-        self._engine_asked: list = []
-        self._engine_pending: list = []
+        self._engine_asked: list[list] = []  # the engine-seconds questions not yet answered, oldest first
         self.workers = WorkerSet(Role.ROLLOUT, self._start_worker, cfg.num_rollout_workers, max_restarts, local)
 
     def _start_worker(self, slot: int):
@@ -103,29 +102,24 @@ class RolloutGroup:
         """Seconds inside the engines since the last call, by kind (the slowest worker's).
 
         With batches queued ahead (asynchronous RL, ``queued_ahead``) a call to a worker would wait behind them, so
-        the figures come one call late: each call sends the question and returns the answers to the previous one
-        that have arrived (an empty dict while none has). Over a run they add up to the same seconds."""
+        each call sends the question and returns, without waiting, the answers of the earlier calls that have all
+        arrived (each worker answers in order; an empty dict while none has). Over a run they add up to the same
+        seconds, a step or two late."""
         if not self.queued_ahead:
             return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
-        asked, self._engine_asked = self._engine_asked, [w.engine_seconds.remote() for w in self.workers.handles]
-        if asked:
-            self._engine_pending.append(asked)
-        if self.local:
-            self._engine_pending.append(self._engine_asked)
-            self._engine_asked = []
-        elif not asked or len(ray.wait(asked, num_returns=len(asked), timeout=0)[0]) < len(asked):
-            return {}  # still queued behind generation; the earlier rounds are answered with it, next time
+        self._engine_asked.append([w.engine_seconds.remote() for w in self.workers.handles])
         totals: dict[str, float] = {}
-        for round_refs in self._engine_pending:
+        while self._engine_asked and (self.local or len(ray.wait(self._engine_asked[0], timeout=0,
+                                                                 num_returns=len(self._engine_asked[0]))[0])
+                                      == len(self._engine_asked[0])):
             answers = []
-            for ref in round_refs:
+            for ref in self._engine_asked.pop(0):
                 try:
                     answers.append(wait(ref))
                 except RayActorError:  # the worker died since: its seconds are lost with it
                     pass
-            for phase, seconds in slowest(answers).items() if answers else ():
+            for phase, seconds in slowest(answers).items():
                 totals[phase] = totals.get(phase, 0.0) + seconds
-        self._engine_pending = []
         return totals
 
     def policy_versions(self) -> list[int]:
