@@ -184,7 +184,7 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         raise ValueError("no measured steps: the job logged no step after the warm-up")
     names = [p for p in PHASE_ORDER if any(f"time/{p}_seconds" in r for r in records)]
     names += sorted({k[5:-8] for r in records for k in r if k.startswith("time/") and k.endswith("_seconds")}
-                    - set(names) - {"step"})
+                    - set(names) - {"step", "startup"})
     phases = []
     for name in names:
         work_key, unit = PHASE_WORK.get(name, (None, None))
