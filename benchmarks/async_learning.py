@@ -47,7 +47,7 @@ def one_run(start_model: str, seed: int, staleness: int, out: Path, extra: list[
         "final_accuracy": summary["eval_accuracy_end"],
         "train_seconds": round(sum(r["time/step_seconds"] for r in steps), 1),
         "median_step_seconds": statistics.median(r["time/step_seconds"] for r in steps),
-        "startup_seconds": steps[0].get("time/startup_seconds"),
+        "startup_seconds": steps[0].get("run/startup_seconds"),
         "run_seconds": summary["seconds"],
     }
 

@@ -10,7 +10,7 @@ DPO once. Each repeat runs every (model, algorithm) pair once with every contend
 DPO: rlft, TRL), the order rotating by one from one repeat to the next, so a drift in the machine's load falls on
 all of them. A run's figures are the median step time over its steps after the warm-up and its time to the first
 step: seconds from the process's start (``psutil.Process().create_time()``) to the start of step 1 (rlft: the
-metric ``time/startup_seconds``; TRL: a callback at the first ``on_step_begin``). Imports, model loading, Ray and
+metric ``run/startup_seconds``; TRL: a callback at the first ``on_step_begin``). Imports, model loading, Ray and
 the roles count; the first step's generation does not.
 
 The report (``trl_compare.json`` with every run, ``trl_compare.md``) has a row per rlft variant: "GRPO (rlft k=0)"
@@ -140,7 +140,7 @@ def run_rlft(algorithm: str, model: str, steps: int, warmup: int, completion_tok
     completion = None
     if algorithm == "grpo":
         completion = statistics.mean(r["rollout/response_tokens"] / r["rollout/num_samples"] for r in measured)
-    startup = next((r["time/startup_seconds"] for r in job if "time/startup_seconds" in r), None)
+    startup = next((r["run/startup_seconds"] for r in job if "run/startup_seconds" in r), None)
     staleness = [r["async/staleness_mean"] for r in measured if "async/staleness_mean" in r]
     return {"step_seconds": bench["step_seconds"], "completion_tokens_mean": completion,
             "orchestration_overhead": bench["orchestration_overhead"], "startup_seconds": startup,

@@ -153,7 +153,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, out: Path)
     result.headline["memcpy_gb_per_second"] = memcpy
     if result.headline["weight_sync_gb_per_second"]:
         result.headline["weight_sync_share_of_memcpy"] = result.headline["weight_sync_gb_per_second"] / memcpy
-    result.headline["startup_seconds"] = records[0].get("time/startup_seconds") if records else None
+    result.headline["startup_seconds"] = records[0].get("run/startup_seconds") if records else None
     write_report(result, records, warmup, out)
     return result
 
@@ -184,7 +184,7 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
         raise ValueError("no measured steps: the job logged no step after the warm-up")
     names = [p for p in PHASE_ORDER if any(f"time/{p}_seconds" in r for r in records)]
     names += sorted({k[5:-8] for r in records for k in r if k.startswith("time/") and k.endswith("_seconds")}
-                    - set(names) - {"step", "startup"})
+                    - set(names) - {"step"})
     phases = []
     for name in names:
         work_key, unit = PHASE_WORK.get(name, (None, None))

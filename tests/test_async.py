@@ -58,7 +58,7 @@ def test_one_step_off_policy_grpo_learns_within_the_bound(sft_demo_run, fixed_pr
     # The workers' engine figures come late (asking sooner would wait behind the queued batches), but they come.
     assert sum(r.get("engine/generate_seconds", 0.0) for r in steps) > 0
     assert all(r["engine/update_seconds"] > 0 for r in steps)
-    assert steps[0]["time/startup_seconds"] > 0 and all("time/startup_seconds" not in r for r in steps[1:])
+    assert steps[0]["run/startup_seconds"] > 0 and all("run/startup_seconds" not in r for r in steps[1:])
 
 
 def test_two_steps_off_policy_survives_a_killed_rollout_worker(sft_demo_run, fixed_prompts, tmp_path):

@@ -262,7 +262,7 @@ class Run:
         cfg = self.cfg
         if not self._startup_logged:
             self._startup_logged = True
-            metrics = {**metrics, "time/startup_seconds": self._startup_s}
+            metrics = {**metrics, "run/startup_seconds": self._startup_s}
         self.logger.log(step, {**metrics, "faults/learner_restarts": self.learner_restarts})
         self.progress.update(1)
         if postfix:
