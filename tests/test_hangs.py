@@ -31,11 +31,15 @@ MARGIN_S = 45
 def _stop_and_expect(tmp_path, victim_title: str, phase: str, role: str):
     out = tmp_path / "run"
     log = tmp_path / "run.log"
-    proc = rlft_popen(*tiny_grpo_args(out, f"ray.call_timeout_s={CALL_TIMEOUT_S}"), cwd=tmp_path, log=log)
+    # 16 prompts × 4 samples of up to 32 tokens: step 1's generation lasts long enough to be seen running.
+    longer = ["rl.num_prompts_per_step=16", "trainer.global_batch_size=64", "rollout.sampling.max_new_tokens=32",
+              "rollout.max_model_len=96"]
+    proc = rlft_popen(*tiny_grpo_args(out, f"ray.call_timeout_s={CALL_TIMEOUT_S}", *longer), cwd=tmp_path, log=log)
     pid = None
     try:
-        # The grader worker starts last: by then the learners are set up and the rollout worker's engine is up.
-        busy_actor_pid("ray::GraderWorker", timeout_s=300)
+        # The roles start at once; once the rollout worker generates, every role is up and step 1 is under way
+        # (this job has no evaluation), so the victim's next call is inside a phase.
+        busy_actor_pid("ray::RolloutWorker.generate", timeout_s=300)
         pid = busy_actor_pid(victim_title, timeout_s=5)
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
