@@ -191,6 +191,11 @@ def test_vllm_sampling_is_seeded_per_prompt(vllm_group, prompts):
 def test_vllm_respects_stop_strings_and_max_new_tokens(vllm_group, prompts):
     free = vllm_group.generate(prompts, GREEDY, 1)
     assert all(len(s.response_token_ids) <= GREEDY.max_new_tokens for s in free)
+    # Without stop strings the texts are decoded once at the end; with one that never occurs, step by step by vLLM.
+    never = vllm_group.generate(prompts, SamplingConfig(temperature=0, max_new_tokens=12, stop=["@@@@"]), 1)
+    assert [(s.response_token_ids, s.response_text) for s in never] == [
+        (s.response_token_ids, s.response_text) for s in free
+    ]
     sample = next(s for s in free if ascii_stop(s.response_text))
     stop = ascii_stop(sample.response_text)
     stopped_sampling = SamplingConfig(temperature=0, max_new_tokens=12, stop=[stop])
