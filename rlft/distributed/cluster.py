@@ -25,7 +25,7 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    _keep_on_loopback()
+    keep_on_loopback()
     ray.init(
         # "local" starts a fresh cluster even when `ray start` already runs one on this machine.
         address="local",
@@ -74,7 +74,7 @@ def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
     return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)
 
 
-def _keep_on_loopback() -> None:
+def keep_on_loopback() -> None:
     """Make a local cluster's services listen on 127.0.0.1 only.
 
     Ray replaces a loopback node address with the machine's external one (and its servers then listen on every

@@ -76,7 +76,10 @@ class LiveControl:
         self.cfg = cfg
         self.handle = None if cfg.ray.local_mode else start_control(cfg)
         if self.handle is not None:
-            tqdm.write(f"job {job_id(cfg)}: `rlft scale {job_id(cfg)} --rollout-workers N` resizes the rollout")
+            # The job's own cluster: what `rlft scale --address` takes to reach it from another shell.
+            address = ray.get_runtime_context().gcs_address
+            tqdm.write(f"job {job_id(cfg)}: `rlft scale {job_id(cfg)} --rollout-workers N --address {address}` "
+                       "resizes the rollout")
 
     def apply_requests(self, rollout) -> None:
         """Resize ``rollout`` as ``rlft scale`` asked. Added workers that do not fit the cluster's free resources

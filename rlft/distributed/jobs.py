@@ -182,9 +182,18 @@ def scale(job: str, rollout_workers: int, address: str) -> int:
         return 0 if client.get_job_status(ask).value == "SUCCEEDED" else 2
     import ray
 
+    from rlft.distributed.cluster import keep_on_loopback
     from rlft.distributed.control import request_scale
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        # The private cluster of an `rlft train` job on this machine: it listens on loopback, and so must this
+        # driver; Ray started it with token authentication and this user's token, which this driver then sends.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        keep_on_loopback()
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     status = request_scale(job, rollout_workers)
     where = f" (step {status['step']} of {status['total_steps']} done)" if status else ""
