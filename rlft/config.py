@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rlft.envs.config import EnvConfig, validate_env_config
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, validate_graders
 from rlft.reference.config import ReferenceConfig
@@ -265,6 +266,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Multi-turn rollouts: the environment of every trajectory (``rlft/envs/``); empty ``envs.name``: single-turn.
+    envs: EnvConfig = field(default_factory=EnvConfig)
     graders: GraderConfig = field(default_factory=GraderConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -580,6 +583,12 @@ def validate(cfg: Config) -> None:
     if transport == "cuda_ipc" and (cfg.learner.num_gpus_per_learner == 0 or cfg.rollout.num_gpus_per_worker == 0):
         raise ConfigError("rollout.weight_transport: cuda_ipc shares GPU memory, so it needs GPU learners and rollout "
                           "workers on the same GPU (learner.num_gpus_per_learner and rollout.num_gpus_per_worker > 0)")
+    if cfg.envs.name and cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
+        raise ConfigError(f"envs.name: environments drive rollouts, which algorithm {cfg.algorithm!r} has none of")
+    validate_env_config(cfg.envs, cfg.rollout.max_model_len)
+    if cfg.envs.name and cfg.ray.local_mode and cfg.envs.num_workers:
+        raise ConfigError("envs.num_workers: ray.local_mode runs every role in one process; set it to 0 (the "
+                          "environments then run in the rollout worker)")
     if cfg.algorithm in ("grpo", "ppo"):
         _validate_rl(cfg)
     if cfg.algorithm in ("dpo", "online_dpo"):

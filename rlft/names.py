@@ -24,6 +24,8 @@ class Phase(_Name):
 
     DATA = "data"
     GENERATE = "generate"
+    # Multi-turn rollouts: the environments' time inside the rollout workers (resets, steps, observations).
+    ENV = "env"
     GRADE = "grade"
     PAIRS = "pairs"
     ADVANTAGES = "advantages"
@@ -43,5 +45,6 @@ class Role(_Name):
     LEARNERS = "learners"
     CRITIC = "critic"
     ROLLOUT = "rollout"
+    ENVS = "envs"  # multi-turn environments: each rollout worker's own pool (not in a placement group)
     GRADERS = "graders"
     REFERENCE = "reference"

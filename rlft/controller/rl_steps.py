@@ -84,7 +84,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     starts = {
         "learners": lambda: LearnerGroup(cfg, optimizer_steps, local=local, placement=placement),
         "rollout": lambda: RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
-                                        max_restarts=restarts),
+                                        max_restarts=restarts, envs=cfg.envs if cfg.envs.name else None),
         "graders": lambda: GraderPool(cfg.graders, local=local, max_restarts=restarts),
     }
     if with_reference:

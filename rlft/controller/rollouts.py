@@ -91,6 +91,8 @@ class Rollouts:
             "async/batches_ahead": ahead,
             "async/batch_bytes": payload_bytes(samples),
         }
+        if self.job.cfg.envs.name:
+            metrics.update(env_metrics(samples))
         return samples, graded, metrics
 
     def publish(self, step: int) -> SyncStats:
@@ -142,8 +144,12 @@ def send_prompts(job: RLJob, indices: list[int], num_threads: int = 0) -> Submit
     ``rollout.chunks_per_worker`` calls per worker, ``num_threads`` compute threads each if > 0);
     ``collect_and_grade`` waits for them."""
     cfg = job.cfg
+    if cfg.envs.name:  # multi-turn: the workers render each trajectory themselves, from the data row
+        prompts = [{"messages": job.prompts.items[i].messages, **job.prompts.items[i].extra} for i in indices]
+    else:
+        prompts = [job.prompts.token_ids[i] for i in indices]
     return job.rollout.submit(
-        [job.prompts.token_ids[i] for i in indices],
+        prompts,
         # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
         dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
         cfg.rl.num_samples_per_prompt,
@@ -169,12 +175,31 @@ def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
         _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
         graded = GradeResult.concat([job.graders.collect(handles[first]) for first in order])
         graded.check_error_rate(cfg.graders.max_error_rate)
-    return [sample for first in order for sample in chunks[first]], graded
+    samples = [sample for first in order for sample in chunks[first]]
+    if cfg.envs.name:  # the environments' rewards add to the graders'
+        graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
+    return samples, graded
+
+
+def env_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn: turns, tool calls, environment rewards and failures of a step's trajectories."""
+    num = len(samples)
+    metrics = {
+        "envs/turns_mean": sum(s.num_turns for s in samples) / num,
+        "envs/tool_calls_mean": sum(s.num_tool_calls for s in samples) / num,
+        "envs/reward_mean": sum(s.env_reward for s in samples) / num,
+        "envs/observation_tokens_mean": sum(s.response_mask.count(0) for s in samples if s.response_mask) / num,
+    }
+    for failure, name in (("error", "errors"), ("timeout", "timeouts"), ("invalid", "invalid")):
+        metrics[f"envs/{name}"] = sum(s.env_failure == failure for s in samples)
+    return metrics
 
 
 def grade_requests(samples: list[Sample], prompts: PromptSet) -> list[GradeRequest]:
+    """A multi-turn sample is graded on its last turn, with the transcript before it as the prompt."""
     return [
-        GradeRequest(prompts.items[s.prompt_index].messages, s.response_text, prompts.items[s.prompt_index].extra)
+        GradeRequest(s.messages[:-1] if s.messages else prompts.items[s.prompt_index].messages, s.response_text,
+                     prompts.items[s.prompt_index].extra)
         for s in samples
     ]
 

@@ -11,7 +11,8 @@ from rlft.rollout.types import Sample
 def policy_batch(samples: list[Sample], advantages_S: torch.Tensor, pad_id: int, width: int) -> PolicyBatch:
     """Prompt + response rows, right-padded to ``width``, each response token carrying its sample's advantage and
     the sampler's log-probability (``sampler_logprobs_BT``). ``old_logprobs_BT`` and ``ref_logprobs_BT`` are still
-    zero, ``loss_weights_BT`` is the response mask."""
+    zero, ``loss_weights_BT`` is the response mask: the policy's tokens (a multi-turn sample's observations are context,
+    not trained on)."""
     num = len(samples)
     input_ids_BT = torch.full((num, width), pad_id, dtype=torch.long)
     attention_BT = torch.zeros((num, width), dtype=torch.long)
@@ -21,7 +22,8 @@ def policy_batch(samples: list[Sample], advantages_S: torch.Tensor, pad_id: int,
         start, stop = len(s.prompt_token_ids), len(s.prompt_token_ids) + len(s.response_token_ids)
         input_ids_BT[row, :stop] = torch.tensor(s.prompt_token_ids + s.response_token_ids)
         attention_BT[row, :stop] = 1
-        response_BT[row, start:stop] = 1.0
+        mask = s.response_mask if s.response_mask is not None else [1] * (stop - start)
+        response_BT[row, start:stop] = torch.tensor(mask, dtype=torch.float32)
         sampler_logprobs_BT[row, start:stop] = torch.tensor(s.response_logprobs, dtype=torch.float32)
     zeros_BT = torch.zeros((num, width), dtype=torch.float32)
     batch = PolicyBatch(

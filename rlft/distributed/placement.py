@@ -81,6 +81,11 @@ def job_demands(cfg: Config, reference: bool, critic: bool = False, rollout: boo
             Role.ROLLOUT, rc.num_rollout_workers, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
             "rollout.num_rollout_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
         ))
+    if rollout and cfg.envs.name and cfg.envs.num_workers:
+        demands.append(RoleDemand(
+            Role.ENVS, rc.num_rollout_workers * cfg.envs.num_workers, cfg.envs.num_cpus_per_worker, 0.0,
+            "envs.num_workers (per rollout worker) × rollout.num_rollout_workers, envs.num_cpus_per_worker",
+        ))
     if reference and not colocated:
         demands.append(RoleDemand(
             Role.REFERENCE, ref.num_replicas, ref.num_cpus_per_replica, ref.num_gpus_per_replica,

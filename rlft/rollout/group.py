@@ -40,11 +40,14 @@ _PEER_MARGIN_S = 5.0
 
 class RolloutGroup:
     def __init__(self, model_path: str, cfg: RolloutConfig, local: bool = False, placement=None,
-                 max_restarts: int = 0):
+                 max_restarts: int = 0, envs=None):
+        """``envs``: an ``EnvConfig`` naming an environment makes every rollout multi-turn; the prompts given to
+        ``generate`` / ``submit`` are then the data rows (dicts with ``messages``), not token ids."""
         if local and cfg.num_rollout_workers != 1:
             raise ValueError("rollout.num_rollout_workers: the in-process (no Ray) backend runs exactly one worker")
         self.model_path = model_path
         self.cfg = cfg
+        self.envs = envs
         self.local = local
         self.placement = placement
         # How a worker started after the first sync (a replacement, or one added by ``resize``) gets the weights the
@@ -63,7 +66,8 @@ class RolloutGroup:
     def _start_worker(self, slot: int):
         cfg = self.cfg
         resources = role_resources(self.placement, Role.ROLLOUT, slot, cfg.num_cpus_per_worker, cfg.num_gpus_per_worker)
-        worker = spawn(RolloutWorker, self.model_path, self.cfg, resources=resources, local=self.local)
+        worker = spawn(RolloutWorker, self.model_path, self.cfg, self.envs, self.local, resources=resources,
+                       local=self.local)
         # Waits until the engine has started, so start-up errors surface here rather than at the first step.
         wait(worker.policy_version.remote())
         if self._serving is not None:

@@ -35,3 +35,13 @@ class Sample:
     response_text: str
     finish_reason: FinishReason
     policy_version: int
+    # Multi-turn (``envs.name``): ``response_token_ids`` holds every turn and every observation, token-in/token-out;
+    # the mask is 1 on the policy's tokens (``response_logprobs`` is 0 elsewhere) and ``response_text`` is the
+    # policy's last turn. None: single-turn, every response token is the policy's.
+    response_mask: list[int] | None = None
+    num_turns: int = 1
+    num_tool_calls: int = 0
+    env_reward: float = 0.0
+    # "", or why the environment gave up on this trajectory: "error", "timeout", "invalid" (rlft/envs/runner.py).
+    env_failure: str = ""
+    messages: list[dict] | None = None  # the transcript, multi-turn only

@@ -58,7 +58,9 @@ def make_engine(model_path: str, cfg: RolloutConfig):
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig):
+    def __init__(self, model_path: str, cfg: RolloutConfig, envs=None, local_envs: bool = False):
+        """``envs`` (an ``EnvConfig`` naming an environment): multi-turn rollouts, each trajectory's environment in
+        this worker's own pool of ``envs.num_workers`` actors (in this process when ``local_envs`` or 0)."""
         install_handler()  # first: a hang while the engine starts is dumped too
         # As many compute threads as the worker has CPUs (Ray's OMP_NUM_THREADS says the same for whole CPUs).
         self._threads = max(1, int(cfg.num_cpus_per_worker)) if cfg.engine != "simulated" else 0
@@ -67,6 +69,16 @@ class RolloutWorker:
 
             torch.set_num_threads(self._threads)
         self.engine = make_engine(model_path, cfg)
+        self.cfg = cfg
+        self.env_cfg, self.env_pool, self.tokenizer = None, None, None
+        if envs is not None and envs.name:
+            from transformers import AutoTokenizer
+
+            from rlft.envs.runner import EnvPool
+
+            self.env_cfg = envs
+            self.env_pool = EnvPool(envs, local=local_envs)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._policy_version = 0
         self._group = None  # this worker's membership of the weight group, when it receives in this process
         self.clock = PhaseTimer()
@@ -92,6 +104,9 @@ class RolloutWorker:
         ``num_threads`` > 0: this call's compute threads (cores the other roles leave idle), instead of the
         worker's own ``rollout.num_cpus_per_worker``."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
+        if self.env_pool is not None:
+            return self._trajectories(prompt_token_ids, sampling, num_samples_per_prompt, prompt_indices, seeds,
+                                      num_threads)
         with self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
@@ -106,6 +121,50 @@ class RolloutWorker:
             )
             for index, prompt, per_prompt in zip(prompt_indices, prompt_token_ids, completions)
             for c in per_prompt
+        ]
+
+    def _trajectories(self, items: list[dict], sampling: SamplingConfig, num_samples_per_prompt: int,
+                      prompt_indices: list[int], seeds: list[int], num_threads: int) -> list[Sample]:
+        """Multi-turn: ``items`` are the prompts' data rows; each sample is one trajectory (``rlft/envs/``)."""
+        from rlft.envs.trajectory import run_trajectories
+
+        def generate(prompts: list[list[int]], turn_seeds: list[int]):
+            with self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+                return [per_prompt[0] for per_prompt in self.engine.generate(prompts, sampling, 1, turn_seeds)]
+
+        n = num_samples_per_prompt
+        rows = [(index, item, seed + j) for index, item, seed in zip(prompt_indices, items, seeds) for j in range(n)]
+        # The environments' share of the trajectories' time (resets, steps, rendering observations): the rest is
+        # generation, which ``generate`` times.
+        generating_before, start = self.clock.seconds.get(Phase.GENERATE.value, 0.0), time.perf_counter()
+        trajs = run_trajectories(
+            generate, self.tokenizer, self.env_pool, self.env_cfg,
+            items=[item for _, item, _ in rows],
+            keys=[index * n + j % n for j, (index, _, _) in enumerate(rows)],
+            seeds=[seed for _, _, seed in rows],
+            max_new_tokens=sampling.max_new_tokens,
+            max_total_tokens=self.env_cfg.max_total_tokens or self.cfg.max_model_len,
+        )
+        generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
+        env_seconds = time.perf_counter() - start - generating
+        self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + env_seconds
+        return [
+            Sample(
+                prompt_index=index,
+                prompt_token_ids=t.prompt_ids,
+                response_token_ids=t.ids,
+                response_logprobs=t.logprobs,
+                response_text=t.final_text,
+                finish_reason="length" if t.finish_reason == "length" else "stop",
+                policy_version=self._policy_version,
+                response_mask=t.mask,
+                num_turns=t.num_turns,
+                num_tool_calls=t.num_tool_calls,
+                env_reward=t.env_reward,
+                env_failure=t.failure,
+                messages=t.messages,
+            )
+            for (index, _, _), t in zip(rows, trajs)
         ]
 
     def weight_ranks(self) -> int:

@@ -1,0 +1,49 @@
+"""Environments for tests/test_envs.py, importable by path (``tests.env_fixtures:Name``) in Ray actors too."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from rlft.envs import Environment, StepResult, ToolEnvironment
+
+
+class Countdown(Environment):
+    """Replies to each of the policy's turns until its ``turns``-th, then ends with reward 1; 0.25 per reply."""
+
+    def __init__(self, turns: int = 3):
+        self.turns, self.turn = turns, 0
+
+    def step(self, action):
+        self.turn += 1
+        if self.turn >= self.turns:
+            return StepResult(reward=1.0, done=True)
+        return StepResult([{"role": "user", "content": f"again {self.turn}"}], reward=0.25)
+
+
+class Faulty(Environment):
+    """Does what the row's ``behaviour`` says on the first step: ok, raise, hang, garbage, nan, exit."""
+
+    def reset(self, item):
+        self.behaviour = item["behaviour"]
+        if self.behaviour == "raise_on_reset":
+            raise ValueError("no such level")
+        return item["messages"]
+
+    def step(self, action):
+        if self.behaviour == "raise":
+            raise RuntimeError("boom")
+        if self.behaviour == "hang":
+            time.sleep(3600)
+        if self.behaviour == "garbage":
+            return "not a StepResult"
+        if self.behaviour == "nan":
+            return StepResult(reward=math.nan, done=True)
+        if self.behaviour == "exit":
+            os._exit(3)
+        return StepResult(reward=1.0, done=True)
+
+
+class Adder(ToolEnvironment):
+    tools = {"add": lambda a, b: a + b}
