@@ -24,8 +24,8 @@ from rlft.graders.pool import resident_mib, STUCK_MARGIN_S
 FIXTURES = "tests.grader_fixtures"
 # Slack for scheduling on a busy 2-core machine, on top of the time a call is allowed.
 SLACK_S = 2.0
-# Generous time for a replacement grader actor to start (a process, imports).
-STARTUP_S = 5.0
+# Generous time for a replacement grader actor to start (a process, imports): over 6 s on a loaded 2-core machine.
+STARTUP_S = 10.0
 
 
 def item(name: str, type: str, **fields) -> GraderItemConfig:
