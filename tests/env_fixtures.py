@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 from rlft.envs import Environment, StepResult, ToolEnvironment
@@ -23,7 +24,8 @@ class Countdown(Environment):
 
 
 class Faulty(Environment):
-    """Does what the row's ``behaviour`` says on the first step: ok, raise, hang, garbage, nan, exit."""
+    """Does what the row's ``behaviour`` says on the first step: ok, raise, hang, garbage, nan, exit, or hog (a
+    regex that holds the GIL, so no thread can time it out: only the pool's deadline on the worker can)."""
 
     def reset(self, item):
         self.behaviour = item["behaviour"]
@@ -42,6 +44,8 @@ class Faulty(Environment):
             return StepResult(reward=math.nan, done=True)
         if self.behaviour == "exit":
             os._exit(3)
+        if self.behaviour == "hog":
+            re.fullmatch(r"(a|a)*b", "a" * 64)
         return StepResult(reward=1.0, done=True)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import subprocess
 import sys
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -86,6 +88,31 @@ def test_environment_faults_cost_their_trajectory_only():
     assert "RuntimeError: boom" in steps[1].reason and "envs.step_timeout_s = 1 s" in steps[2].reason
     assert "must return a StepResult" in steps[3].reason and "finite number" in steps[4].reason
     assert steps[0].result == steps[6].result == StepResult(reward=1.0, done=True)
+
+
+@pytest.mark.ray
+def test_environment_workers_that_die_or_hang_are_replaced(ray_cluster):
+    """Two environment actors: one dies (its process exits) mid-step, later one holds the GIL past the deadline.
+    Each costs the trajectories it held, is replaced, and the pool goes on."""
+    pool = EnvPool(EnvConfig(name=f"{FIXTURES}:Faulty", step_timeout_s=1.0, num_workers=2,
+                             num_cpus_per_worker=0.25))
+    try:
+        def run(behaviours):
+            items = [{"messages": QUESTION, "behaviour": b} for b in behaviours]
+            keys = list(range(len(items)))
+            assert all(not o.failure for o in pool.reset(keys, items))
+            return pool.step(keys, [{"role": "assistant", "content": "hi"}] * len(items))
+
+        # Keys 0 and 2 live on worker 0, 1 and 3 on worker 1.
+        died = run(["ok", "exit", "ok", "ok"])
+        assert [o.failure for o in died] == ["", "error", "", "error"]
+        assert "environment worker 1 died during step" in died[1].reason
+        stuck = run(["hog", "ok", "ok", "ok"])
+        assert [o.failure for o in stuck] == ["timeout", "", "timeout", ""]
+        assert pool.restarts == 2
+        assert [o.failure for o in run(["ok"] * 4)] == [""] * 4
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -185,3 +212,51 @@ def test_grpo_trains_on_multi_turn_trajectories_from_a_users_environment(tmp_pat
         assert r["reward/mean"] == pytest.approx(1.25)
         assert r["engine/env_seconds"] > 0 and r["engine/generate_seconds"] > 0
         assert all(math.isfinite(r[k]) for k in ("train/loss", "train/grad_norm") if k in r)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_an_agent_drives_the_openai_endpoint_and_its_session_becomes_a_sample(ray_cluster, tiny_model_dir,
+                                                                              tokenizer):
+    """An agent program (the `openai` client) talks to a rollout worker's endpoint over two calls, answering the
+    first with a tool result. The session comes back as one sample: both turns as sampled, the tool result rendered
+    once between them, the mask on the turns, and the sampler's log-probabilities matching the learner's."""
+    import ray
+    from openai import AuthenticationError, OpenAI
+
+    group = RolloutGroup(tiny_model_dir, RolloutConfig(num_cpus_per_worker=0.5))
+    try:
+        worker = group.workers.handles[0]
+        token = secrets.token_hex(16)
+        url = ray.get(worker.serve_endpoint.remote(token, SamplingConfig(max_new_tokens=8, seed=3)))
+        assert urlparse(url).hostname == "127.0.0.1"
+        client = OpenAI(base_url=f"{url}/sessions/agent-1/v1", api_key=token, max_retries=0)
+        messages = list(QUESTION)
+        first = client.chat.completions.create(model="policy", messages=messages, max_tokens=50)
+        assert first.usage.completion_tokens <= 8  # the worker's sampling bounds the request
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "tool", "content": "46"}]
+        second = client.chat.completions.create(model="policy", messages=messages)
+        assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+        stranger = OpenAI(base_url=f"{url}/sessions/agent-1/v1", api_key="not-the-token", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            stranger.chat.completions.create(model="policy", messages=QUESTION)
+        (sample,) = ray.get(worker.take_sessions.remote(["agent-1"]))
+        assert ray.get(worker.take_sessions.remote(["agent-1"])) == []
+    finally:
+        group.shutdown()
+    assert sample.num_turns == 2
+    assert [m["role"] for m in sample.messages] == ["user", "assistant", "tool", "assistant"]
+    mask = sample.response_mask
+    assert sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])) == 2
+    observation = [t for t, m in zip(sample.response_token_ids, mask) if not m]
+    expected = observation_ids(tokenizer, [{"role": "tool", "content": "46"}])
+    assert observation in (expected, [tokenizer.eos_token_id] + expected)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        learner = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(sample.prompt_token_ids) - 1:]
+    assert max(abs(a - b) for a, b, m in zip(learner.tolist(), sample.response_logprobs, mask) if m) < 1e-3
+    batch = policy_batch([sample], torch.ones(1), tokenizer.pad_token_id, width=96)
+    assert batch.loss_weights_BT[0].sum().item() == sum(mask)

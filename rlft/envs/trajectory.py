@@ -40,6 +40,7 @@ class Trajectory:
     env_reward: float = 0.0
     num_turns: int = 0
     num_tool_calls: int = 0
+    policy_version: int = -1  # the oldest weights any of its turns was sampled with (-1: none yet)
     failure: str = ""  # "", "error", "timeout" or "invalid" (rlft/envs/runner.py)
     failure_reason: str = ""
     end: EndReason = ""

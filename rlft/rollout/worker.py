@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
 
 from rlft.distributed.stacks import install_handler
@@ -69,6 +70,10 @@ class RolloutWorker:
 
             torch.set_num_threads(self._threads)
         self.engine = make_engine(model_path, cfg)
+        # The engine serves one call at a time: the actor's calls and the chat endpoint's requests take turns.
+        self._engine_lock = threading.Lock()
+        self._endpoint = None
+        self.model_path = model_path
         self.cfg = cfg
         self.env_cfg, self.env_pool, self.tokenizer = None, None, None
         if envs is not None and envs.name:
@@ -107,7 +112,7 @@ class RolloutWorker:
         if self.env_pool is not None:
             return self._trajectories(prompt_token_ids, sampling, num_samples_per_prompt, prompt_indices, seeds,
                                       num_threads)
-        with self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+        with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
@@ -129,7 +134,7 @@ class RolloutWorker:
         from rlft.envs.trajectory import run_trajectories
 
         def generate(prompts: list[list[int]], turn_seeds: list[int]):
-            with self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+            with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
                 return [per_prompt[0] for per_prompt in self.engine.generate(prompts, sampling, 1, turn_seeds)]
 
         n = num_samples_per_prompt
@@ -167,6 +172,49 @@ class RolloutWorker:
             for (index, _, _), t in zip(rows, trajs)
         ]
 
+    def serve_endpoint(self, token: str, sampling: SamplingConfig, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve ``/sessions/<id>/v1/chat/completions`` (OpenAI-compatible) from this worker's engine, on
+        ``host`` (loopback unless told otherwise) and ``port`` (0: any free one); returns the base URL. Requests
+        must carry ``token``; ``sampling`` bounds them (``rlft/rollout/endpoint.py``)."""
+        from rlft.rollout.endpoint import ChatEndpoint
+
+        if self._endpoint is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(self.model_path)
+
+            def generate(prompt_ids: list[int], call_sampling: SamplingConfig, call: int):
+                seed = prompt_seed(call_sampling.seed, self._policy_version, call)
+                with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(self._threads):
+                    return self.engine.generate([prompt_ids], call_sampling, 1, [seed])[0][0]
+
+            self._endpoint = ChatEndpoint(generate, tokenizer, sampling, token, host, port,
+                                          policy_version=lambda: self._policy_version)
+        return self._endpoint.url
+
+    def take_sessions(self, sessions: list[str]) -> list[Sample]:
+        """The endpoint's recorded sessions as training samples, one per trajectory, ``prompt_index`` the session's
+        position in ``sessions``; the sessions are forgotten."""
+        if self._endpoint is None:
+            return []
+        return [
+            Sample(
+                prompt_index=index,
+                prompt_token_ids=t.prompt_ids,
+                response_token_ids=t.ids,
+                response_logprobs=t.logprobs,
+                response_text=t.final_text,
+                finish_reason="length" if t.finish_reason == "length" else "stop",
+                policy_version=max(t.policy_version, 0),
+                response_mask=t.mask,
+                num_turns=t.num_turns,
+                num_tool_calls=t.num_tool_calls,
+                messages=t.messages,
+            )
+            for index, session in enumerate(sessions)
+            for t in self._endpoint.take(session)
+        ]
+
     def weight_ranks(self) -> int:
         """How many ranks of the weight group this worker takes: one per process holding the model."""
         return self.engine.weight_ranks if self.engine.weights_cross_processes else 1
@@ -194,17 +242,17 @@ class RolloutWorker:
         if self.engine.weights_cross_processes and handle.transport != "object_store":
             # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
             received = start
-            with self.clock.phase(Phase.SYNC):
+            with self._engine_lock, self.clock.phase(Phase.SYNC):
                 self.engine.receive_weights(handle)
         else:
             buckets = receive_buckets(handle, self._group)
             received = time.perf_counter()
-            with self.clock.phase(Phase.SYNC):
+            with self._engine_lock, self.clock.phase(Phase.SYNC):
                 self.engine.update_weights(buckets)
         self._policy_version = handle.version
         return {"receive_s": received - start, "load_s": time.perf_counter() - received}
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens before t) for t >= 1 of each sequence, under the engine's current weights."""
-        with self.clock.phase(Phase.SCORE):
+        with self._engine_lock, self.clock.phase(Phase.SCORE):
             return self.engine.token_logprobs(sequences)
