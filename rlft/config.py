@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlft.envs.config import EnvConfig, validate_env_config
+from rlft.envs.config import EnvConfig, multi_turn, validate_env_config
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, validate_graders
 from rlft.reference.config import ReferenceConfig
@@ -384,7 +384,11 @@ def parse_override(text: str) -> dict:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        reason = str(getattr(err, "problem", None) or err).strip()
+        raise ConfigError(f"override {text!r}: the value is not YAML ({reason}); quote it for the shell") from None
     if isinstance(value, str) or value is None:
         # YAML reads "1e-5" as a string; numbers in that form are meant as floats.
         try:
@@ -583,8 +587,8 @@ def validate(cfg: Config) -> None:
     if transport == "cuda_ipc" and (cfg.learner.num_gpus_per_learner == 0 or cfg.rollout.num_gpus_per_worker == 0):
         raise ConfigError("rollout.weight_transport: cuda_ipc shares GPU memory, so it needs GPU learners and rollout "
                           "workers on the same GPU (learner.num_gpus_per_learner and rollout.num_gpus_per_worker > 0)")
-    if cfg.envs.name and cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
-        raise ConfigError(f"envs.name: environments drive rollouts, which algorithm {cfg.algorithm!r} has none of")
+    if multi_turn(cfg.envs) and cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
+        raise ConfigError(f"envs.{'name' if cfg.envs.name else 'agent'}: environments drive rollouts, which algorithm {cfg.algorithm!r} has none of")
     validate_env_config(cfg.envs, cfg.rollout.max_model_len)
     if cfg.envs.name and cfg.ray.local_mode and cfg.envs.num_workers:
         raise ConfigError("envs.num_workers: ray.local_mode runs every role in one process; set it to 0 (the "

@@ -51,3 +51,15 @@ class Faulty(Environment):
 
 class Adder(ToolEnvironment):
     tools = {"add": lambda a, b: a + b}
+
+
+def two_call_agent(item, base_url, api_key):
+    """A black-box agent: asks the policy, answers its reply with a tool result, asks again; rewards 0.5."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = list(item["messages"])
+    reply = client.chat.completions.create(model="policy", messages=messages).choices[0].message
+    messages += [{"role": "assistant", "content": reply.content}, {"role": "tool", "content": "ok"}]
+    client.chat.completions.create(model="policy", messages=messages)
+    return 0.5

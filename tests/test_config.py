@@ -141,6 +141,23 @@ def test_bad_override_syntax():
         parse_override("trainer.lr")
     with pytest.raises(ConfigError, match="empty key"):
         parse_override("trainer..lr=1")
+    # A value the shell split in two: named, not a YAML traceback.
+    with pytest.raises(ConfigError, match=r"override 'envs.kwargs=\{turns:': the value is not YAML"):
+        parse_override("envs.kwargs={turns:")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["envs.name=my_envs:Env", "envs.agent=my_agents:run"], r"envs.agent: set envs.name .* or envs.agent"),
+        (["envs.agent=not_a_path"], r"envs.agent: expected 'module:function'"),
+        (["envs.name=m:Env", "envs.max_turns=0"], r"envs.max_turns: must be at least 1"),
+        (["envs.name=m:Env", "ray.local_mode=true", "learner.num_learners=1"], r"envs.num_workers: ray.local_mode"),
+    ],
+)
+def test_bad_environment_settings_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/grpo_tiny.yaml", overrides)
 
 
 def test_bad_files(tmp_path):

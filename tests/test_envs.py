@@ -260,3 +260,27 @@ def test_an_agent_drives_the_openai_endpoint_and_its_session_becomes_a_sample(ra
     assert max(abs(a - b) for a, b, m in zip(learner.tolist(), sample.response_logprobs, mask) if m) < 1e-3
     batch = policy_batch([sample], torch.ones(1), tokenizer.pad_token_id, width=96)
     assert batch.loss_weights_BT[0].sum().item() == sum(mask)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_grpo_trains_on_an_agent_programs_sessions_one_step_off_policy(tmp_path):
+    """`envs.agent`: a user's agent function (the `openai` client, no rlft import) drives every trajectory
+    through the rollout worker's endpoint, one step off-policy. Each sample is its two calls; its reward of 0.5 is
+    added to the graders'."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
+            out, f"envs.agent={FIXTURES}:two_call_agent", "rollout.sampling.max_new_tokens=8",
+            "rollout.max_model_len=128", "rl.max_staleness_steps=1")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["envs/turns_mean"] == 2 and r["envs/reward_mean"] == 0.5, r
+        assert r["envs/errors"] == r["envs/timeouts"] == 0
+        assert r["reward/mean"] == pytest.approx(0.5)
+        assert r["async/staleness_max"] <= 1

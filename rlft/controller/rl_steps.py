@@ -27,6 +27,7 @@ from rlft.controller.rollouts import Rollouts
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
+from rlft.envs.config import multi_turn
 from rlft.distributed.actors import DRIVER_INBOX
 from rlft.distributed.control import LiveControl
 from rlft.graders import GraderPool
@@ -84,7 +85,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     starts = {
         "learners": lambda: LearnerGroup(cfg, optimizer_steps, local=local, placement=placement),
         "rollout": lambda: RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
-                                        max_restarts=restarts, envs=cfg.envs if cfg.envs.name else None),
+                                        max_restarts=restarts, envs=cfg.envs if multi_turn(cfg.envs) else None),
         "graders": lambda: GraderPool(cfg.graders, local=local, max_restarts=restarts),
     }
     if with_reference:

@@ -39,6 +39,7 @@ import ray
 from rlft.data.prompts import PromptSet
 from rlft.distributed.actors import Submitted, payload_bytes
 from rlft.distributed.weight_sync import SyncStats
+from rlft.envs.config import multi_turn
 from rlft.graders import GradeRequest
 from rlft.graders.pool import GradeResult
 from rlft.names import Phase
@@ -91,7 +92,7 @@ class Rollouts:
             "async/batches_ahead": ahead,
             "async/batch_bytes": payload_bytes(samples),
         }
-        if self.job.cfg.envs.name:
+        if multi_turn(self.job.cfg.envs):
             metrics.update(env_metrics(samples))
         return samples, graded, metrics
 
@@ -144,7 +145,7 @@ def send_prompts(job: RLJob, indices: list[int], num_threads: int = 0) -> Submit
     ``rollout.chunks_per_worker`` calls per worker, ``num_threads`` compute threads each if > 0);
     ``collect_and_grade`` waits for them."""
     cfg = job.cfg
-    if cfg.envs.name:  # multi-turn: the workers render each trajectory themselves, from the data row
+    if multi_turn(cfg.envs):  # multi-turn: the workers render each trajectory themselves, from the data row
         prompts = [{"messages": job.prompts.items[i].messages, **job.prompts.items[i].extra} for i in indices]
     else:
         prompts = [job.prompts.token_ids[i] for i in indices]
@@ -176,7 +177,7 @@ def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
         graded = GradeResult.concat([job.graders.collect(handles[first]) for first in order])
         graded.check_error_rate(cfg.graders.max_error_rate)
     samples = [sample for first in order for sample in chunks[first]]
-    if cfg.envs.name:  # the environments' rewards add to the graders'
+    if multi_turn(cfg.envs):  # the environments' rewards add to the graders'
         graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
     return samples, graded
 

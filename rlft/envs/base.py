@@ -58,3 +58,16 @@ def load_environment_class(name: str) -> type[Environment]:
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise ConfigError(f"envs.name: {name!r} is not an rlft.envs.Environment subclass (got {cls!r})")
     return cls
+
+
+def load_agent_function(path: str):
+    """The function ``module:function`` names (``envs.agent``); a ``ConfigError`` naming the field otherwise."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"envs.agent: cannot import module {module_name!r}: {type(err).__name__}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"envs.agent: {path!r} is not a function (got {fn!r})")
+    return fn

@@ -15,6 +15,10 @@ class EnvConfig:
     # ``module:Class`` of an ``rlft.envs.Environment`` subclass (the module importable where the job runs, e.g. a
     # file beside the config). Empty: single-turn rollouts, one prompt → one response.
     name: str = ""
+    # Or ``module:function``: an agent program that drives each trajectory itself through an OpenAI-compatible
+    # endpoint of the rollout worker, called as ``function(item, base_url, api_key)`` in a thread of its own; it
+    # may return a reward. Its calls, recorded token-in/token-out, become the sample (``rlft/rollout/endpoint.py``).
+    agent: str = ""
     # Keyword arguments of the class's constructor, the same for every trajectory.
     kwargs: dict = field(default_factory=dict)
     # The policy speaks at most this many times in one trajectory.
@@ -28,6 +32,11 @@ class EnvConfig:
     num_cpus_per_worker: float = 0.25
 
 
+def multi_turn(cfg: EnvConfig) -> bool:
+    """Whether rollouts are trajectories: an environment or an agent program is configured."""
+    return bool(cfg.name or cfg.agent)
+
+
 def validate_env_config(cfg: EnvConfig, max_model_len: int) -> None:
     """Reject what cannot run, naming the field; the class itself is imported later, where it runs."""
 
@@ -35,11 +44,15 @@ def validate_env_config(cfg: EnvConfig, max_model_len: int) -> None:
         if not ok:
             raise ConfigError(f"envs.{name}: {why}")
 
-    if not cfg.name:
+    if cfg.name and cfg.agent:
+        raise ConfigError(f"envs.agent: set envs.name (an environment) or envs.agent (an agent program), not both; "
+                          f"got {cfg.name!r} and {cfg.agent!r}")
+    if not (cfg.name or cfg.agent):
         return
-    module, _, attr = cfg.name.partition(":")
+    field_name, what = ("name", "module:Class") if cfg.name else ("agent", "module:function")
+    module, _, attr = (cfg.name or cfg.agent).partition(":")
     check(bool(module) and bool(attr) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier(),
-          "name", f"expected 'module:Class' (an import path), got {cfg.name!r}")
+          field_name, f"expected '{what}' (an import path), got {cfg.name or cfg.agent!r}")
     check(cfg.max_turns >= 1, "max_turns", f"must be at least 1, got {cfg.max_turns}")
     check(cfg.max_total_tokens >= 0, "max_total_tokens", f"must be >= 0, got {cfg.max_total_tokens}")
     check(cfg.max_total_tokens <= max_model_len, "max_total_tokens",

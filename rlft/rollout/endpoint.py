@@ -60,8 +60,11 @@ class ChatEndpoint:
             def log_message(self, *args):  # requests are not logged one by one
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024  # every trajectory's agent may connect at once (the default backlog is 5)
+            daemon_threads = True
+
+        self.server = Server((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="rlft-chat-endpoint")
         self.thread.start()
 

@@ -6,6 +6,7 @@ A plain class: ``RolloutGroup`` makes it a Ray actor with ``spawn`` (or an in-pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import hashlib
 import threading
 import time
@@ -15,6 +16,8 @@ from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
+
+logger = logging.getLogger(__name__)
 
 # Seeds stay below this, leaving room for vLLM's per-sample offsets (sample j of a prompt uses seed + j).
 _SEED_LIMIT = 2**62
@@ -76,14 +79,23 @@ class RolloutWorker:
         self.model_path = model_path
         self.cfg = cfg
         self.env_cfg, self.env_pool, self.tokenizer = None, None, None
-        if envs is not None and envs.name:
+        self._agent = None
+        if envs is not None and (envs.name or envs.agent):
             from transformers import AutoTokenizer
 
-            from rlft.envs.runner import EnvPool
-
             self.env_cfg = envs
-            self.env_pool = EnvPool(envs, local=local_envs)
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            if envs.name:
+                from rlft.envs.runner import EnvPool
+
+                self.env_pool = EnvPool(envs, local=local_envs)
+            else:
+                import secrets
+
+                from rlft.envs.base import load_agent_function
+
+                self._agent = load_agent_function(envs.agent)
+                self._agent_token = secrets.token_urlsafe(24)
         self._policy_version = 0
         self._group = None  # this worker's membership of the weight group, when it receives in this process
         self.clock = PhaseTimer()
@@ -109,6 +121,8 @@ class RolloutWorker:
         ``num_threads`` > 0: this call's compute threads (cores the other roles leave idle), instead of the
         worker's own ``rollout.num_cpus_per_worker``."""
         seeds = [prompt_seed(sampling.seed, self._policy_version, index) for index in prompt_indices]
+        if self._agent is not None:
+            return self._agent_trajectories(prompt_token_ids, sampling, num_samples_per_prompt, prompt_indices)
         if self.env_pool is not None:
             return self._trajectories(prompt_token_ids, sampling, num_samples_per_prompt, prompt_indices, seeds,
                                       num_threads)
@@ -171,6 +185,66 @@ class RolloutWorker:
             )
             for (index, _, _), t in zip(rows, trajs)
         ]
+
+    def _agent_trajectories(self, items: list[dict], sampling: SamplingConfig, num_samples_per_prompt: int,
+                            prompt_indices: list[int]) -> list[Sample]:
+        """``envs.agent``: each trajectory is the user's agent function, run in a thread of its own against this
+        worker's endpoint (a session per trajectory); what it sampled becomes the sample. An agent that raises,
+        runs past ``envs.step_timeout_s`` × ``envs.max_turns`` or makes no call costs its trajectory (counted)."""
+        url = self.serve_endpoint(self._agent_token, sampling)
+        call_id = hashlib.blake2b(f"{self._policy_version}:{prompt_indices}:{time.time_ns()}".encode(),
+                                  digest_size=6).hexdigest()
+        rows = [(index, item, f"{call_id}-{index}-{j}") for index, item in zip(prompt_indices, items)
+                for j in range(num_samples_per_prompt)]
+        rewards: dict[str, float] = {}
+        failures: dict[str, str] = {}
+
+        def run(item: dict, session: str) -> None:
+            try:
+                reward = self._agent(dict(item), base_url=f"{url}/sessions/{session}/v1", api_key=self._agent_token)
+                if reward is not None:
+                    rewards[session] = float(reward)
+            except Exception as err:  # noqa: BLE001 - the agent's failure costs its trajectory only
+                failures[session] = f"error: {type(err).__name__}: {err}"
+
+        generating_before, start = self.clock.seconds.get(Phase.GENERATE.value, 0.0), time.perf_counter()
+        threads = [threading.Thread(target=run, args=(item, session), daemon=True) for _, item, session in rows]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.env_cfg.step_timeout_s * self.env_cfg.max_turns
+        for thread, (_, _, session) in zip(threads, rows):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                failures[session] = "timeout"
+        generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
+        if failures:
+            logger.warning("%d of %d agent trajectories failed, e.g. %s", len(failures), len(rows),
+                           next(iter(failures.values())))
+        samples = []
+        for index, item, session in rows:
+            trajectories = self._endpoint.take(session)
+            failure = failures.get(session, "" if trajectories else "error: the agent made no call")
+            if trajectories:
+                t = trajectories[-1]  # an agent that rewrote its history trains on its last conversation
+                prompt, ids, logprobs, mask = t.prompt_ids, t.ids, t.logprobs, t.mask
+            else:
+                from rlft.data.tokenize import tokenize_prompt
+
+                prompt = tokenize_prompt(item["messages"], self.tokenizer, item.get("tools"))
+                ids, logprobs, mask = [self.tokenizer.eos_token_id], [0.0], [0]  # nothing to train on
+                t = None
+            samples.append(Sample(
+                prompt_index=index, prompt_token_ids=prompt, response_token_ids=ids, response_logprobs=logprobs,
+                response_text=t.final_text if t else "", finish_reason="length" if t and t.finish_reason == "length"
+                else "stop", policy_version=max(t.policy_version, 0) if t else self._policy_version,
+                response_mask=mask, num_turns=t.num_turns if t else 0, num_tool_calls=t.num_tool_calls if t else 0,
+                env_reward=rewards.get(session, 0.0), env_failure=failure.split(":")[0],
+                messages=t.messages if t else list(item["messages"]),
+            ))
+        # The agents' own time (their code, HTTP): the calls' generation is timed as such.
+        self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + (
+            time.perf_counter() - start - generating)
+        return samples
 
     def serve_endpoint(self, token: str, sampling: SamplingConfig, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve ``/sessions/<id>/v1/chat/completions`` (OpenAI-compatible) from this worker's engine, on
