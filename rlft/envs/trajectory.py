@@ -17,7 +17,7 @@ from typing import Callable
 from rlft.envs.config import EnvConfig
 from rlft.envs.runner import EnvPool
 from rlft.envs.tools import parse_tool_calls
-from rlft.rollout.types import Completion
+from rlft.rollout.types import Completion, Sample
 
 # Why a trajectory ended: its environment said done (``done``); no room for another turn in
 # ``envs.max_total_tokens``; ``envs.max_turns`` turns; or its environment failed (``env_failure``).
@@ -48,6 +48,47 @@ class Trajectory:
     @property
     def done(self) -> bool:
         return bool(self.end)
+
+    def add_turn(self, completion: Completion) -> dict:
+        """Append the policy's turn as sampled; returns it as an assistant message, its tool calls parsed."""
+        self.ids += completion.token_ids
+        self.logprobs += completion.logprobs
+        self.mask += [1] * len(completion.token_ids)
+        self.num_turns += 1
+        self.final_text, self.finish_reason = completion.text, completion.finish_reason
+        content, calls = parse_tool_calls(completion.text)
+        message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+        self.messages.append(message)
+        self.num_tool_calls += len(calls)
+        return message
+
+    def add_observation(self, messages: list[dict], tokenizer, tools: list[dict] | None) -> None:
+        """Append ``messages`` answering the last turn, rendered once (``observation_ids``); not trained on. A turn
+        cut at ``max_new_tokens`` is first closed with the eos token, as context."""
+        obs = observation_ids(tokenizer, messages, tools)
+        if not self.ids or self.ids[-1] != tokenizer.eos_token_id:
+            obs = [tokenizer.eos_token_id] + obs
+        self.ids += obs
+        self.logprobs += [0.0] * len(obs)
+        self.mask += [0] * len(obs)
+        self.messages += messages
+
+    def to_sample(self, prompt_index: int, policy_version: int) -> Sample:
+        return Sample(
+            prompt_index=prompt_index,
+            prompt_token_ids=self.prompt_ids,
+            response_token_ids=self.ids,
+            response_logprobs=self.logprobs,
+            response_text=self.final_text,
+            finish_reason="length" if self.finish_reason == "length" else "stop",
+            policy_version=policy_version,
+            response_mask=self.mask,
+            num_turns=self.num_turns,
+            num_tool_calls=self.num_tool_calls,
+            env_reward=self.env_reward,
+            env_failure=self.failure,
+            messages=self.messages,
+        )
 
 
 def observation_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -91,7 +132,6 @@ def run_trajectories(
         t.prompt_ids = tokenize_prompt(t.messages, tokenizer, t.item.get("tools"))
         if outcome.failure:
             t.failure, t.failure_reason, t.end = outcome.failure, outcome.reason, "env_failure"
-    eos = tokenizer.eos_token_id
     for turn in range(cfg.max_turns):
         for t in trajs:
             if not t.done and len(t.prompt_ids) + len(t.ids) + max_new_tokens > max_total_tokens:
@@ -100,18 +140,7 @@ def run_trajectories(
         if not active:
             break
         completions = generate([t.prompt_ids + t.ids for t in active], [turn_seed(t.seed, turn) for t in active])
-        actions = []
-        for t, c in zip(active, completions):
-            t.ids += c.token_ids
-            t.logprobs += c.logprobs
-            t.mask += [1] * len(c.token_ids)
-            t.num_turns += 1
-            t.final_text, t.finish_reason = c.text, c.finish_reason
-            content, calls = parse_tool_calls(c.text)
-            action = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-            t.messages.append(action)
-            t.num_tool_calls += len(calls)
-            actions.append(action)
+        actions = [t.add_turn(c) for t, c in zip(active, completions)]
         outcomes = envs.step([t.key for t in active], actions)
         for t, outcome in zip(active, outcomes):
             if outcome.failure:
@@ -122,13 +151,7 @@ def run_trajectories(
             if result.done:
                 t.end = "done"
             elif turn + 1 < cfg.max_turns and result.messages:
-                obs = observation_ids(tokenizer, result.messages, t.item.get("tools"))
-                if not t.ids or t.ids[-1] != eos:
-                    obs = [eos] + obs  # a turn cut at max_new_tokens is closed by the environment, not the policy
-                t.ids += obs
-                t.logprobs += [0.0] * len(obs)
-                t.mask += [0] * len(obs)
-                t.messages += result.messages
+                t.add_observation(result.messages, tokenizer, t.item.get("tools"))
     for t in trajs:
         t.end = t.end or "max_turns"
         while t.mask and not t.mask[-1]:  # an observation the policy never answered trains nothing

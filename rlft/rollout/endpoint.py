@@ -25,8 +25,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from rlft.envs.tools import parse_tool_calls
-from rlft.envs.trajectory import Trajectory, observation_ids
+from rlft.envs.trajectory import Trajectory
 from rlft.rollout.config import SamplingConfig
 from rlft.rollout.types import Completion
 
@@ -121,7 +120,6 @@ class ChatEndpoint:
             seed = self._calls
             trajs = self.sessions.setdefault(session, [])
             traj = trajs[-1] if trajs and _extends(messages, trajs[-1].messages) else None
-            eos = self.tokenizer.eos_token_id
             if traj is None:
                 from rlft.data.tokenize import tokenize_prompt
 
@@ -130,28 +128,13 @@ class ChatEndpoint:
                 traj.messages = list(messages)
                 trajs.append(traj)
             else:
-                new = messages[len(traj.messages):]
-                obs = observation_ids(self.tokenizer, new, tools) if new else []
-                if traj.ids and traj.ids[-1] != eos:
-                    obs = [eos] + obs
-                traj.ids += obs
-                traj.logprobs += [0.0] * len(obs)
-                traj.mask += [0] * len(obs)
-                traj.messages += new
+                traj.add_observation(messages[len(traj.messages):], self.tokenizer, tools)
             version = self.policy_version()
             traj.policy_version = version if traj.policy_version < 0 else min(traj.policy_version, version)
             completion = self.generate(traj.prompt_ids + traj.ids, sampling, seed)
-            traj.ids += completion.token_ids
-            traj.logprobs += completion.logprobs
-            traj.mask += [1] * len(completion.token_ids)
-            traj.num_turns += 1
-            traj.final_text, traj.finish_reason = completion.text, completion.finish_reason
-            content, calls = parse_tool_calls(completion.text)
-            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-            traj.messages.append(message)
-            traj.num_tool_calls += len(calls)
+            message = traj.add_turn(completion)
             prompt_tokens = len(traj.prompt_ids) + len(traj.ids) - len(completion.token_ids)
-        finish = "tool_calls" if calls else completion.finish_reason
+        finish = "tool_calls" if "tool_calls" in message else completion.finish_reason
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

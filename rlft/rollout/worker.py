@@ -167,24 +167,7 @@ class RolloutWorker:
         generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
         env_seconds = time.perf_counter() - start - generating
         self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + env_seconds
-        return [
-            Sample(
-                prompt_index=index,
-                prompt_token_ids=t.prompt_ids,
-                response_token_ids=t.ids,
-                response_logprobs=t.logprobs,
-                response_text=t.final_text,
-                finish_reason="length" if t.finish_reason == "length" else "stop",
-                policy_version=self._policy_version,
-                response_mask=t.mask,
-                num_turns=t.num_turns,
-                num_tool_calls=t.num_tool_calls,
-                env_reward=t.env_reward,
-                env_failure=t.failure,
-                messages=t.messages,
-            )
-            for (index, _, _), t in zip(rows, trajs)
-        ]
+        return [t.to_sample(index, self._policy_version) for (index, _, _), t in zip(rows, trajs)]
 
     def _agent_trajectories(self, items: list[dict], sampling: SamplingConfig, num_samples_per_prompt: int,
                             prompt_indices: list[int]) -> list[Sample]:
@@ -223,24 +206,18 @@ class RolloutWorker:
         samples = []
         for index, item, session in rows:
             trajectories = self._endpoint.take(session)
-            failure = failures.get(session, "" if trajectories else "error: the agent made no call")
             if trajectories:
                 t = trajectories[-1]  # an agent that rewrote its history trains on its last conversation
-                prompt, ids, logprobs, mask = t.prompt_ids, t.ids, t.logprobs, t.mask
-            else:
+            else:  # nothing to train on: the prompt and an eos token outside the mask
                 from rlft.data.tokenize import tokenize_prompt
+                from rlft.envs.trajectory import Trajectory
 
-                prompt = tokenize_prompt(item["messages"], self.tokenizer, item.get("tools"))
-                ids, logprobs, mask = [self.tokenizer.eos_token_id], [0.0], [0]  # nothing to train on
-                t = None
-            samples.append(Sample(
-                prompt_index=index, prompt_token_ids=prompt, response_token_ids=ids, response_logprobs=logprobs,
-                response_text=t.final_text if t else "", finish_reason="length" if t and t.finish_reason == "length"
-                else "stop", policy_version=max(t.policy_version, 0) if t else self._policy_version,
-                response_mask=mask, num_turns=t.num_turns if t else 0, num_tool_calls=t.num_tool_calls if t else 0,
-                env_reward=rewards.get(session, 0.0), env_failure=failure.split(":")[0],
-                messages=t.messages if t else list(item["messages"]),
-            ))
+                t = Trajectory(key=0, item=item, seed=0, messages=list(item["messages"]),
+                               prompt_ids=tokenize_prompt(item["messages"], self.tokenizer, item.get("tools")),
+                               ids=[self.tokenizer.eos_token_id], logprobs=[0.0], mask=[0])
+            t.env_reward = rewards.get(session, 0.0)
+            t.failure = failures.get(session, "" if trajectories else "error").split(":")[0]
+            samples.append(t.to_sample(index, max(t.policy_version, 0) if trajectories else self._policy_version))
         # The agents' own time (their code, HTTP): the calls' generation is timed as such.
         self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + (
             time.perf_counter() - start - generating)
@@ -271,23 +248,8 @@ class RolloutWorker:
         position in ``sessions``; the sessions are forgotten."""
         if self._endpoint is None:
             return []
-        return [
-            Sample(
-                prompt_index=index,
-                prompt_token_ids=t.prompt_ids,
-                response_token_ids=t.ids,
-                response_logprobs=t.logprobs,
-                response_text=t.final_text,
-                finish_reason="length" if t.finish_reason == "length" else "stop",
-                policy_version=max(t.policy_version, 0),
-                response_mask=t.mask,
-                num_turns=t.num_turns,
-                num_tool_calls=t.num_tool_calls,
-                messages=t.messages,
-            )
-            for index, session in enumerate(sessions)
-            for t in self._endpoint.take(session)
-        ]
+        return [t.to_sample(index, max(t.policy_version, 0))
+                for index, session in enumerate(sessions) for t in self._endpoint.take(session)]
 
     def weight_ranks(self) -> int:
         """How many ranks of the weight group this worker takes: one per process holding the model."""
