@@ -42,6 +42,7 @@ from rlft.names import Phase
 # What each phase works on, per step: (the metric that counts it, its unit).
 PHASE_WORK: dict[str, tuple[str, str]] = {
     Phase.GENERATE.value: ("rollout/response_tokens", "tokens"),
+    Phase.ENV.value: ("envs/steps", "env steps"),
     Phase.GRADE.value: ("rollout/num_samples", "samples"),
     Phase.REFERENCE.value: ("train/batch_tokens", "tokens"),
     Phase.OLD_LOGPROBS.value: ("train/batch_tokens", "tokens"),
@@ -185,6 +186,11 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
     names = [p for p in PHASE_ORDER if any(f"time/{p}_seconds" in r for r in records)]
     names += sorted({k[5:-8] for r in records for k in r if k.startswith("time/") and k.endswith("_seconds")}
                     - set(names) - {"step"})
+    if any(f"engine/{Phase.ENV.value}_seconds" in r for r in records):
+        # Multi-turn: the environments' time inside the rollout workers, a part of the generate phase's wall time
+        # (its own wall column is empty).
+        at = names.index(Phase.GENERATE.value) + 1 if Phase.GENERATE.value in names else len(names)
+        names.insert(at, Phase.ENV.value)
     phases = []
     for name in names:
         work_key, unit = PHASE_WORK.get(name, (None, None))
@@ -212,6 +218,7 @@ def summarize(records: list[dict], config: str, overrides: list[str], algorithm:
     headline = {
         "step_seconds": _median([r["time/step_seconds"] for r in records]),
         "generation_tokens_per_second": rate(Phase.GENERATE),
+        "env_steps_per_second": rate(Phase.ENV, engine=True),
         "grading_samples_per_second": rate(Phase.GRADE),
         "reference_tokens_per_second": rate(Phase.REFERENCE),
         "training_tokens_per_second": rate(Phase.UPDATE),
@@ -338,6 +345,8 @@ def markdown(result: BenchResult) -> str:
         "|---|---|",
         f"| step time | {_fmt(h['step_seconds'])} s |",
         f"| generation | {_rate(h['generation_tokens_per_second'], 'tokens')} |",
+        *([f"| environments | {_rate(h['env_steps_per_second'], 'env steps')} (engine) |"]
+          if h.get("env_steps_per_second") else []),
         f"| grading | {_rate(h['grading_samples_per_second'], 'samples')} |",
         f"| reference | {_rate(h['reference_tokens_per_second'], 'tokens')} |",
         f"| training | {_rate(h['training_tokens_per_second'], 'tokens')} |",

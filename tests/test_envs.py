@@ -170,12 +170,7 @@ def test_multi_turn_trajectories_keep_the_sampled_tokens_and_train_only_on_them(
             assert _contains(s.response_token_ids, obs), reply
         assert all(lp == 0.0 for lp, m in zip(s.response_logprobs, mask) if not m)
         assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
-        with torch.no_grad():
-            ids = torch.tensor([s.prompt_token_ids + s.response_token_ids])
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            learner = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(s.prompt_token_ids) - 1:]
-        gap = max(abs(a - b) for a, b, m in zip(learner.tolist(), s.response_logprobs, mask) if m)
-        assert gap < 1e-3, gap
+        assert _max_gap_to_learner(model, s) < 1e-3
     batch = policy_batch(samples, torch.ones(len(samples)), tokenizer.pad_token_id, width=128)
     for row, s in enumerate(samples):
         start = len(s.prompt_token_ids)
@@ -194,16 +189,8 @@ def test_grpo_trains_on_multi_turn_trajectories_from_a_users_environment(tmp_pat
     """`rlft train` with `envs.name` pointing at a class outside rlft (importable on PYTHONPATH): every step's
     samples are 2-turn trajectories, their environment rewards reach the reward, the env phase is timed, and the
     learners train on them."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
-            out, f"envs.name={FIXTURES}:Countdown", "envs.kwargs={turns: 2}", "rollout.sampling.max_new_tokens=8",
-            "rollout.max_model_len=128", "logging.engine_times=true")],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    steps = _two_multi_turn_steps(tmp_path, f"envs.name={FIXTURES}:Countdown", "envs.kwargs={turns: 2}",
+                                  "logging.engine_times=true")
     for r in steps:
         assert r["envs/turns_mean"] == 2 and r["envs/reward_mean"] == 1.25, r
         assert r["envs/errors"] == r["envs/timeouts"] == r["envs/invalid"] == 0
@@ -253,11 +240,7 @@ def test_an_agent_drives_the_openai_endpoint_and_its_session_becomes_a_sample(ra
     expected = observation_ids(tokenizer, [{"role": "tool", "content": "46"}])
     assert observation in (expected, [tokenizer.eos_token_id] + expected)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.no_grad():
-        ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        learner = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(sample.prompt_token_ids) - 1:]
-    assert max(abs(a - b) for a, b, m in zip(learner.tolist(), sample.response_logprobs, mask) if m) < 1e-3
+    assert _max_gap_to_learner(model, sample) < 1e-3
     batch = policy_batch([sample], torch.ones(1), tokenizer.pad_token_id, width=96)
     assert batch.loss_weights_BT[0].sum().item() == sum(mask)
 
@@ -269,18 +252,34 @@ def test_grpo_trains_on_an_agent_programs_sessions_one_step_off_policy(tmp_path)
     """`envs.agent`: a user's agent function (the `openai` client, no rlft import) drives every trajectory
     through the rollout worker's endpoint, one step off-policy. Each sample is its two calls; its reward of 0.5 is
     added to the graders'."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
-            out, f"envs.agent={FIXTURES}:two_call_agent", "rollout.sampling.max_new_tokens=8",
-            "rollout.max_model_len=128", "rl.max_staleness_steps=1")],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    steps = _two_multi_turn_steps(tmp_path, f"envs.agent={FIXTURES}:two_call_agent", "rl.max_staleness_steps=1")
     for r in steps:
         assert r["envs/turns_mean"] == 2 and r["envs/reward_mean"] == 0.5, r
         assert r["envs/errors"] == r["envs/timeouts"] == 0
         assert r["reward/mean"] == pytest.approx(0.5)
         assert r["async/staleness_max"] <= 1
+
+
+def _two_multi_turn_steps(tmp_path, *overrides: str) -> list[dict]:
+    """The two-step tiny GRPO job with ``overrides``, run as a user runs it, with this checkout on PYTHONPATH (where
+    the environments live); its steps' metrics."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
+            out, "rollout.sampling.max_new_tokens=8", "rollout.max_model_len=128", *overrides)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    return steps
+
+
+def _max_gap_to_learner(model, sample) -> float:
+    """The largest |sampler − learner| log-probability over the policy's tokens, the learner being ``model``
+    (transformers) run from scratch on the sample's ids."""
+    with torch.no_grad():
+        ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        learner = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(sample.prompt_token_ids) - 1:]
+    return max(abs(a - b) for a, b, m in zip(learner.tolist(), sample.response_logprobs, sample.response_mask) if m)

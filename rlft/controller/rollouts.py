@@ -186,6 +186,7 @@ def env_metrics(samples: list[Sample]) -> dict[str, float]:
     """Multi-turn: turns, tool calls, environment rewards and failures of a step's trajectories."""
     num = len(samples)
     metrics = {
+        "envs/steps": sum(s.num_turns for s in samples),  # one environment step per policy turn
         "envs/turns_mean": sum(s.num_turns for s in samples) / num,
         "envs/tool_calls_mean": sum(s.num_tool_calls for s in samples) / num,
         "envs/reward_mean": sum(s.env_reward for s in samples) / num,
