@@ -27,9 +27,9 @@ from rlft.controller.rollouts import Rollouts
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
-from rlft.envs.config import multi_turn
 from rlft.distributed.actors import DRIVER_INBOX
 from rlft.distributed.control import LiveControl
+from rlft.envs.config import multi_turn
 from rlft.graders import GraderPool
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase

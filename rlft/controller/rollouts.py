@@ -184,10 +184,10 @@ def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
 
 def env_metrics(samples: list[Sample]) -> dict[str, float]:
     """Multi-turn: turns, tool calls, environment rewards and failures of a step's trajectories."""
-    num = len(samples)
+    num, steps = len(samples), sum(s.num_turns for s in samples)  # one environment step per policy turn
     metrics = {
-        "envs/steps": sum(s.num_turns for s in samples),  # one environment step per policy turn
-        "envs/turns_mean": sum(s.num_turns for s in samples) / num,
+        "envs/steps": steps,
+        "envs/turns_mean": steps / num,
         "envs/tool_calls_mean": sum(s.num_tool_calls for s in samples) / num,
         "envs/reward_mean": sum(s.env_reward for s in samples) / num,
         "envs/observation_tokens_mean": sum(s.response_mask.count(0) for s in samples if s.response_mask) / num,

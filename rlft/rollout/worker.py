@@ -73,8 +73,7 @@ class RolloutWorker:
 
             torch.set_num_threads(self._threads)
         self.engine = make_engine(model_path, cfg)
-        # The engine serves one call at a time: the actor's calls and the chat endpoint's requests take turns.
-        self._engine_lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # see _generating
         self._endpoint = None
         self.model_path = model_path
         self.cfg = cfg
@@ -126,7 +125,7 @@ class RolloutWorker:
         if self.env_pool is not None:
             return self._trajectories(prompt_token_ids, sampling, num_samples_per_prompt, prompt_indices, seeds,
                                       num_threads)
-        with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+        with self._generating(num_threads):
             completions = self.engine.generate(prompt_token_ids, sampling, num_samples_per_prompt, seeds)
         return [
             Sample(
@@ -142,32 +141,47 @@ class RolloutWorker:
             for c in per_prompt
         ]
 
+    @contextlib.contextmanager
+    def _generating(self, num_threads: int = 0):
+        """The engine, alone (the actor's calls and the chat endpoint's requests take turns), timed as generation,
+        with ``num_threads`` compute threads (0: the worker's own)."""
+        with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+            yield
+
+    @contextlib.contextmanager
+    def _env_phase(self):
+        """Times the block as the environments' phase, less the generation inside it (timed by ``_generating``)."""
+        generating_before, start = self.clock.seconds.get(Phase.GENERATE.value, 0.0), time.perf_counter()
+        try:
+            yield
+        finally:
+            generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
+            env = self.clock.seconds.get(Phase.ENV.value, 0.0)
+            self.clock.seconds[Phase.ENV.value] = env + time.perf_counter() - start - generating
+
     def _trajectories(self, items: list[dict], sampling: SamplingConfig, num_samples_per_prompt: int,
                       prompt_indices: list[int], seeds: list[int], num_threads: int) -> list[Sample]:
         """Multi-turn: ``items`` are the prompts' data rows; each sample is one trajectory (``rlft/envs/``)."""
         from rlft.envs.trajectory import run_trajectories
 
         def generate(prompts: list[list[int]], turn_seeds: list[int]):
-            with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(num_threads or self._threads):
+            with self._generating(num_threads):
                 return [per_prompt[0] for per_prompt in self.engine.generate(prompts, sampling, 1, turn_seeds)]
 
         n = num_samples_per_prompt
-        rows = [(index, item, seed + j) for index, item, seed in zip(prompt_indices, items, seeds) for j in range(n)]
-        # The environments' share of the trajectories' time (resets, steps, rendering observations): the rest is
-        # generation, which ``generate`` times.
-        generating_before, start = self.clock.seconds.get(Phase.GENERATE.value, 0.0), time.perf_counter()
-        trajs = run_trajectories(
-            generate, self.tokenizer, self.env_pool, self.env_cfg,
-            items=[item for _, item, _ in rows],
-            keys=[index * n + j % n for j, (index, _, _) in enumerate(rows)],
-            seeds=[seed for _, _, seed in rows],
-            max_new_tokens=sampling.max_new_tokens,
-            max_total_tokens=self.env_cfg.max_total_tokens or self.cfg.max_model_len,
-        )
-        generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
-        env_seconds = time.perf_counter() - start - generating
-        self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + env_seconds
-        return [t.to_sample(index, self._policy_version) for (index, _, _), t in zip(rows, trajs)]
+        # (prompt index, data row, the trajectory's environment key, its seed): sample j of each prompt.
+        rows = [(index, item, index * n + j, seed + j)
+                for index, item, seed in zip(prompt_indices, items, seeds) for j in range(n)]
+        with self._env_phase():
+            trajs = run_trajectories(
+                generate, self.tokenizer, self.env_pool, self.env_cfg,
+                items=[item for _, item, _, _ in rows],
+                keys=[key for _, _, key, _ in rows],
+                seeds=[seed for _, _, _, seed in rows],
+                max_new_tokens=sampling.max_new_tokens,
+                max_total_tokens=self.env_cfg.max_total_tokens or self.cfg.max_model_len,
+            )
+        return [t.to_sample(index, self._policy_version) for (index, _, _, _), t in zip(rows, trajs)]
 
     def _agent_trajectories(self, items: list[dict], sampling: SamplingConfig, num_samples_per_prompt: int,
                             prompt_indices: list[int]) -> list[Sample]:
@@ -190,16 +204,15 @@ class RolloutWorker:
             except Exception as err:  # noqa: BLE001 - the agent's failure costs its trajectory only
                 failures[session] = f"error: {type(err).__name__}: {err}"
 
-        generating_before, start = self.clock.seconds.get(Phase.GENERATE.value, 0.0), time.perf_counter()
-        threads = [threading.Thread(target=run, args=(item, session), daemon=True) for _, item, session in rows]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + self.env_cfg.step_timeout_s * self.env_cfg.max_turns
-        for thread, (_, _, session) in zip(threads, rows):
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                failures[session] = "timeout"
-        generating = self.clock.seconds.get(Phase.GENERATE.value, 0.0) - generating_before
+        with self._env_phase():  # the agents' own time (their code, HTTP); their calls' generation is timed as such
+            threads = [threading.Thread(target=run, args=(item, session), daemon=True) for _, item, session in rows]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + self.env_cfg.step_timeout_s * self.env_cfg.max_turns
+            for thread, (_, _, session) in zip(threads, rows):
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    failures[session] = "timeout"
         if failures:
             logger.warning("%d of %d agent trajectories failed, e.g. %s", len(failures), len(rows),
                            next(iter(failures.values())))
@@ -218,9 +231,6 @@ class RolloutWorker:
             t.env_reward = rewards.get(session, 0.0)
             t.failure = failures.get(session, "" if trajectories else "error").split(":")[0]
             samples.append(t.to_sample(index, max(t.policy_version, 0) if trajectories else self._policy_version))
-        # The agents' own time (their code, HTTP): the calls' generation is timed as such.
-        self.clock.seconds[Phase.ENV.value] = self.clock.seconds.get(Phase.ENV.value, 0.0) + (
-            time.perf_counter() - start - generating)
         return samples
 
     def serve_endpoint(self, token: str, sampling: SamplingConfig, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -236,7 +246,7 @@ class RolloutWorker:
 
             def generate(prompt_ids: list[int], call_sampling: SamplingConfig, call: int):
                 seed = prompt_seed(call_sampling.seed, self._policy_version, call)
-                with self._engine_lock, self.clock.phase(Phase.GENERATE), _compute_threads(self._threads):
+                with self._generating():
                     return self.engine.generate([prompt_ids], call_sampling, 1, [seed])[0][0]
 
             self._endpoint = ChatEndpoint(generate, tokenizer, sampling, token, host, port,
