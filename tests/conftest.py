@@ -57,9 +57,12 @@ class CompletedRun:
     output_dir: Path
 
 
-def run_rlft(*args: str, cwd: Path, timeout_s: int = 900) -> subprocess.CompletedProcess:
-    """``rlft ARGS`` in a fresh process, as a user runs it."""
+def run_rlft(*args: str, cwd: Path, timeout_s: int = 900, user_modules: bool = False) -> subprocess.CompletedProcess:
+    """``rlft ARGS`` in a fresh process, as a user runs it; ``user_modules``: with this checkout on ``PYTHONPATH``, as
+    a user's own modules (``tests.env_fixtures``) would be."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if user_modules:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "rlft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -63,3 +64,27 @@ def two_call_agent(item, base_url, api_key):
     messages += [{"role": "assistant", "content": reply.content}, {"role": "tool", "content": "ok"}]
     client.chat.completions.create(model="policy", messages=messages)
     return 0.5
+
+
+class AsyncEcho(Environment):
+    """An asyncio environment: ``step`` awaits I/O (a sleep), records how many steps wait at once, and echoes the
+    action for ``turns`` turns; the row's ``behaviour`` ``hang`` awaits forever."""
+
+    waiting = 0
+    most_waiting = 0
+
+    async def reset(self, item):
+        self.item, self.turn = item, 0
+        return item["messages"]
+
+    async def step(self, action):
+        cls = type(self)
+        cls.waiting += 1
+        cls.most_waiting = max(cls.most_waiting, cls.waiting)
+        try:
+            await asyncio.sleep(3600 if self.item.get("behaviour") == "hang" else 0.2)
+        finally:
+            cls.waiting -= 1
+        self.turn += 1
+        return StepResult([{"role": "user", "content": f"echo {action['content']}"}], reward=1.0,
+                          done=self.turn >= 2)

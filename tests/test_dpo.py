@@ -142,7 +142,9 @@ def test_online_pairs_are_best_against_worst_and_ties_are_dropped():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_online_dpo_end_to_end(sft_demo_run, fixed_prompts, tmp_path):
+def test_online_dpo_end_to_end_ranks_whole_trajectories(sft_demo_run, fixed_prompts, tmp_path):
+    """Online DPO, one step off-policy, on 2-turn trajectories (tests/env_fixtures.py:Countdown): each pair is a
+    prompt's best and worst trajectory, trained on the policy's tokens of both turns."""
     out = tmp_path / "run"
     proc = run_rlft(
         "train", str(ROOT / "configs/online_dpo_tiny.yaml"),
@@ -154,14 +156,19 @@ def test_online_dpo_end_to_end(sft_demo_run, fixed_prompts, tmp_path):
         "eval.num_examples=50",
         "eval.every_n_steps=0",
         "eval.num_samples=0",
+        "envs.name=tests.env_fixtures:Countdown",
+        "envs.kwargs={turns: 2}",
+        "rollout.max_model_len=128",
         "logging.wandb=false",
         f"logging.output_dir={out}",
         cwd=tmp_path,
+        user_modules=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "pairs/num" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
+        assert r["envs/turns_mean"] == 2 and r["envs/errors"] == r["envs/timeouts"] == 0, r
         assert r["pairs/num"] + r["pairs/ties_dropped"] == 32
         assert 0 <= r["reward/mean"] <= 1 and r["sync/bytes"] > 0
         # One step off-policy: the pairs of step s come from the weights of step s − 2 (step 1: the start's).

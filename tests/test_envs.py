@@ -9,6 +9,9 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import pytest
@@ -17,10 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlft.config import ConfigError
 from rlft.data.samples import policy_batch
-from rlft.envs import EnvConfig, StepResult, load_environment_class, parse_tool_calls, validate_env_config
+from rlft.envs import EnvConfig, PythonEnvironment, StepResult, load_environment_class, parse_tool_calls, validate_env_config
 from rlft.envs.runner import EnvPool
 from rlft.envs.trajectory import observation_ids
 from rlft.rollout import RolloutConfig, SamplingConfig
+from rlft.sandbox import namespaces_unavailable
 from rlft.metrics import read_metrics
 from rlft.rollout.group import RolloutGroup
 from conftest import ROOT
@@ -61,6 +65,49 @@ def test_tool_environment_runs_calls_and_answers_errors():
     assert result.messages[2]["content"].endswith("missing 1 required positional argument: 'b'")
     assert [m["tool_call_id"] for m in result.messages] == ["call_0", "call_1", "call_2"]
     assert adder.step({"role": "assistant", "content": "123"}) == StepResult(done=True)
+
+
+def _tool_turn(name: str, **arguments) -> dict:
+    _, calls = parse_tool_calls(f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>")
+    return {"role": "assistant", "content": "", "tool_calls": calls}
+
+
+@pytest.mark.skipif(namespaces_unavailable() is not None, reason="user namespaces unavailable here")
+def test_the_python_tool_runs_the_models_code_inside_the_os_sandbox():
+    """``PythonEnvironment``: the model's code runs, prints its answer; it cannot read host files or reach the
+    network, a loop runs into the time limit, and a flood of output is cut, each told to the model."""
+    env = PythonEnvironment(timeout_s=2.0)
+
+    def run(code: str) -> str:
+        (message,) = env.step(_tool_turn("python", code=code)).messages
+        assert message["name"] == "python"
+        return message["content"]
+
+    assert run("print(6 * 7)") == "42\n"
+    assert "FileNotFoundError" in run("print(open('/etc/passwd').read())")
+    assert "not allowed" in run("import socket; socket.create_connection(('10.0.0.1', 53), timeout=1)")
+    assert "[timed out after 2s" in run("while True: pass")
+    flood = run("print('x' * 100_000)")
+    assert flood.startswith("x" * 100) and "more bytes not shown" in flood and len(flood) < 5000
+    assert env.step({"role": "assistant", "content": "42"}).done
+
+
+def test_asyncio_environments_share_one_event_loop_and_keep_their_deadline():
+    """An environment whose ``reset`` and ``step`` are coroutines: all trajectories' steps wait at once on one
+    event loop; one that never finishes is cut at the deadline, costing its trajectory only."""
+    pool = EnvPool(EnvConfig(name=f"{FIXTURES}:AsyncEcho", step_timeout_s=2.0, num_workers=0))
+    items = [{"messages": QUESTION, "behaviour": "hang" if i == 3 else "ok"} for i in range(6)]
+    keys = list(range(6))
+    assert [o.result.messages for o in pool.reset(keys, items)] == [QUESTION] * 6
+    steps = pool.step(keys, [{"role": "assistant", "content": str(k)} for k in keys])
+    assert [o.failure for o in steps] == ["", "", "", "timeout", "", ""]
+    assert steps[0].result == StepResult([{"role": "user", "content": "echo 0"}], reward=1.0, done=False)
+    cls = load_environment_class(f"{FIXTURES}:AsyncEcho")
+    assert cls.most_waiting == 6
+    time.sleep(0.1)
+    assert cls.waiting == 0  # the one cut at the deadline was cancelled, not left waiting
+    again = pool.step([0, 1], [{"role": "assistant", "content": "x"}] * 2)
+    assert [o.result.done for o in again] == [True, True]
 
 
 def test_observations_render_once_and_join_the_sampled_tokens_as_the_template_would(tokenizer):
@@ -188,9 +235,20 @@ def _contains(seq: list[int], part: list[int]) -> bool:
 def test_grpo_trains_on_multi_turn_trajectories_from_a_users_environment(tmp_path):
     """`rlft train` with `envs.name` pointing at a class outside rlft (importable on PYTHONPATH): every step's
     samples are 2-turn trajectories, their environment rewards reach the reward, the env phase is timed, and the
-    learners train on them."""
+    learners train on them. Held-out evaluation runs the same trajectories, greedy and sampled."""
     steps = _two_multi_turn_steps(tmp_path, f"envs.name={FIXTURES}:Countdown", "envs.kwargs={turns: 2}",
-                                  "logging.engine_times=true")
+                                  "logging.engine_times=true", "eval.path=tiny://calculator/test.jsonl",
+                                  "eval.num_examples=6", "eval.every_n_steps=2", "eval.num_samples=2",
+                                  "eval.max_new_tokens=8")
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    for r in evals:
+        assert r["eval/turns_mean"] == r["eval/sampled_turns_mean"] == 2 and r["eval/env_failures"] == 0, r
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval_samples_step0.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for record in records:
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant", "user", "assistant"]
+        assert record["completion"].strip() == record["messages"][-1]["content"] and record["num_turns"] == 2
     for r in steps:
         assert r["envs/turns_mean"] == 2 and r["envs/reward_mean"] == 1.25, r
         assert r["envs/errors"] == r["envs/timeouts"] == r["envs/invalid"] == 0
@@ -230,6 +288,20 @@ def test_an_agent_drives_the_openai_endpoint_and_its_session_becomes_a_sample(ra
             stranger.chat.completions.create(model="policy", messages=QUESTION)
         (sample,) = ray.get(worker.take_sessions.remote(["agent-1"]))
         assert ray.get(worker.take_sessions.remote(["agent-1"])) == []
+        # Concurrent calls (8 agents at once) are generated together, in fewer engine calls than requests.
+        before = ray.get(worker.endpoint_calls.remote())
+        start = threading.Barrier(8)
+
+        def agent(i: int) -> int:
+            start.wait()
+            session = OpenAI(base_url=f"{url}/sessions/many-{i}/v1", api_key=token, max_retries=0)
+            return session.chat.completions.create(model="policy", messages=QUESTION).usage.completion_tokens
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(n > 0 for n in pool.map(agent, range(8)))
+        after = ray.get(worker.endpoint_calls.remote())
+        assert after["calls"] - before["calls"] == 8 and after["batches"] - before["batches"] < 8, (before, after)
+        assert len(ray.get(worker.take_sessions.remote([f"many-{i}" for i in range(8)]))) == 8
     finally:
         group.shutdown()
     assert sample.num_turns == 2
@@ -283,3 +355,37 @@ def _max_gap_to_learner(model, sample) -> float:
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         learner = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(sample.prompt_token_ids) - 1:]
     return max(abs(a - b) for a, b, m in zip(learner.tolist(), sample.response_logprobs, sample.response_mask) if m)
+
+
+class _Rollout:
+    """Records the sizes the controller asks of its rollout group."""
+
+    def __init__(self):
+        self.num_workers, self.asked = 1, []
+
+    def resize(self, num_workers: int) -> None:
+        self.asked.append(num_workers)
+        self.num_workers = num_workers
+
+
+@pytest.mark.ray
+def test_scaling_up_counts_the_environment_actors_each_rollout_worker_brings(ray_cluster, capsys):
+    """`rlft scale --rollout-workers 2` on a job whose rollout workers each bring 16 one-CPU environment actors does
+    not fit the test cluster: refused, naming the fields, and the job keeps its worker. The same request without
+    environments is applied."""
+    from rlft.config import load_config
+    from rlft.distributed.control import LiveControl
+
+    for envs, applied in (([f"envs.name={FIXTURES}:Countdown", "envs.num_workers=16", "envs.num_cpus_per_worker=1"],
+                           False), ([], True)):
+        cfg = load_config(ROOT / "configs/grpo_tiny.yaml", ["rollout.num_cpus_per_worker=0.01",
+                                                            f"logging.run_name=scale-envs-{applied}", *envs])
+        control, rollout = LiveControl(cfg), _Rollout()
+        try:
+            control.handle.request.remote(2)
+            control.apply_requests(rollout)
+        finally:
+            control.shutdown()
+        assert rollout.asked == ([2] if applied else []), rollout.asked
+    out = capsys.readouterr().out
+    assert "rollout workers stay at 1: rlft scale --rollout-workers, envs.num_workers: the job does not fit" in out

@@ -21,6 +21,7 @@ from rlft.controller.evaluation import (
     extracted_accuracy,
     held_out_accuracy,
     result_metrics,
+    trajectory_metrics,
     write_samples,
 )
 from rlft.controller.rollouts import Rollouts
@@ -169,17 +170,23 @@ def evaluate(job: RLJob, step: int, tag: str) -> dict[str, float]:
     > 0; the greedy completions are saved beside the metrics."""
     ev = job.cfg.eval
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=ev.max_new_tokens)
-    accuracy, _, mean_tokens, records = held_out_accuracy(job.rollout, job.eval_prompts, greedy)
+    trajectories = multi_turn(job.cfg.envs)
+    accuracy, _, mean_tokens, records = held_out_accuracy(job.rollout, job.eval_prompts, greedy, 1, trajectories)
     result = EvalResult(accuracy, len(records), mean_tokens, records,
                         extracted_accuracy(records, ev.extract_pattern) if ev.extract_pattern else None)
     write_samples(job.run.samples_path(tag), result)
     metrics = result_metrics(result)
+    if trajectories:
+        metrics.update(trajectory_metrics(records, "eval/"))
     if ev.num_samples:
         sampling = SamplingConfig(
             temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=job.cfg.trainer.seed + 1
         )
-        sampled, pass_at_k, _, _ = held_out_accuracy(job.rollout, job.eval_prompts, sampling, ev.num_samples)
+        sampled, pass_at_k, _, sampled_records = held_out_accuracy(job.rollout, job.eval_prompts, sampling,
+                                                                   ev.num_samples, trajectories)
         metrics.update({"eval/sampled_accuracy": sampled, "eval/pass_at_k": pass_at_k})
+        if trajectories:
+            metrics.update(trajectory_metrics(sampled_records, "eval/sampled_"))
     return metrics
 
 

@@ -95,10 +95,14 @@ class LiveControl:
             return
         if wanted > current:
             rc = self.cfg.rollout
-            added = RoleDemand(Role.ROLLOUT.value, wanted - current, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
-                               "rlft scale --rollout-workers")
+            added = [RoleDemand(Role.ROLLOUT.value, wanted - current, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+                                "rlft scale --rollout-workers")]
+            envs = self.cfg.envs
+            if envs.name and envs.num_workers:  # each rollout worker brings its own environment actors
+                added.append(RoleDemand(Role.ENVS.value, (wanted - current) * envs.num_workers,
+                                        envs.num_cpus_per_worker, 0.0, "rlft scale --rollout-workers, envs.num_workers"))
             try:
-                check_fit([added], free_node_resources())
+                check_fit(added, free_node_resources())
             except ClusterFitError as err:
                 tqdm.write(f"rollout workers stay at {current}: {err}")
                 return

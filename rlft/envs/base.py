@@ -12,7 +12,8 @@ policy's turns.
             hint = "higher" if guess < self.secret else "lower"
             return StepResult([{"role": "user", "content": hint}])
 
-One object per trajectory, used by one thread at a time. ``action["tool_calls"]`` holds the tool calls parsed from
+One object per trajectory, used by one thread at a time. ``reset`` and ``step`` may be ``async def`` instead: the
+coroutines of all trajectories then run on one event loop, for environments that wait on I/O. ``action["tool_calls"]`` holds the tool calls parsed from
 the turn's text in OpenAI format (``ToolEnvironment`` runs them). Rewards returned by ``step`` add up to the
 trajectory's environment reward; the configured graders then score the final transcript as they score a
 single-turn response.

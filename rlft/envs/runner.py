@@ -1,5 +1,6 @@
-"""Where environments run: ``LocalEnvRunner`` (in this process, each call in a thread under a deadline) and
-``EnvPool`` (``envs.num_workers`` Ray actors, each a ``LocalEnvRunner``, sized on their own like the grader pool).
+"""Where environments run: ``LocalEnvRunner`` (in this process, each call in a thread under a deadline, the
+coroutines of asyncio environments on one event loop) and ``EnvPool`` (``envs.num_workers`` Ray actors, each a
+``LocalEnvRunner``, sized on their own like the grader pool).
 
 Every ``reset`` and ``step`` comes back as an ``Outcome``: a result, or why there is none (``error``: it raised;
 ``timeout``: past ``envs.step_timeout_s``; ``invalid``: it returned something that is not messages, a finite
@@ -8,8 +9,11 @@ reward and a done flag). A failed call ends its trajectory, which is counted; it
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ FAILURES = ("error", "timeout", "invalid")
 POOL_MARGIN_S = 5.0
 # The longest environment workers may take to start (a process, the environment's imports).
 START_TIMEOUT_S = 120.0
+_LOOP_LOCK = threading.Lock()
 
 
 @dataclass
@@ -55,14 +60,24 @@ def _checked(value: Any, kind: str) -> StepResult:
 
 
 class LocalEnvRunner:
-    """One environment object per trajectory key, in this process. The calls of one batch run at once, each in its
-    own daemon thread; a call still running at its deadline is abandoned (its thread finishes or not, unseen) and
-    its environment dropped."""
+    """One environment object per trajectory key, in this process. The calls of one batch run at once, each on a
+    daemon thread of its own (reused across calls); a call still running at its deadline is abandoned (its thread
+    finishes or not, unseen) and its environment dropped."""
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
         self.cls = load_environment_class(cfg.name)
         self.envs: dict[Any, Environment] = {}
+        self._threads = _DaemonThreads()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop of this runner's asyncio environments, running in a daemon thread of its own."""
+        with _LOOP_LOCK:
+            if self._event_loop is None:
+                self._event_loop = asyncio.new_event_loop()
+                threading.Thread(target=self._event_loop.run_forever, daemon=True, name="rlft-env-loop").start()
+        return self._event_loop
 
     def ready(self) -> bool:
         return True
@@ -91,22 +106,28 @@ class LocalEnvRunner:
     def _run(self, kind: str, keys: list, calls: list) -> list[Outcome]:
         results: list[Any] = [None] * len(calls)
         errors: list[BaseException | None] = [None] * len(calls)
+        finished = [threading.Event() for _ in calls]
+        coroutines: list[Any] = [None] * len(calls)
 
-        def target(i, fn, *args):
+        def job(i, fn, *args):
             try:
-                results[i] = fn(*args)
+                result = fn(*args)
+                if inspect.isawaitable(result):  # an asyncio environment: its coroutines share one event loop
+                    coroutines[i] = asyncio.run_coroutine_threadsafe(result, self._loop())
+                    result = coroutines[i].result()
+                results[i] = result
             except BaseException as err:  # noqa: BLE001 - the environment's failure, reported as an outcome
                 errors[i] = err
+            finished[i].set()
 
-        threads = [threading.Thread(target=target, args=(i, *c), daemon=True, name=f"env-{kind}-{i}")
-                   for i, c in enumerate(calls)]
-        for thread in threads:
-            thread.start()
+        for i, call in enumerate(calls):
+            self._threads.run(job, i, *call)
         deadline = time.monotonic() + self.cfg.step_timeout_s
         outcomes = []
-        for i, (thread, key) in enumerate(zip(threads, keys)):
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
+        for i, key in enumerate(keys):
+            if not finished[i].wait(max(0.0, deadline - time.monotonic())):
+                if coroutines[i] is not None:
+                    coroutines[i].cancel()
                 self.envs.pop(key, None)
                 outcomes.append(Outcome(failure="timeout", reason=f"{kind} ran past envs.step_timeout_s = "
                                                                   f"{self.cfg.step_timeout_s:g} s"))
@@ -121,6 +142,29 @@ class LocalEnvRunner:
                     self.envs.pop(key, None)
                     outcomes.append(Outcome(failure="invalid", reason=str(err)))
         return outcomes
+
+
+class _DaemonThreads:
+    """Threads that run one call at a time and are reused: starting a thread per call was most of a trivial
+    environment's cost. A call that never returns keeps its thread (another is started for the next call), and
+    daemon threads never hold up the process's exit."""
+
+    def __init__(self):
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self, fn, *args) -> None:
+        try:
+            inbox = self._idle.get_nowait()
+        except queue.Empty:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), daemon=True, name="rlft-env").start()
+        inbox.put((fn, args))
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            fn, args = inbox.get()
+            fn(*args)
+            self._idle.put(inbox)
 
 
 class EnvPool:

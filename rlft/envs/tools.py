@@ -12,11 +12,14 @@ OpenAI API gives them) and the text around them. A call whose JSON does not pars
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Callable
 
 from rlft.envs.base import Environment, Message, StepResult
 
+# What a code tool shows the model of its output, at most.
+MAX_TOOL_OUTPUT_BYTES = 4096
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
@@ -65,3 +68,31 @@ class ToolEnvironment(Environment):
             except Exception as err:  # noqa: BLE001 - the model reads the error and may do better
                 result = f"error: {type(err).__name__}: {err}"
         return {"role": "tool", "tool_call_id": call["id"], "name": name, "content": str(result)}
+
+
+class PythonEnvironment(ToolEnvironment):
+    """A ``python`` tool (``{"code": "..."}``) that runs the model's code in rlft's OS sandbox (``rlft.sandbox``: no
+    network, no file outside its own scratch directory, limits on memory, CPU and time) and answers with what the
+    code printed, and with why it stopped when it failed. Subclass it to add tools or a reward; ``envs.kwargs`` set
+    the limits and ``sandbox: audit_hook_only`` where user namespaces are unavailable (a weaker boundary)."""
+
+    def __init__(self, timeout_s: float = 5.0, memory_mib: int = 512, sandbox: str = "namespaces"):
+        from rlft.sandbox import SandboxLimits
+
+        self.limits = SandboxLimits(wall_timeout_s=timeout_s, cpu_seconds=max(1, math.ceil(timeout_s)),
+                                    memory_mib=memory_mib, max_output_bytes=MAX_TOOL_OUTPUT_BYTES)
+        self.sandbox = sandbox
+        self.tools = {**self.tools, "python": self.python}
+
+    def python(self, code: str) -> str:
+        from rlft.sandbox import run_python
+
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a string, got {type(code).__name__}")
+        done = run_python(code, b"", self.limits, self.sandbox)
+        out = done.stdout.decode(errors="replace")
+        if done.stdout_dropped:
+            out += f"\n[{done.stdout_dropped} more bytes not shown]"
+        if done.ended:
+            out += f"\n[{done.ended}]\n" + done.stderr.decode(errors="replace")[-MAX_TOOL_OUTPUT_BYTES // 4:]
+        return out

@@ -11,6 +11,7 @@ each trajectory's environment step, then turn 2 of the trajectories still going,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -91,19 +92,44 @@ class Trajectory:
         )
 
 
+# A finished exchange, whose rendering an observation's rendering is cut from; and the renderings already made, by
+# (chat template, eos token, tools, messages): trajectories of one prompt start alike and often see the same replies.
+_PROBE = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+_RENDERED: dict[tuple[str, str, str, str], list[int]] = {}
+_MAX_RENDERED = 65_536
+
+
 def observation_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The ids that follow the policy's end-of-turn token when ``messages`` answer it: the chat template's text
     between an assistant turn's eos and the next assistant header, tokenised once. For ChatML that is
     ``"\\n<|im_start|>tool\\n...<|im_end|>\\n<|im_start|>assistant\\n"``."""
     eos = tokenizer.eos_token
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    before = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
-    after = tokenizer.apply_chat_template(probe + messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    key = (str(tokenizer.chat_template), eos, json.dumps(tools, sort_keys=True), json.dumps(messages))
+    if key in _RENDERED:
+        return list(_RENDERED[key])
+    before = tokenizer.apply_chat_template(_PROBE, tools=tools, tokenize=False)
+    after = tokenizer.apply_chat_template(_PROBE + messages, tools=tools, tokenize=False, add_generation_prompt=True)
     end_of_turn = before.rfind(eos)
     if end_of_turn < 0 or not after.startswith(before[: end_of_turn + len(eos)]):
         raise ValueError("the chat template does not end an assistant turn with the eos token, or renders earlier "
                          "turns differently once later ones follow; token-in/token-out needs both")
-    return list(tokenizer(after[end_of_turn + len(eos):], add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(after[end_of_turn + len(eos):], add_special_tokens=False)["input_ids"])
+    if len(_RENDERED) >= _MAX_RENDERED:
+        _RENDERED.clear()
+    _RENDERED[key] = ids
+    return list(ids)
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt's ids (``rlft.data.tokenize.tokenize_prompt``), rendered once per distinct prompt."""
+    from rlft.data.tokenize import tokenize_prompt
+
+    key = (str(tokenizer.chat_template), "prompt", json.dumps(tools, sort_keys=True), json.dumps(messages))
+    if key not in _RENDERED:
+        if len(_RENDERED) >= _MAX_RENDERED:
+            _RENDERED.clear()
+        _RENDERED[key] = tokenize_prompt(messages, tokenizer, tools)
+    return list(_RENDERED[key])
 
 
 def turn_seed(seed: int, turn: int) -> int:
@@ -123,13 +149,11 @@ def run_trajectories(
 ) -> list[Trajectory]:
     """One trajectory per item. ``generate(prompts, seeds)`` samples one completion of each prompt; ``keys`` name
     the trajectories' environments in ``envs``; ``seeds`` seed their turns."""
-    from rlft.data.tokenize import tokenize_prompt
-
     trajs = [Trajectory(key, item, seed) for key, item, seed in zip(keys, items, seeds)]
     for t, outcome in zip(trajs, envs.reset(keys, items)):
         messages = outcome.result.messages if outcome.result else list(t.item.get("messages", []))
         t.messages = list(messages)
-        t.prompt_ids = tokenize_prompt(t.messages, tokenizer, t.item.get("tools"))
+        t.prompt_ids = prompt_ids(tokenizer, t.messages, t.item.get("tools"))
         if outcome.failure:
             t.failure, t.failure_reason, t.end = outcome.failure, outcome.reason, "env_failure"
     for turn in range(cfg.max_turns):

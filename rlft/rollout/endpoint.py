@@ -12,6 +12,9 @@ tokens. A call whose messages do not extend the session's last trajectory (the a
 new trajectory in the session.
 
 Only loopback by default; every request must carry the job's token (``Authorization: Bearer <token>``).
+
+Concurrent calls are generated together (``CallBatcher``): the calls that arrive while the engine works on one batch
+go into the next, one engine call for all of them.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import Future
 from typing import Callable
 
-from rlft.envs.trajectory import Trajectory
+from rlft.envs.trajectory import Trajectory, prompt_ids
 from rlft.rollout.config import SamplingConfig
 from rlft.rollout.types import Completion
 
@@ -34,6 +39,43 @@ logger = logging.getLogger(__name__)
 PATH_PREFIX = "/sessions/"
 PATH_SUFFIX = "/v1/chat/completions"
 MAX_BODY_BYTES = 8 * 2**20
+
+
+class CallBatcher:
+    """One engine call for many concurrent single-prompt calls. ``generate_batch(prompts, sampling, seeds)`` returns
+    one ``Completion`` per prompt; ``generate`` (from any thread) waits for its prompt's. A thread of its own takes
+    every call waiting, runs those with equal sampling together, and repeats; per-prompt seeds keep each result the
+    same as when generated alone."""
+
+    def __init__(self, generate_batch: Callable[[list[list[int]], SamplingConfig, list[int]], list[Completion]]):
+        self._generate_batch = generate_batch
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.calls = self.batches = 0
+        threading.Thread(target=self._serve, daemon=True, name="rlft-endpoint-batcher").start()
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int) -> Completion:
+        done: Future = Future()
+        self._waiting.put((prompt_ids, sampling, seed, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            calls = [self._waiting.get()]
+            while not self._waiting.empty():
+                calls.append(self._waiting.get())
+            by_sampling: dict[str, list] = {}
+            for call in calls:
+                by_sampling.setdefault(repr(call[1]), []).append(call)
+            for group in by_sampling.values():
+                sampling = group[0][1]
+                self.calls, self.batches = self.calls + len(group), self.batches + 1
+                try:
+                    completions = self._generate_batch([c[0] for c in group], sampling, [c[2] for c in group])
+                    for (_, _, _, done), completion in zip(group, completions):
+                        done.set_result(completion)
+                except BaseException as err:  # noqa: BLE001 - each waiting call gets the engine's error
+                    for *_, done in group:
+                        done.set_exception(err)
 
 
 class ChatEndpoint:
@@ -49,6 +91,7 @@ class ChatEndpoint:
         self.policy_version = policy_version
         self.sessions: dict[str, list[Trajectory]] = {}
         self._lock = threading.Lock()
+        self._session_locks: dict[str, threading.Lock] = {}
         self._calls = 0
         endpoint = self
 
@@ -75,6 +118,7 @@ class ChatEndpoint:
     def take(self, session: str) -> list[Trajectory]:
         """The session's trajectories, removed from the endpoint (an unknown session has none)."""
         with self._lock:
+            self._session_locks.pop(session, None)
             return self.sessions.pop(session, [])
 
     def stop(self) -> None:
@@ -115,16 +159,17 @@ class ChatEndpoint:
         sampling = SamplingConfig(temperature=float(body.get("temperature", self.sampling.temperature)),
                                   top_p=float(body.get("top_p", self.sampling.top_p)), top_k=self.sampling.top_k,
                                   max_new_tokens=max_tokens, seed=self.sampling.seed)
-        with self._lock:  # one call of a session at a time; the engine serves one call at a time anyway
+        with self._lock:
             self._calls += 1
             seed = self._calls
             trajs = self.sessions.setdefault(session, [])
+            session_lock = self._session_locks.setdefault(session, threading.Lock())
+        # One call of a session at a time; calls of other sessions are generated beside it (``CallBatcher``).
+        with session_lock:
             traj = trajs[-1] if trajs and _extends(messages, trajs[-1].messages) else None
             if traj is None:
-                from rlft.data.tokenize import tokenize_prompt
-
                 traj = Trajectory(key=len(trajs), item={"messages": messages, "tools": tools}, seed=seed)
-                traj.prompt_ids = tokenize_prompt(messages, self.tokenizer, tools)
+                traj.prompt_ids = prompt_ids(self.tokenizer, messages, tools)
                 traj.messages = list(messages)
                 trajs.append(traj)
             else:

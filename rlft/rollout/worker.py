@@ -75,6 +75,7 @@ class RolloutWorker:
         self.engine = make_engine(model_path, cfg)
         self._engine_lock = threading.Lock()  # see _generating
         self._endpoint = None
+        self._endpoint_batcher = None
         self.model_path = model_path
         self.cfg = cfg
         self.env_cfg, self.env_pool, self.tokenizer = None, None, None
@@ -222,11 +223,10 @@ class RolloutWorker:
             if trajectories:
                 t = trajectories[-1]  # an agent that rewrote its history trains on its last conversation
             else:  # nothing to train on: the prompt and an eos token outside the mask
-                from rlft.data.tokenize import tokenize_prompt
-                from rlft.envs.trajectory import Trajectory
+                from rlft.envs.trajectory import Trajectory, prompt_ids
 
                 t = Trajectory(key=0, item=item, seed=0, messages=list(item["messages"]),
-                               prompt_ids=tokenize_prompt(item["messages"], self.tokenizer, item.get("tools")),
+                               prompt_ids=prompt_ids(self.tokenizer, item["messages"], item.get("tools")),
                                ids=[self.tokenizer.eos_token_id], logprobs=[0.0], mask=[0])
             t.env_reward = rewards.get(session, 0.0)
             t.failure = failures.get(session, "" if trajectories else "error").split(":")[0]
@@ -237,21 +237,31 @@ class RolloutWorker:
         """Serve ``/sessions/<id>/v1/chat/completions`` (OpenAI-compatible) from this worker's engine, on
         ``host`` (loopback unless told otherwise) and ``port`` (0: any free one); returns the base URL. Requests
         must carry ``token``; ``sampling`` bounds them (``rlft/rollout/endpoint.py``)."""
-        from rlft.rollout.endpoint import ChatEndpoint
+        from rlft.rollout.endpoint import CallBatcher, ChatEndpoint
 
         if self._endpoint is None:
             from transformers import AutoTokenizer
 
             tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(self.model_path)
 
+            def generate_batch(prompts: list[list[int]], call_sampling: SamplingConfig, seeds: list[int]):
+                with self._generating():
+                    return [c[0] for c in self.engine.generate(prompts, call_sampling, 1, seeds)]
+
+            self._endpoint_batcher = CallBatcher(generate_batch)
+
             def generate(prompt_ids: list[int], call_sampling: SamplingConfig, call: int):
                 seed = prompt_seed(call_sampling.seed, self._policy_version, call)
-                with self._generating():
-                    return self.engine.generate([prompt_ids], call_sampling, 1, [seed])[0][0]
+                return self._endpoint_batcher.generate(prompt_ids, call_sampling, seed)
 
             self._endpoint = ChatEndpoint(generate, tokenizer, sampling, token, host, port,
                                           policy_version=lambda: self._policy_version)
         return self._endpoint.url
+
+    def endpoint_calls(self) -> dict[str, int]:
+        """The endpoint's calls so far, and the engine calls (batches) that generated them."""
+        batcher = self._endpoint_batcher
+        return {"calls": batcher.calls, "batches": batcher.batches} if batcher else {"calls": 0, "batches": 0}
 
     def take_sessions(self, sessions: list[str]) -> list[Sample]:
         """The endpoint's recorded sessions as training samples, one per trajectory, ``prompt_index`` the session's

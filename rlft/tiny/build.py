@@ -10,6 +10,8 @@ Layout of a build directory::
     data/<task>/test.jsonl                held-out RFT prompt rows
     data/<task>/preference_train.jsonl    OpenAI preference rows (correct vs near-miss answer)
     data/<task>/preference_test.jsonl     held-out preference rows
+    data/calculator/                      the tool-use task (rlft/tiny/calculator.py): sft_train.jsonl (OpenAI
+                                          tool-call transcripts), rft_train.jsonl and test.jsonl (rows with tools)
 
 Held-out prompts (``test`` and ``preference_test``) are drawn first and excluded from every training file.
 ``tiny://model`` and ``tiny://arithmetic/test.jsonl`` name files of the build cached under
@@ -29,10 +31,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from rlft.tiny import calculator
 from rlft.tiny.tasks import TASKS, make_examples, mixed_style_sft_row, preference_row, prompt_text, sft_row
 
 # Bump when the files a build writes change, so stale caches are rebuilt rather than reused.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 BUILD_INFO_NAME = "BUILD_INFO.json"
 DEFAULT_CACHE_DIR = "~/.cache/rlft"
 URL_PREFIX = "tiny://"
@@ -46,6 +49,7 @@ NUM_RFT_TRAIN = 2_000
 NUM_TEST = 500
 NUM_PREFERENCE_TRAIN = 2_000
 NUM_PREFERENCE_TEST = 300
+NUM_CALCULATOR_SFT_TRAIN = 8_000
 
 
 def split_seed(seed: int, task: str, split: str) -> int:
@@ -86,6 +90,19 @@ def make_task_files(task: str, seed: int) -> dict[str, list[dict]]:
     }
 
 
+def make_calculator_files(seed: int) -> dict[str, list[dict]]:
+    """The tool-use task's files; held-out prompts appear in no training file."""
+    task = calculator.TASK
+    test = calculator.make_examples(NUM_TEST, split_seed(seed, task, "held_out"))
+    held_out_prompts = {prompt_text(row) for row in test}
+    sft = calculator.make_examples(NUM_CALCULATOR_SFT_TRAIN, split_seed(seed, task, "sft"), held_out_prompts)
+    return {
+        "sft_train.jsonl": calculator.sft_rows(sft, random.Random(split_seed(seed, task, "tool_use"))),
+        "rft_train.jsonl": calculator.make_examples(NUM_RFT_TRAIN, split_seed(seed, task, "rft"), held_out_prompts),
+        "test.jsonl": test,
+    }
+
+
 def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Write the tokenizer, model and all task data into ``out_dir``; returns ``out_dir`` as a ``Path``.
 
@@ -101,6 +118,8 @@ def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     for task in TASKS:
         for file_name, rows in make_task_files(task, seed).items():
             write_jsonl(out_dir / "data" / task / file_name, rows)
+    for file_name, rows in make_calculator_files(seed).items():
+        write_jsonl(out_dir / "data" / calculator.TASK / file_name, rows)
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
     info = {
         "format_version": FORMAT_VERSION,

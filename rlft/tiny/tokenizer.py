@@ -9,6 +9,8 @@ Why it looks the way it does:
 - ChatML framing (``<|im_start|>role\\n...<|im_end|>``) like Qwen; ``<|im_end|>`` is the end-of-sequence token, and
   the assistant's content plus ``<|im_end|>`` sits in ``{% generation %}`` so ``return_assistant_tokens_mask``
   marks exactly the tokens a policy is trained on. There is no BOS token.
+- An assistant message's OpenAI ``tool_calls`` render after its content in the Hermes format that
+  ``rlft.envs.parse_tool_calls`` reads back: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ CHAT_TEMPLATE = """\
     {%- if message['role'] == 'assistant' %}
         {{- '<|im_start|>assistant\\n' }}
         {%- generation %}
-            {{- message['content'] + '<|im_end|>' }}
+            {{- message['content'] or '' }}
+            {%- for call in message['tool_calls'] or [] %}
+                {%- set arguments = call['function']['arguments'] %}
+                {{- '<tool_call>{"name": "' + call['function']['name'] + '", "arguments": ' }}
+                {{- (arguments if arguments is string else arguments | tojson) + '}</tool_call>' }}
+            {%- endfor %}
+            {{- '<|im_end|>' }}
         {%- endgeneration %}
         {{- '\\n' }}
     {%- else %}
