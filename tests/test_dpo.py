@@ -170,7 +170,8 @@ def test_online_dpo_end_to_end_ranks_whole_trajectories(sft_demo_run, fixed_prom
     for r in steps:
         assert r["envs/turns_mean"] == 2 and r["envs/errors"] == r["envs/timeouts"] == 0, r
         assert r["pairs/num"] + r["pairs/ties_dropped"] == 32
-        assert 0 <= r["reward/mean"] <= 1 and r["sync/bytes"] > 0
+        # The graders' reward (0 to 1) plus Countdown's 0.25 for its reply and 1 at the end.
+        assert r["envs/reward_mean"] == 1.25 and 1.25 <= r["reward/mean"] <= 2.25 and r["sync/bytes"] > 0
         # One step off-policy: the pairs of step s come from the weights of step s − 2 (step 1: the start's).
         assert r["async/staleness_max"] == r["async/staleness_mean"] == min(r["step"] - 1, 1)
         if r["pairs/num"]:

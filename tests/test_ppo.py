@@ -51,8 +51,9 @@ def test_ppo_runs_with_finite_losses_and_a_falling_value_loss(sft_demo_run, fixe
         assert r["time/values_seconds"] > 0 and r["time/reference_seconds"] > 0 and r["time/old_logprobs_seconds"] > 0
         assert r["async/staleness_max"] == min(r["step"] - 1, 1)
         assert 0 < r["train/is_weight_mean"] <= r["train/is_weight_max"] <= 2.0
-    # The critic starts with a random head: its loss falls as it learns the returns of these fixed prompts (later
-    # it moves with the policy, whose rewards it chases).
+    # The critic starts with a random head: its loss falls as it learns the returns of these fixed prompts (they
+    # include the environment's 1.25, which takes it a few steps to learn; it then moves with the policy, whose
+    # rewards it chases).
     value_losses = [r["critic/value_loss"] for r in steps]
-    assert sum(value_losses[2:5]) / 3 < 0.8 * value_losses[0], value_losses
+    assert min(value_losses[3:]) < 0.8 * value_losses[0], value_losses
     assert (out / f"checkpoints/step_{NUM_STEPS:06d}/critic/trainer_state.json").exists()

@@ -316,40 +316,41 @@ def test_build_writes_disjoint_splits_of_expected_sizes(tiny_cache):
 
 
 def test_calculator_task_files_teach_the_tool_call_the_parser_reads_back(tiny_cache, tokenizer):
-    """The tool-use task: disjoint splits of 3-digit sums with the ``add`` tool; the SFT rows call it in about 30 %
-    of the demonstrations, the chat template renders the call in the Hermes format, ``parse_tool_calls`` reads back
-    the same call, and the loss covers both assistant turns but not the tool's reply."""
+    """The tool-use task: disjoint splits of 3-digit products with the ``multiply`` tool; the SFT rows call it in
+    about 30 % of the demonstrations, the chat template renders the call in the Hermes format, ``parse_tool_calls``
+    reads back the same call, and the loss covers both assistant turns but not the tool's reply."""
     from rlft.envs import parse_tool_calls
     from rlft.tiny.calculator import TOOL_USE_FRACTION, Calculator
 
+    product = re.compile(r"What is (\d+)\*(\d+)\?")
     data_dir = tiny_cache[1].parent / "data" / "calculator"
     sft, rft, test = (read_jsonl(data_dir / f"{name}.jsonl") for name in ("sft_train", "rft_train", "test"))
     assert (len(rft), len(test)) == (2000, 500)
     held_out = {prompt_text(row) for row in test}
     assert len(held_out) == 500 and not held_out & {prompt_text(row) for row in sft + rft}
     for row in test + rft[:200]:
-        a, b = map(int, ARITHMETIC_PROMPT.fullmatch(prompt_text(row)).groups())
-        assert 100 <= a <= 999 and 100 <= b <= 999 and row["answer"] == str(a + b)
-        assert row["tools"][0]["function"]["name"] == "add"
+        a, b = map(int, product.fullmatch(prompt_text(row)).groups())
+        assert 100 <= a <= 999 and 100 <= b <= 999 and row["answer"] == str(a * b)
+        assert row["tools"][0]["function"]["name"] == "multiply"
     calls = [row for row in sft if len(row["messages"]) == 4]
     assert abs(len(calls) / len(sft) - TOOL_USE_FRACTION) < 0.03
     row = calls[0]
-    a, b = map(int, ARITHMETIC_PROMPT.fullmatch(prompt_text(row)).groups())
+    a, b = map(int, product.fullmatch(prompt_text(row)).groups())
     text = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False)
-    call_text = f'<tool_call>{{"name": "add", "arguments": {{"a": {a}, "b": {b}}}}}</tool_call>'
-    assert f"assistant\n{call_text}{IM_END}" in text and f"{IM_START}tool\n{a + b}{IM_END}" in text
+    call_text = f'<tool_call>{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}</tool_call>'
+    assert f"assistant\n{call_text}{IM_END}" in text and f"{IM_START}tool\n{a * b}{IM_END}" in text
     content, (call,) = parse_tool_calls(call_text)
     assert content == "" and call["function"] == row["messages"][1]["tool_calls"][0]["function"]
     rendered = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], return_dict=True,
                                              return_assistant_tokens_mask=True)
     trained = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
-    assert tokenizer.decode(trained) == f"{call_text}{IM_END}{a + b}{IM_END}"
+    assert tokenizer.decode(trained) == f"{call_text}{IM_END}{a * b}{IM_END}"
     # The environment runs the call the model would write, and refuses one it cannot.
     env = Calculator()
-    assert env.step({"role": "assistant", "content": "", "tool_calls": [call]}).messages[0]["content"] == str(a + b)
-    _, (bad,) = parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": "1", "b": 2}}</tool_call>')
+    assert env.step({"role": "assistant", "content": "", "tool_calls": [call]}).messages[0]["content"] == str(a * b)
+    _, (bad,) = parse_tool_calls('<tool_call>{"name": "multiply", "arguments": {"a": "1", "b": 2}}</tool_call>')
     assert env.step({"role": "assistant", "tool_calls": [bad]}).messages[0]["content"].startswith("error: TypeError")
-    assert env.step({"role": "assistant", "content": str(a + b)}).done
+    assert env.step({"role": "assistant", "content": str(a * b)}).done
 
 
 def test_build_is_deterministic_for_a_seed(tiny_cache, tmp_path):
