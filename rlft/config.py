@@ -196,6 +196,14 @@ class RLConfig:
     # PPO: GAE discount and lambda.
     gamma: float = 1.0
     gae_lambda: float = 0.95
+    # The policy's loss (rlft.algorithms.policy_loss): ``ppo``, PPO's clipped token ratio; ``gspo``, one
+    # length-normalised ratio per sequence, clipped (set clip_low / clip_high small, e.g. 3e-4 / 4e-4); ``cispo``,
+    # a REINFORCE token loss weighted by the ratio capped at ``cispo_max_weight`` (no token's gradient is cut);
+    # ``sapo``, a smooth gate on the token ratio with a temperature per advantage sign.
+    policy_loss: Literal["ppo", "gspo", "cispo", "sapo"] = "ppo"
+    cispo_max_weight: float = 5.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     clip_low: float = 0.2
     # DAPO's clip-higher: a larger upper clip keeps exploring tokens alive.
     clip_high: float = 0.2
@@ -645,6 +653,12 @@ def _validate_rl(cfg: Config) -> None:
         raise ConfigError("rl.clip_low / rl.clip_high: must be positive")
     if rl.dual_clip is not None and rl.dual_clip <= 1:
         raise ConfigError(f"rl.dual_clip: must be greater than 1 (or null), got {rl.dual_clip}")
+    if rl.dual_clip is not None and rl.policy_loss != "ppo":
+        raise ConfigError(f"rl.dual_clip: bounds PPO's clipped ratio, which rl.policy_loss: {rl.policy_loss} has "
+                          "none of; set it to null")
+    for name in ("cispo_max_weight", "sapo_temperature_pos", "sapo_temperature_neg"):
+        if not getattr(rl, name) > 0:
+            raise ConfigError(f"rl.{name}: must be positive, got {getattr(rl, name)}")
     if rl.kl_coef < 0:
         raise ConfigError(f"rl.kl_coef: must not be negative, got {rl.kl_coef}")
     _validate_off_policy(cfg)

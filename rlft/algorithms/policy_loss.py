@@ -6,11 +6,19 @@ Public API:
   dual_clip=None, aggregation="token_mean", aggregation_constant=None) -> (loss, stats)``
 - ``clipped_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip, aggregation="token_mean",
   aggregation_constant=None) -> (loss, stats)``
+- ``gspo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, clip_low=3e-4, clip_high=4e-4,
+  aggregation="seq_mean_token_mean", aggregation_constant=None) -> (loss, stats)``
+- ``cispo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, max_weight=5.0,
+  aggregation="token_mean", aggregation_constant=None) -> (loss, stats)``
+- ``sapo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, temperature_pos=1.0,
+  temperature_neg=1.05, aggregation="seq_mean_token_mean", aggregation_constant=None) -> (loss, stats)``
+- ``PolicyLossKind``: ``"ppo" | "gspo" | "cispo" | "sapo"``, which of the four ``PolicyLoss`` computes
 - ``entropy_from_logits(logits_BTV) -> entropy_BT``
 - ``PolicyBatch(TokenBatch)``: adds ``old_logprobs_BT``, ``advantages_BT``, ``ref_logprobs_BT``,
   ``sampler_logprobs_BT``
-- ``PolicyLoss(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0,
-  old_logprobs_from_update=False, off_policy_correction="none", is_level="token", is_cap=2.0)``:
+- ``PolicyLoss(kind="ppo", clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+  entropy_coef=0.0, old_logprobs_from_update=False, off_policy_correction="none", is_level="token", is_cap=2.0,
+  cispo_max_weight=5.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)``:
   ``__call__(logits_BTV, batch: PolicyBatch) -> (loss, metrics)``, a learner ``Loss``
 
 The pure functions take a mask and an aggregation mode (``rlft.algorithms.aggregation``) and return stats as
@@ -21,7 +29,7 @@ detached 0-dim tensors. ``PolicyLoss`` runs inside the learner on one micro-batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -35,6 +43,8 @@ from rlft.algorithms.off_policy import (
 )
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
+
+PolicyLossKind = Literal["ppo", "gspo", "cispo", "sapo"]
 
 
 def clipped_policy_loss(
@@ -70,6 +80,97 @@ def clipped_policy_loss(
     loss_BT, clipped_BT = _clipped_surrogate(
         logprobs_BT, old_logprobs_BT, advantages_BT, valid_BT, clip_low, clip_high, dual_clip
     )
+    approx_kl_BT = kl_estimate(old_logprobs_BT.detach(), logprobs_BT.detach(), "k3")
+    stats = {
+        "clip_fraction": aggregate(clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean"),
+        "approx_kl": aggregate(approx_kl_BT, valid_BT, "token_mean"),
+    }
+    return aggregate(loss_BT, valid_BT, aggregation, aggregation_constant), stats
+
+
+def gspo_policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    aggregation: AggregationMode = "seq_mean_token_mean",
+    aggregation_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: PPO's clipped surrogate with one, length-normalised importance ratio per sequence.
+
+        s_i = exp( (1/|y_i|) Σ_t (log π(y_i,t) − log π_old(y_i,t)) )
+        l_i,t = max(−A_i,t s_i, −A_i,t clip(s_i, 1 − clip_low, 1 + clip_high))
+
+    Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071. Each of a sequence's valid tokens
+    carries the sequence's loss; under ``seq_mean_token_mean`` (the default) the aggregate is the paper's
+    (1/G) Σ_i min(s_i A_i, clip(s_i) A_i), and its gradient reaches every token through the mean of s_i. The
+    paper's clip range is small (3e-4 / 4e-4, the defaults here) because s_i is a geometric mean. A row is one
+    sequence (the tokens with mask ≠ 0: the policy's tokens of every turn). ``stats`` as ``clipped_policy_loss``;
+    ``clip_fraction`` counts the tokens of clipped sequences.
+    """
+    _check_clip(clip_low, clip_high, None)
+    return _pure_loss("gspo", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
+                      clip_low=clip_low, clip_high=clip_high)
+
+
+def cispo_policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    max_weight: float = 5.0,
+    aggregation: AggregationMode = "token_mean",
+    aggregation_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: a REINFORCE token loss weighted by the clipped importance ratio, which carries no gradient.
+
+        ρ_t = exp(log π(a_t) − log π_old(a_t))
+        l_t = −sg(min(ρ_t, max_weight)) · A_t · log π(a_t)
+
+    MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv:2506.13585
+    (clip(ρ, 1 − ε_low, 1 + ε_high), with no lower bound in practice); the upper bound alone as ``max_weight``
+    follows Khatri et al. 2025, "The Art of Scaling Reinforcement Learning Compute for LLMs", arXiv:2510.13786,
+    which recommends 5. Unlike PPO's clip, no token's gradient is cut: clipping bounds its weight only. The loss's
+    value is not an objective to read (it scales with log π); its gradient is Σ_t w_t sg(·) A_t ∇log π(a_t).
+    ``stats``: ``clip_fraction`` (tokens whose weight was capped) and ``approx_kl``, token means.
+    """
+    _check_max_weight(max_weight)
+    return _pure_loss("cispo", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
+                      cispo_max_weight=max_weight)
+
+
+def sapo_policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    temperature_pos: float = 1.0,
+    temperature_neg: float = 1.05,
+    aggregation: AggregationMode = "seq_mean_token_mean",
+    aggregation_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAPO: a smooth, temperature-controlled gate on the token ratio in place of the hard clip.
+
+        ρ_t = exp(log π(a_t) − log π_old(a_t)),   τ_t = temperature_pos if A_t > 0 else temperature_neg
+        l_t = −A_t · σ(τ_t (ρ_t − 1)) · 4 / τ_t
+
+    Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv:2511.20347. At ρ = 1 the gradient equals the
+    plain policy gradient's (σ' = 1/4); away from it, it fades smoothly instead of stopping at a clip edge, more
+    quickly for negative advantages (the larger τ). ``stats``: ``clip_fraction`` is 0 (nothing is clipped) and
+    ``approx_kl``, token means.
+    """
+    _check_temperatures(temperature_pos, temperature_neg)
+    return _pure_loss("sapo", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
+                      sapo_temperature_pos=temperature_pos, sapo_temperature_neg=temperature_neg)
+
+
+def _pure_loss(kind, logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
+               **settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    valid_BT = mask_BT != 0
+    loss_BT, clipped_BT = PolicyLoss(kind=kind, **settings).surrogate(logprobs_BT, old_logprobs_BT, advantages_BT,
+                                                                      valid_BT)
     approx_kl_BT = kl_estimate(old_logprobs_BT.detach(), logprobs_BT.detach(), "k3")
     stats = {
         "clip_fraction": aggregate(clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean"),
@@ -139,7 +240,8 @@ class PolicyLoss:
 
         L = Σ_t w_t l_t + kl_coef · Σ_t w_t k_t − entropy_coef · Σ_t w_t H_t
 
-    with w = ``loss_weights_BT``, l the clipped surrogate (``clipped_policy_loss``), k the ``kl_kind`` estimate of
+    with w = ``loss_weights_BT``, l the per-token loss of ``kind`` (``ppo``: ``clipped_policy_loss``; ``gspo``,
+    ``cispo``, ``sapo``: ``gspo_policy_loss``, ``cispo_policy_loss``, ``sapo_policy_loss``), k the ``kl_kind`` estimate of
     KL(π ‖ π_ref) used as a loss term (GRPO's placement, arXiv:2402.03300, which uses k3), and H the entropy of
     the policy's next-token distribution at each token. Summed over the step's micro-batches this is
     ``clipped_policy_loss(..., aggregation=mode)`` plus the KL and entropy terms aggregated the same way, where
@@ -164,6 +266,7 @@ class PolicyLoss:
     under a correction.
     """
 
+    kind: PolicyLossKind = "ppo"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -174,9 +277,18 @@ class PolicyLoss:
     off_policy_correction: OffPolicyCorrection = "none"
     is_level: ISLevel = "token"
     is_cap: float = 2.0
+    cispo_max_weight: float = 5.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
     def __post_init__(self):
+        if self.kind not in get_args(PolicyLossKind):
+            raise ValueError(f"unknown policy loss {self.kind!r}; expected one of {get_args(PolicyLossKind)}")
+        if self.dual_clip is not None and self.kind != "ppo":
+            raise ValueError(f"dual_clip bounds PPO's clipped ratio; the {self.kind} loss has none")
         _check_clip(self.clip_low, self.clip_high, self.dual_clip)
+        _check_max_weight(self.cispo_max_weight)
+        _check_temperatures(self.sapo_temperature_pos, self.sapo_temperature_neg)
         if self.kl_kind not in get_args(KLKind):
             raise ValueError(f"unknown KL estimator {self.kl_kind!r}; expected one of {get_args(KLKind)}")
         check_off_policy_correction(self.off_policy_correction, self.is_level, self.is_cap)
@@ -186,15 +298,7 @@ class PolicyLoss:
         valid_BT = weights_BT != 0
         logprobs_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
         proximal_BT = logprobs_BT.detach() if self.old_logprobs_from_update else batch.old_logprobs_BT
-        surrogate_BT, clipped_BT = _clipped_surrogate(
-            logprobs_BT,
-            proximal_BT,
-            batch.advantages_BT,
-            valid_BT,
-            self.clip_low,
-            self.clip_high,
-            self.dual_clip,
-        )
+        surrogate_BT, clipped_BT = self.surrogate(logprobs_BT, proximal_BT, batch.advantages_BT, valid_BT)
         if self.off_policy_correction != "none":
             is_weights_BT, truncated_BT = importance_weights_by_token(
                 proximal_BT, batch.sampler_logprobs_BT, valid_BT, self.off_policy_correction, self.is_level, self.is_cap
@@ -223,6 +327,32 @@ class PolicyLoss:
             loss = loss + self.kl_coef * kl
             metrics["kl"] = kl.item()
         return loss, metrics
+
+    def surrogate(
+        self, logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, advantages_BT: torch.Tensor,
+        valid_BT: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token loss of ``kind`` and where a clip acted; both 0 / False off ``valid_BT``. Invalid tokens
+        are zeroed before the exponential, so garbage there reaches neither the loss nor a gradient."""
+        if self.kind == "ppo":
+            return _clipped_surrogate(logprobs_BT, old_logprobs_BT, advantages_BT, valid_BT, self.clip_low,
+                                      self.clip_high, self.dual_clip)
+        log_ratio_BT = torch.where(valid_BT, logprobs_BT - old_logprobs_BT.detach(), 0.0)
+        advantages_BT = torch.where(valid_BT, advantages_BT.detach(), 0.0)
+        if self.kind == "gspo":
+            # log s_i, given to each of the row's tokens: the clipped surrogate of s_i against a ratio of 1.
+            tokens_B1 = valid_BT.sum(dim=-1, keepdim=True).clamp(min=1)
+            sequence_log_ratio_BT = (log_ratio_BT.sum(dim=-1, keepdim=True) / tokens_B1).expand_as(log_ratio_BT)
+            return _clipped_surrogate(sequence_log_ratio_BT, torch.zeros_like(log_ratio_BT), advantages_BT, valid_BT,
+                                      self.clip_low, self.clip_high, None)
+        ratio_BT = torch.exp(log_ratio_BT)
+        if self.kind == "cispo":
+            weights_BT = ratio_BT.detach().clamp(max=self.cispo_max_weight)
+            loss_BT = -weights_BT * advantages_BT * torch.where(valid_BT, logprobs_BT, 0.0)
+            return loss_BT, valid_BT & (ratio_BT.detach() > self.cispo_max_weight)
+        temperatures_BT = torch.where(advantages_BT > 0, self.sapo_temperature_pos, self.sapo_temperature_neg)
+        gate_BT = torch.sigmoid(temperatures_BT * (ratio_BT - 1)) * 4 / temperatures_BT
+        return torch.where(valid_BT, -advantages_BT * gate_BT, 0.0), torch.zeros_like(valid_BT)
 
 
 def token_values(outputs_BT1: torch.Tensor) -> torch.Tensor:
@@ -306,6 +436,16 @@ def _weighted_sum(x_BT: torch.Tensor, weights_BT: torch.Tensor) -> torch.Tensor:
 def _valid_max(x_BT: torch.Tensor, valid_BT: torch.Tensor) -> float:
     """The largest of ``x_BT`` (not negative) on valid tokens; 0 without any."""
     return torch.where(valid_BT, x_BT, 0.0).max().item() if x_BT.numel() else 0.0
+
+
+def _check_max_weight(max_weight: float) -> None:
+    if not max_weight > 0:
+        raise ValueError(f"the CISPO weight cap must be positive, got {max_weight}")
+
+
+def _check_temperatures(temperature_pos: float, temperature_neg: float) -> None:
+    if not (temperature_pos > 0 and temperature_neg > 0):
+        raise ValueError(f"SAPO's temperatures must be positive, got {temperature_pos} and {temperature_neg}")
 
 
 def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:

@@ -125,6 +125,7 @@ def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
     (``rl.old_logprobs: auto``) or the batch's ``old_logprobs_BT`` (set to the sampler's: ``sampler``)."""
     rl = cfg.rl
     return PolicyLoss(
+        kind=rl.policy_loss,
         clip_low=rl.clip_low,
         clip_high=rl.clip_high,
         dual_clip=rl.dual_clip,
@@ -135,6 +136,9 @@ def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
         off_policy_correction=off_policy_correction(cfg),
         is_level=rl.is_level,
         is_cap=rl.is_cap,
+        cispo_max_weight=rl.cispo_max_weight,
+        sapo_temperature_pos=rl.sapo_temperature_pos,
+        sapo_temperature_neg=rl.sapo_temperature_neg,
     )
 
 
