@@ -235,6 +235,20 @@ class RLConfig:
     off_policy_correction: Literal["auto", "none", "tis", "mis"] = "auto"
     is_level: Literal["token", "sequence"] = "token"
     is_cap: float = 2.0
+    # DAPO's dynamic sampling: a prompt whose samples' rewards are all equal (every advantage 0) is dropped, and
+    # more prompts are generated, rl.num_prompts_per_step at a time, until the step has that many informative
+    # groups or ``dynamic_sampling_max_rounds`` extra rounds ran; dropped groups then fill the batch (counted).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
+    # DAPO's overlong reward shaping: a penalty growing from 0 to ``overlong_penalty`` over the last
+    # ``overlong_buffer`` policy tokens before ``overlong_max_tokens`` (0: rollout.sampling.max_new_tokens), and
+    # ``overlong_penalty`` at the limit. 0 (the default) disables it.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    overlong_max_tokens: int = 0
+    # Samples the loss leaves out (counted, filter/*): those cut at the length limit, with ``mask_truncated``
+    # (DAPO's overlong filtering); those whose sampler log-probabilities are not finite, always.
+    mask_truncated: bool = False
 
 
 @dataclass
@@ -667,8 +681,20 @@ def _validate_rl(cfg: Config) -> None:
 
 
 def _validate_off_policy(cfg: Config) -> None:
-    """Asynchronous RL and its corrections (GRPO, PPO and online DPO)."""
+    """Asynchronous RL and its corrections, and the sampling and shaping of samples (GRPO, PPO and online DPO)."""
     rl = cfg.rl
+    if rl.dynamic_sampling and rl.num_samples_per_prompt < 2:
+        raise ConfigError("rl.dynamic_sampling: drops prompts whose samples' rewards are all equal, which one sample "
+                          f"always is; it needs rl.num_samples_per_prompt >= 2, got {rl.num_samples_per_prompt}")
+    if rl.dynamic_sampling and rl.dynamic_sampling_max_rounds < 1:
+        raise ConfigError(f"rl.dynamic_sampling_max_rounds: must be at least 1, got {rl.dynamic_sampling_max_rounds}")
+    if rl.overlong_buffer:
+        limit = overlong_max_tokens(cfg)
+        if not 0 < rl.overlong_buffer <= limit:
+            raise ConfigError(f"rl.overlong_buffer: must be in (0, {limit}] (rl.overlong_max_tokens, or "
+                              f"rollout.sampling.max_new_tokens when 0), got {rl.overlong_buffer}")
+        if rl.overlong_penalty < 0:
+            raise ConfigError(f"rl.overlong_penalty: must not be negative, got {rl.overlong_penalty}")
     if rl.max_staleness_steps < 0:
         raise ConfigError(f"rl.max_staleness_steps: must be 0 (synchronous) or more, got {rl.max_staleness_steps}")
     if rl.is_cap <= 1:
@@ -685,6 +711,12 @@ def _validate_off_policy(cfg: Config) -> None:
         raise ConfigError("rollout.weight_transport: collective broadcasts to every worker at once, so the learners "
                           "would wait for the workers' queued generation; asynchronous RL (rl.max_staleness_steps > "
                           "0) needs object_store or cuda_ipc")
+
+
+def overlong_max_tokens(cfg: Config) -> int:
+    """The length at which ``rl.overlong_buffer``'s penalty is full: ``rl.overlong_max_tokens`` or the sampling's
+    ``max_new_tokens``."""
+    return cfg.rl.overlong_max_tokens or cfg.rollout.sampling.max_new_tokens
 
 
 def off_policy_correction(cfg: Config) -> str:

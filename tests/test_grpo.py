@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -56,13 +58,15 @@ def test_step_metrics_and_weight_sync(grpo_run):
 
 
 def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, tmp_path):
-    """The debugging switch: no Ray at all, every role in the driver process (so breakpoint() works)."""
+    """The debugging switch: no Ray at all, every role in the driver process (so breakpoint() works); with RLOO
+    advantages and SAPO's soft-gated loss (``rl.policy_loss=sapo``)."""
     out = tmp_path / "run"
     proc = run_rlft(
         "train",
         str(ROOT / "configs/grpo_tiny.yaml"),
         "ray.local_mode=true",
         "rl.advantage_estimator=rloo",
+        "rl.policy_loss=sapo",
         "learner.num_learners=1",
         "learner.micro_batch_size_per_learner=32",
         "trainer.global_batch_size=64",
@@ -82,6 +86,8 @@ def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, 
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
     assert len(steps) == 2 and all(r["sync/logprob_max_abs_diff"] < 1e-3 for r in steps)
+    # SAPO clips nothing.
+    assert all(r["train/clip_fraction"] == 0 and math.isfinite(r["train/policy_loss"]) for r in steps)
     # A constant schedule warms up too.
     assert [r["train/lr"] for r in steps] == pytest.approx([5e-5, 1e-4])
 

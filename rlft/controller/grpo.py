@@ -60,7 +60,7 @@ from rlft.controller.rl_steps import (
 )
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
-from rlft.data.samples import policy_batch
+from rlft.data.samples import policy_batch, trainable
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
@@ -93,8 +93,9 @@ def grpo(cfg: Config) -> RunResult:
                 rewards_PG = torch.tensor(graded.rewards, dtype=torch.float32).view(len(indices), -1)
 
                 with timer.phase(Phase.ADVANTAGES):
+                    keep, filtered = trainable(samples, rl.mask_truncated)
                     batch = policy_batch(samples, torch.zeros(len(samples)), job.tokenizer.pad_token_id,
-                                         cfg.rollout.max_model_len).trimmed()
+                                         cfg.rollout.max_model_len, keep).trimmed()
                     batch = dataclasses.replace(
                         batch, advantages_BT=critic_free_advantages(rewards_PG, batch.loss_weights_BT, cfg)
                     )
@@ -122,6 +123,7 @@ def grpo(cfg: Config) -> RunResult:
                         "reward/groups_all_equal": (rewards_PG.std(dim=1) == 0).float().mean().item(),
                         **sync_metrics(sync, logprob_gap, results),
                         **staleness,
+                        **filtered,
                         **mean_metrics(results, "train/"),
                         **graded.metrics(),
                         **timer.metrics(),

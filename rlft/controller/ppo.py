@@ -57,7 +57,7 @@ from rlft.controller.rl_steps import (
 )
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
-from rlft.data.samples import policy_batch
+from rlft.data.samples import policy_batch, trainable
 from rlft.distributed.remote_rows import RemoteRows
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
@@ -77,8 +77,9 @@ def ppo(cfg: Config) -> RunResult:
 
                 samples, graded, staleness = job.rollouts.take(step, indices, timer)
                 rewards_S = torch.tensor(graded.rewards, dtype=torch.float32)
+                keep, filtered = trainable(samples, rl.mask_truncated)
                 batch = policy_batch(samples, torch.zeros_like(rewards_S), job.tokenizer.pad_token_id,
-                                     cfg.rollout.max_model_len).trimmed()
+                                     cfg.rollout.max_model_len, keep).trimmed()
                 response_BT = batch.loss_weights_BT != 0
 
                 # Log-probabilities stay on the learners and the reference server: the batch holds references.
@@ -130,6 +131,7 @@ def ppo(cfg: Config) -> RunResult:
                         "reward/kl_penalty_mean": kl_penalty_BT.sum(1).mean().item(),
                         **sync_metrics(sync, logprob_gap, policy_results),
                         **staleness,
+                        **filtered,
                         **mean_metrics(policy_results, "train/"),
                         **mean_metrics(critic_results, "critic/"),
                         **graded.metrics(),
@@ -152,11 +154,12 @@ def resolved(rows) -> torch.Tensor:
 
 
 def _token_rewards(rewards_S: torch.Tensor, response_BT: torch.Tensor) -> torch.Tensor:
-    """Each sample's score on its last response token, 0 elsewhere (an outcome reward)."""
+    """Each sample's score on its last response token, 0 elsewhere (an outcome reward); a row without response
+    tokens (a masked sample) gets none."""
     positions_T = torch.arange(response_BT.shape[1])
     last_S = torch.where(response_BT, positions_T, -1).max(dim=1).values
     rewards_BT = torch.zeros(response_BT.shape, dtype=torch.float32)
-    rewards_BT[torch.arange(len(rewards_S)), last_S] = rewards_S
+    rewards_BT[torch.arange(len(rewards_S)), last_S.clamp(min=0)] = torch.where(last_S >= 0, rewards_S, 0.0)
     return rewards_BT
 
 

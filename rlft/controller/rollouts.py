@@ -34,8 +34,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import ray
+import torch
 
+from rlft.algorithms.shaping import informative_groups, overlong_penalty
+from rlft.config import Config, overlong_max_tokens
 from rlft.data.prompts import PromptSet
 from rlft.distributed.actors import Submitted, payload_bytes
 from rlft.distributed.weight_sync import SyncStats
@@ -84,8 +88,12 @@ class Rollouts:
             self._dropped += len(samples)
             samples, graded = collect_and_grade(self.job, indices,
                                                 send_prompts(self.job, indices, self._borrowed_threads()), timer)
-            staleness = staleness_of(samples, step)
+        metrics = {}
+        if self.job.cfg.rl.dynamic_sampling:
+            samples, graded, metrics = self._informative(step, samples, graded, timer)
+        staleness = staleness_of(samples, step)
         metrics = {
+            **metrics,
             "async/staleness_mean": sum(staleness) / len(staleness),
             "async/staleness_max": max(staleness),
             "async/stale_samples_dropped": self._dropped,
@@ -94,7 +102,39 @@ class Rollouts:
         }
         if multi_turn(self.job.cfg.envs):
             metrics.update(env_metrics(samples))
+        if self.job.cfg.rl.overlong_buffer:
+            penalties = overlong_penalties(samples, self.job.cfg)
+            metrics["reward/overlong_penalty_mean"] = penalties.mean().item()
+            metrics["reward/overlong_fraction"] = (penalties < 0).float().mean().item()
         return samples, graded, metrics
+
+    def _informative(self, step: int, samples: list[Sample], graded: GradeResult,
+                     timer: PhaseTimer) -> tuple[list[Sample], GradeResult, dict[str, float]]:
+        """DAPO's dynamic sampling (``rl.dynamic_sampling``): the step's groups whose rewards are not all equal, and
+        more rounds of ``rl.num_prompts_per_step`` prompts until there are that many or the rounds' cap is reached;
+        the groups dropped then fill the batch in the order they came. A round's prompts are drawn at random (seeded
+        by the run's seed, the step and the round, so a resumed run draws them again) and generated with the
+        current weights. Metrics: the extra rounds, the prompts generated, and the filling groups."""
+        cfg, rl = self.job.cfg, self.job.cfg.rl
+        wanted, per = rl.num_prompts_per_step, rl.num_samples_per_prompt
+        rounds = [(samples, graded)]
+        while True:
+            rewards_PG = torch.tensor([r for _, g in rounds for r in g.rewards]).view(-1, per)
+            keep = informative_groups(rewards_PG).tolist()
+            if sum(keep) >= wanted or len(rounds) > rl.dynamic_sampling_max_rounds:
+                break
+            num_prompts = len(self.job.prompts.items)
+            extra = np.random.default_rng([cfg.trainer.seed, step, len(rounds)]).choice(
+                num_prompts, wanted, replace=num_prompts < wanted).tolist()
+            rounds.append(collect_and_grade(self.job, extra, send_prompts(self.job, extra, self._borrowed_threads()),
+                                            timer))
+        groups = [g for g, informative in enumerate(keep) if informative][:wanted]
+        filling = [g for g, informative in enumerate(keep) if not informative][: wanted - len(groups)]
+        rows = [g * per + i for g in groups + filling for i in range(per)]
+        every_sample = [s for round_samples, _ in rounds for s in round_samples]
+        metrics = {"dynamic/rounds": len(rounds) - 1, "dynamic/prompts_generated": len(rounds) * wanted,
+                   "dynamic/groups_filled": len(filling)}
+        return ([every_sample[r] for r in rows], GradeResult.concat([g for _, g in rounds]).select(rows), metrics)
 
     def publish(self, step: int) -> SyncStats:
         """The learners' weights after step ``step``'s update become version ``step`` on every worker. Synchronous:
@@ -179,7 +219,16 @@ def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
     samples = [sample for first in order for sample in chunks[first]]
     if multi_turn(cfg.envs):  # the environments' rewards add to the graders'
         graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
+    if cfg.rl.overlong_buffer:
+        penalties = overlong_penalties(samples, cfg).tolist()
+        graded = dataclasses.replace(graded, rewards=[r + p for r, p in zip(graded.rewards, penalties)])
     return samples, graded
+
+
+def overlong_penalties(samples: list[Sample], cfg: Config) -> torch.Tensor:
+    """``rl.overlong_buffer``'s penalty of each sample (≤ 0), from its policy tokens (every turn's)."""
+    lengths_S = torch.tensor([s.num_policy_tokens for s in samples])
+    return overlong_penalty(lengths_S, overlong_max_tokens(cfg), cfg.rl.overlong_buffer, cfg.rl.overlong_penalty)
 
 
 def env_metrics(samples: list[Sample]) -> dict[str, float]:

@@ -18,18 +18,13 @@ def rollout_metrics(samples: list[Sample], prompts: PromptSet, rewards_S: torch.
         "reward/std": rewards_S.std().item(),
         "rollout/num_samples": len(samples),
         # Generated tokens: a multi-turn sample's observations are not counted.
-        "rollout/response_tokens": sum(_generated(s) for s in samples),
+        "rollout/response_tokens": sum(s.num_policy_tokens for s in samples),
         "rollout/accuracy": sum(correct) / max(len(correct), 1),
-        "rollout/response_tokens_mean": statistics.mean(_generated(s) for s in samples),
+        "rollout/response_tokens_mean": statistics.mean(s.num_policy_tokens for s in samples),
         "rollout/truncated_fraction": statistics.mean(s.finish_reason == "length" for s in samples),
         # Samples come from the weights synced after the previous step: a lag above 0 means stale weights.
         "rollout/policy_version_lag": step - 1 - min(s.policy_version for s in samples),
     }
-
-
-def _generated(sample: Sample) -> int:
-    mask = sample.response_mask
-    return len(sample.response_token_ids) if mask is None else sum(mask)
 
 
 def sync_metrics(sync, logprob_gap: dict[str, float] | None = None,

@@ -22,6 +22,8 @@ A grader that raises, hangs or returns something other than a finite number cost
 
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 import logging
 import math
@@ -242,6 +244,11 @@ class GradeResult:
             worker_memory_mib=max(r.worker_memory_mib for r in results),
             memory_replacements=sum(r.memory_replacements for r in results),
         )
+
+    def select(self, rows: list[int]) -> GradeResult:
+        """The rewards and scores of ``rows``, in that order; the failure counters stay those of every row graded."""
+        return dataclasses.replace(self, rewards=[self.rewards[i] for i in rows],
+                                   scores={name: [scores[i] for i in rows] for name, scores in self.scores.items()})
 
     def check_error_rate(self, max_error_rate: float) -> None:
         """Raise ``GraderFailureRateError`` naming the first grader that failed on more than ``max_error_rate`` of

@@ -45,3 +45,9 @@ class Sample:
     # "", or why the environment gave up on this trajectory: "error", "timeout", "invalid" (rlft/envs/runner.py).
     env_failure: str = ""
     messages: list[dict] | None = None  # the transcript, multi-turn only
+
+    @property
+    def num_policy_tokens(self) -> int:
+        """The tokens the policy generated: a multi-turn sample's observations are not counted."""
+        mask = self.response_mask
+        return len(self.response_token_ids) if mask is None else sum(mask)
