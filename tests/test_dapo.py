@@ -107,7 +107,9 @@ def test_dapo_sampling_and_shaping_end_to_end(policy_loss, staleness, sft_demo_r
         assert -0.5 <= r["reward/overlong_penalty_mean"] <= -0.5 * r["rollout/truncated_fraction"]
         assert r["filter/truncated_masked"] == round(128 * r["rollout/truncated_fraction"])
         assert r["filter/nonfinite_masked"] == 0
-        assert r["async/staleness_max"] == min(r["step"] - 1, staleness)
+        # Extra rounds are generated with the current weights (staleness 0), the sent-ahead batch one step behind.
+        assert r["async/staleness_max"] <= min(r["step"] - 1, staleness)
         assert math.isfinite(r["train/policy_loss"]) and 0 <= r["train/clip_fraction"] <= 1
+    assert max(r["async/staleness_max"] for r in steps) == staleness
     # Some steps needed extra rounds: the SFT model answers some prompts always or never right.
     assert sum(r["dynamic/rounds"] for r in steps) > 0, steps
