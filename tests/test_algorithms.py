@@ -345,6 +345,22 @@ def _policy_batch(seed: int = 0) -> tuple[PolicyBatch, torch.Tensor]:
     return batch, logits
 
 
+def assert_exact_across_micro_batches(loss_fn, batch: PolicyBatch, logits: torch.Tensor) -> dict[str, float]:
+    """The loss and metrics of ``batch`` equal those of its micro-batches of 2 rows, combined; returns the metrics."""
+    whole, whole_metrics = loss_fn(logits, batch)
+    shares, combined = [], dict.fromkeys(whole_metrics, 0.0)
+    for index, micro in enumerate(batch.split(2)):
+        micro = micro.trimmed()
+        # A causal LM's logits for a trimmed micro-batch are the same rows and leading columns of the full ones.
+        share, metrics = loss_fn(logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]], micro)
+        shares.append(share)
+        # Metrics named ``*_max`` combine by max, the others by sum.
+        combined = {k: max(combined[k], v) if k.endswith("_max") else combined[k] + v for k, v in metrics.items()}
+    torch.testing.assert_close(sum(shares), whole)
+    assert combined == pytest.approx(whole_metrics)
+    return whole_metrics
+
+
 def test_policy_loss_matches_the_manual_formula():
     batch, logits = _policy_batch()
     logits.requires_grad_()
@@ -381,18 +397,7 @@ def test_policy_loss_matches_the_manual_formula():
 def test_policy_loss_is_exact_across_micro_batches():
     batch, logits = _policy_batch(seed=1)
     loss_fn = PolicyLoss(clip_high=0.28, kl_coef=0.05, entropy_coef=0.01)
-    whole, whole_metrics = loss_fn(logits, batch)
-    shares, summed = [], dict.fromkeys(whole_metrics, 0.0)
-    for index, micro in enumerate(batch.split(2)):
-        micro = micro.trimmed()
-        # A causal LM's logits for a trimmed micro-batch are the same rows and leading columns of the full ones.
-        micro_logits = logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]]
-        share, metrics = loss_fn(micro_logits, micro)
-        shares.append(share)
-        # Metrics named ``*_max`` combine by max, the others by sum.
-        summed = {k: max(summed[k], v) if k.endswith("_max") else summed[k] + v for k, v in metrics.items()}
-    torch.testing.assert_close(sum(shares), whole)
-    assert summed == pytest.approx(whole_metrics)
+    assert_exact_across_micro_batches(loss_fn, batch, logits)
 
 
 def test_policy_loss_without_kl_or_entropy_ignores_them():

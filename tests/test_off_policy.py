@@ -10,6 +10,7 @@ import torch
 
 from rlft.algorithms import PolicyBatch, PolicyLoss, aggregation_weights, importance_weights, token_logprobs
 from rlft.algorithms.policy_loss import _clipped_surrogate, _weighted_sum
+from test_algorithms import assert_exact_across_micro_batches
 
 INF = float("inf")
 
@@ -209,13 +210,5 @@ def test_no_correction_leaves_the_loss_bit_for_bit():
 def test_corrected_loss_is_exact_across_micro_batches():
     batch, logits = _policy_batch(seed=1)
     loss_fn = PolicyLoss(clip_high=0.28, off_policy_correction="mis", is_level="sequence", entropy_coef=0.01)
-    whole, whole_metrics = loss_fn(logits, batch)
-    shares, combined = [], {k: 0.0 for k in whole_metrics}
-    for index, micro in enumerate(batch.split(2)):
-        micro = micro.trimmed()
-        share, metrics = loss_fn(logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]], micro)
-        shares.append(share)
-        combined = {k: max(combined[k], v) if k.endswith("_max") else combined[k] + v for k, v in metrics.items()}
-    torch.testing.assert_close(sum(shares), whole)
-    assert combined == pytest.approx(whole_metrics)
+    whole_metrics = assert_exact_across_micro_batches(loss_fn, batch, logits)
     assert {"is_weight_max", "logprob_diff_max"} <= set(whole_metrics)

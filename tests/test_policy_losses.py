@@ -18,7 +18,7 @@ from rlft.algorithms import (
     token_logprobs,
 )
 from rlft.config import ConfigError, load_config
-from test_algorithms import _policy_batch
+from test_algorithms import _policy_batch, assert_exact_across_micro_batches
 
 KINDS = ["ppo", "gspo", "cispo", "sapo"]
 
@@ -132,15 +132,7 @@ def test_policy_loss_kinds_are_exact_across_micro_batches(kind):
     batch, logits = _policy_batch(seed=2)
     loss_fn = PolicyLoss(kind=kind, clip_low=0.1, clip_high=0.2, kl_coef=0.05, entropy_coef=0.01,
                          cispo_max_weight=1.1, off_policy_correction="tis")
-    whole, whole_metrics = loss_fn(logits, batch)
-    shares, summed = [], dict.fromkeys(whole_metrics, 0.0)
-    for index, micro in enumerate(batch.split(2)):
-        micro = micro.trimmed()
-        share, metrics = loss_fn(logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]], micro)
-        shares.append(share)
-        summed = {k: max(summed[k], v) if k.endswith("_max") else summed[k] + v for k, v in metrics.items()}
-    torch.testing.assert_close(sum(shares), whole)
-    assert summed == pytest.approx(whole_metrics)
+    assert_exact_across_micro_batches(loss_fn, batch, logits)
     # The learner's loss is the pure function's, with the step's weights (seq_mean_token_mean here).
     if kind != "ppo":
         pure = {"gspo": gspo_policy_loss, "cispo": cispo_policy_loss, "sapo": sapo_policy_loss}[kind]
