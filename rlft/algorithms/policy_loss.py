@@ -76,16 +76,8 @@ def clipped_policy_loss(
     samples of π_old; both are token means whatever ``aggregation`` is.
     """
     _check_clip(clip_low, clip_high, dual_clip)
-    valid_BT = mask_BT != 0
-    loss_BT, clipped_BT = _clipped_surrogate(
-        logprobs_BT, old_logprobs_BT, advantages_BT, valid_BT, clip_low, clip_high, dual_clip
-    )
-    approx_kl_BT = kl_estimate(old_logprobs_BT.detach(), logprobs_BT.detach(), "k3")
-    stats = {
-        "clip_fraction": aggregate(clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean"),
-        "approx_kl": aggregate(approx_kl_BT, valid_BT, "token_mean"),
-    }
-    return aggregate(loss_BT, valid_BT, aggregation, aggregation_constant), stats
+    return _pure_loss("ppo", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
+                      clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
 
 
 def gspo_policy_loss(
@@ -168,6 +160,7 @@ def sapo_policy_loss(
 
 def _pure_loss(kind, logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
                **settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ``kind``'s per-token loss aggregated by ``aggregation``, with the stats every pure loss returns."""
     valid_BT = mask_BT != 0
     loss_BT, clipped_BT = PolicyLoss(kind=kind, **settings).surrogate(logprobs_BT, old_logprobs_BT, advantages_BT,
                                                                       valid_BT)
