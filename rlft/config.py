@@ -39,6 +39,25 @@ DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "nca_pair", "bco
 
 
 @dataclass
+class LoraConfig:
+    # Low-rank adapters (PEFT's LoRA, Hu et al. 2021, arXiv:2106.09685) on a frozen model; 0 trains every weight.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Names (last parts) of the linear modules to adapt; ``all-linear``: every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    # Indices of the transformer layers to adapt; empty: every layer.
+    layers: list[int] = field(default_factory=list)
+    # What the rollout workers receive: ``adapter`` (only the adapter's weights travel; vLLM applies it with its
+    # LoRA kernels), ``merged`` (the learners merge it into full weights first), ``auto``: ``adapter`` where it
+    # runs (the vLLM engine, object-store transport, one process per engine), ``merged`` elsewhere.
+    sync: Literal["auto", "adapter", "merged"] = "auto"
+    # Besides the adapter (PEFT format) in ``final_model/``, write the merged model to ``final_model/merged/``.
+    save_merged: bool = False
+
+
+@dataclass
 class ModelConfig:
     # A Hugging Face model directory, or ``tiny://model`` for the embedded default (built on first use).
     path: str = "tiny://model"
@@ -47,6 +66,7 @@ class ModelConfig:
     # Training dtype of the learner's parameters.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -615,6 +635,8 @@ def validate(cfg: Config) -> None:
     if cfg.envs.name and cfg.ray.local_mode and cfg.envs.num_workers:
         raise ConfigError("envs.num_workers: ray.local_mode runs every role in one process; set it to 0 (the "
                           "environments then run in the rollout worker)")
+    if cfg.model.lora.rank:
+        _validate_lora(cfg)
     if cfg.algorithm in ("grpo", "ppo"):
         _validate_rl(cfg)
     if cfg.algorithm in ("dpo", "online_dpo"):
@@ -632,6 +654,42 @@ def validate(cfg: Config) -> None:
             )
         validate_rollout_config(cfg.rollout)
         validate_graders(cfg.graders)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.model.lora
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank: must not be negative, got {lora.rank}")
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha: must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: names no module to adapt")
+    if any(layer < 0 for layer in lora.layers):
+        raise ConfigError(f"model.lora.layers: layer indices are not negative, got {lora.layers}")
+    if lora.sync == "adapter" and not adapter_sync_runs(cfg):
+        raise ConfigError(
+            "model.lora.sync: adapter sync needs rollout.engine=vllm, rollout.weight_transport=object_store and "
+            f"rollout.tensor_parallel_size=1 (got {cfg.rollout.engine}, {cfg.rollout.weight_transport}, "
+            f"{cfg.rollout.tensor_parallel_size}); use merged or auto"
+        )
+    if cfg.algorithm == "online_dpo" and cfg.dpo.ref_update_every_n_steps:
+        raise ConfigError("dpo.ref_update_every_n_steps: with model.lora the reference is the base model (the "
+                          "adapter disabled), which the policy's updates never change; set it to 0")
+
+
+def adapter_sync_runs(cfg: Config) -> bool:
+    """Whether the rollout workers can take a LoRA adapter as it is (``model.lora.sync``): vLLM loads it from a file
+    its worker writes, so the engine's one process must be the worker's."""
+    rollout = cfg.rollout
+    return rollout.engine == "vllm" and rollout.weight_transport == "object_store" and rollout.tensor_parallel_size == 1
+
+
+def lora_syncs_adapter(cfg: Config) -> bool:
+    """Whether the rollout workers receive the adapter only (else full weights, the adapter merged in)."""
+    lora = cfg.model.lora
+    return lora.rank > 0 and (lora.sync == "adapter" or (lora.sync == "auto" and adapter_sync_runs(cfg)))
 
 
 def _validate_dpo(dpo: DPOConfig) -> None:

@@ -41,7 +41,6 @@ from rlft.data.sources import DataError
 from rlft.data.tokenize import TokenizedExample, tokenize_prompt_completion
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
-from rlft.reference import ReferenceGroup
 from rlft.timing import PhaseTimer
 from rlft.tiny import resolve
 
@@ -137,9 +136,9 @@ def reference_cache_path(cfg: Config, pairs: Pairs) -> Path:
     return Path(cfg.dpo.cache_dir).expanduser() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
-def cached_reference_sums(run: Run, pairs: Pairs, pad_id: int, reference: ReferenceGroup | None) -> torch.Tensor:
-    """The reference sums of ``pairs``, read from the cache, or computed (starting the run's reference server for
-    the pass when none is given) and written there."""
+def cached_reference_sums(run: Run, pairs: Pairs, pad_id: int, reference) -> torch.Tensor:
+    """The reference sums of ``pairs``, read from the cache, or computed by ``reference`` (a ``ReferenceGroup``, or
+    the learners' ``LearnerReference``; None starts the run's reference server for the pass) and written there."""
     cfg = run.cfg
     path = reference_cache_path(cfg, pairs)
     if path.exists():
@@ -188,14 +187,25 @@ def dpo(cfg: Config) -> RunResult:
         items = eval_items(cfg)
 
         # ---- actors: the learners see rows, two per pair
-        run.start_cluster(reference=True, rollout=False, graders=False)
-        reference = run.reference_group() if d.reference == "server" else None
+        def start_learners() -> LearnerGroup:
+            return run.keep(LearnerGroup(rows_config(cfg), total_steps, local=cfg.ray.local_mode,
+                                         placement=run.placement))
+
+        # The reference: with LoRA the learners' base model (the adapter disabled), no server; otherwise the
+        # reference server, kept for the run with dpo.reference=server, else started for the cache pass alone.
+        lora = cfg.model.lora.rank > 0
+        run.start_cluster(reference=not lora, rollout=False, graders=False)
+        learners = start_learners() if lora else None
+        if lora:
+            scorer = learners.reference()
+        else:
+            scorer = run.reference_group() if d.reference == "server" else None
+        reference = scorer if d.reference == "server" else None
         timer = PhaseTimer()
         with timer.phase(Phase.REFERENCE_CACHE):
-            ref_sums = None if reference else cached_reference_sums(run, pairs, pad_id, None)
-            eval_ref = cached_reference_sums(run, eval_pairs, pad_id, reference) if eval_pairs else None
-        learners = run.keep(LearnerGroup(rows_config(cfg), total_steps, local=cfg.ray.local_mode,
-                                         placement=run.placement))
+            ref_sums = None if reference else cached_reference_sums(run, pairs, pad_id, scorer)
+            eval_ref = cached_reference_sums(run, eval_pairs, pad_id, scorer) if eval_pairs else None
+        learners = learners or start_learners()  # after the reference pass, which frees the server's cores
         evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None
 
         def evaluate(step: int, tag: str) -> dict[str, float]:

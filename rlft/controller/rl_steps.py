@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
-from rlft.config import Config, ConfigError, off_policy_correction, recomputes_old_logprobs
+from rlft.config import Config, ConfigError, lora_syncs_adapter, off_policy_correction, recomputes_old_logprobs
 from rlft.controller.common import EpochSampler
 from rlft.controller.evaluation import (
     EvalResult,
@@ -79,17 +79,21 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
         )
     total_steps = cfg.trainer.max_steps or sampler.steps_per_epoch * cfg.trainer.num_epochs
     with_reference = rl.kl_coef > 0 if with_reference is None else with_reference
+    # With LoRA the reference is the learners' base model, the adapter disabled: no reference server.
+    lora = cfg.model.lora.rank > 0
+    reference_server = with_reference and not lora
 
-    run.start_cluster(reference=with_reference, critic=with_critic)
+    run.start_cluster(reference=reference_server, critic=with_critic)
     local, restarts, placement = cfg.ray.local_mode, cfg.ray.max_actor_restarts, run.placement
     optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
     starts = {
         "learners": lambda: LearnerGroup(cfg, optimizer_steps, local=local, placement=placement),
         "rollout": lambda: RolloutGroup(cfg.model.path, cfg.rollout, local=local, placement=placement,
-                                        max_restarts=restarts, envs=cfg.envs if multi_turn(cfg.envs) else None),
+                                        max_restarts=restarts, envs=cfg.envs if multi_turn(cfg.envs) else None,
+                                        lora_rank=cfg.model.lora.rank if lora_syncs_adapter(cfg) else 0),
         "graders": lambda: GraderPool(cfg.graders, local=local, max_restarts=restarts),
     }
-    if with_reference:
+    if reference_server:
         starts["reference"] = run.reference_group
     if with_critic:
         starts["critic"] = lambda: LearnerGroup(cfg, optimizer_steps, local=local, head="value", lr=rl.critic_lr,
@@ -97,8 +101,9 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     roles = run.start_roles(starts)
     learners, rollout = roles["learners"], roles["rollout"]
     control = run.keep(LiveControl(cfg))
-    job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, roles["graders"], control,
-                roles.get("reference"), roles.get("critic"))
+    reference = learners.reference() if with_reference and lora else roles.get("reference")
+    job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, roles["graders"], control, reference,
+                roles.get("critic"))
     job.rollouts = Rollouts(job)
     evaluate_fn = (lambda step, tag: evaluate(job, step, tag)) if eval_prompts else None
 

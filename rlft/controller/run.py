@@ -65,6 +65,10 @@ class Run:
     def __init__(self, cfg: Config):
         self.started = time.perf_counter()
         self.cfg = resolve_paths(cfg)
+        if self.cfg.model.lora.rank:
+            from rlft.learner.lora import check_target_modules
+
+            check_target_modules(self.cfg.model.path, self.cfg.model.lora)  # before any actor starts
         self.out_dir = prepare_output_dir(self.cfg)
         self.ckpt_root = Path(self.cfg.checkpoint_dir)
         self.resume_from = resume_path(self.cfg, self.ckpt_root)

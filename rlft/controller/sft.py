@@ -78,7 +78,8 @@ def sft(cfg: Config) -> RunResult:
             return evaluation.evaluate(learners, step, run.samples_path(tag))
 
         run.begin(learners, sampler, total_steps, evaluate if evaluation else None,
-                  first_metrics={**data_counts, "model/num_parameters": learners.num_parameters})
+                  first_metrics={**data_counts, "model/num_parameters": learners.num_parameters,
+                                 "model/num_trainable_parameters": learners.num_trainable_parameters})
         loss = SFTLoss()
         for step in run.steps():
             with run.recover_learners():  # a dead learner: all ranks restarted, steps since the checkpoint redone

@@ -115,6 +115,7 @@ class WeightHandle:
     ``collective``: the group whose rank 0 broadcasts the buckets (``collective``); ``sending`` are the learner
     ranks' calls doing it, which the consumer side waits for together with its own receives.
     ``ipc_handles``: per bucket, the CUDA IPC handle of the learner's buffer (``cuda_ipc``).
+    ``adapter``: the buckets hold a LoRA adapter, not full weights; its PEFT config (``adapter_config.json``).
     """
 
     version: int
@@ -124,6 +125,7 @@ class WeightHandle:
     collective: CollectiveSpec | None = None
     sending: tuple = field(default=(), compare=False)
     ipc_handles: tuple = ()
+    adapter: dict | None = field(default=None, compare=False)
 
     @property
     def num_bytes(self) -> int:

@@ -82,7 +82,10 @@ class LearnerGroup:
             backend=backend,
             seed=cfg.trainer.seed,
             head=head,
+            # The critic (a value head) trains whole; LoRA is the policy's.
+            lora=cfg.model.lora if cfg.model.lora.rank and head == "lm" else None,
         )
+        self.save_merged = cfg.model.lora.save_merged
         self.tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
         self.role = Role.CRITIC if head == "value" else Role.LEARNERS
         self._local, self._placement = local, placement
@@ -105,7 +108,8 @@ class LearnerGroup:
         ]
         master_addr, master_port = self._wait(self.workers[0].address.remote())
         counts = self._wait([w.setup.remote(self.spec, master_addr, master_port) for w in self.workers])
-        self.num_parameters = counts[0]
+        self.num_parameters, self.num_trainable_parameters = counts[0]
+        self._adapter_config = self._wait(self.workers[0].adapter_config.remote()) if self.spec.lora else None
 
     def restart(self) -> None:
         """Every rank started again from the model's starting weights (after one died): the survivors are ended
@@ -221,31 +225,43 @@ class LearnerGroup:
         rank's; ranks wait for each other in collectives)."""
         return slowest(self._wait([w.engine_seconds.remote() for w in self.workers]))
 
-    def export_weights(self) -> dict:
-        """Full parameters by name (ZeRO-3 shards gathered), brought to the caller: for tests and comparing runs.
-        Syncing consumers goes through ``publish_weights``, which never brings weights to the driver."""
-        return self._wait([w.export_weights.remote() for w in self.workers])[0]
+    def export_weights(self, adapter: bool | None = None) -> dict:
+        """Whole parameters by name (ZeRO-3 shards gathered), brought to the caller: for tests and comparing runs.
+        With LoRA, the adapter's (``adapter=False``: full weights, the adapter merged in). Syncing consumers goes
+        through ``publish_weights``, which never brings weights to the driver."""
+        return self._wait([w.export_weights.remote(adapter) for w in self.workers])[0]
 
-    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> WeightHandle:
+    def reference(self) -> LearnerReference:
+        """The reference policy of a LoRA run: these ranks with the adapter disabled (no reference server)."""
+        if self.spec.lora is None:
+            raise TypeError("the learners are the reference only with model.lora (the adapter disabled)")
+        return LearnerReference(self)
+
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int, adapter: bool = False) -> WeightHandle:
         """The ranks publish the current weights as ``version`` and the small ``WeightHandle`` comes back.
+        ``adapter``: the LoRA adapter's weights only (the handle carries its PEFT config), else full weights.
 
         ``object_store`` and ``cuda_ipc``: returns once every bucket is out. ``collective``: returns at once with
         the ranks' sending calls in ``handle.sending``; the buckets flow while the consumers receive them (the group
         must have been opened with ``open_weight_group``)."""
+        if adapter and self.spec.lora is None:
+            raise ValueError("publish_weights(adapter=True): the learners train no LoRA adapter (model.lora.rank 0)")
+        adapter_config = self._adapter_config if adapter else None
         if transport == "collective":
             if self._weight_spec is None:
                 raise WeightSyncError("collective weight transport: the weight group is not open (open_weight_group)")
             # The consumers need the tables before the broadcast ends, so they are asked for first.
-            tables = tuple(self._wait(self.workers[0].weight_tables.remote(bucket_bytes)))
-            sending = tuple(w.publish_weights.remote(transport, bucket_bytes) for w in self.workers)
-            return WeightHandle(version, transport, tables, collective=self._weight_spec, sending=sending)
-        results = self._wait([w.publish_weights.remote(transport, bucket_bytes) for w in self.workers])
+            tables = tuple(self._wait(self.workers[0].weight_tables.remote(bucket_bytes, adapter)))
+            sending = tuple(w.publish_weights.remote(transport, bucket_bytes, adapter) for w in self.workers)
+            return WeightHandle(version, transport, tables, collective=self._weight_spec, sending=sending,
+                                adapter=adapter_config)
+        results = self._wait([w.publish_weights.remote(transport, bucket_bytes, adapter) for w in self.workers])
         tables = tuple(results[0][0])
         emitted = {index: out for _, per_rank in results for index, out in per_rank.items()}
         in_order = tuple(emitted[index] for index in range(len(tables)))
         if transport == "object_store":
-            return WeightHandle(version, transport, tables, bucket_refs=in_order)
-        return WeightHandle(version, transport, tables, ipc_handles=in_order)
+            return WeightHandle(version, transport, tables, bucket_refs=in_order, adapter=adapter_config)
+        return WeightHandle(version, transport, tables, ipc_handles=in_order, adapter=adapter_config)
 
     def open_weight_group(self, num_receivers: int, timeout_s: float):
         """Start forming a new weight group of learner rank 0 and ``num_receivers`` consumer ranks; returns its
@@ -258,9 +274,11 @@ class LearnerGroup:
         return self._weight_spec, self.workers[0].join_weight_group.remote(self._weight_spec)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """A Hugging Face model directory (config, safetensors, tokenizer) loadable by transformers and vLLM."""
+        """A Hugging Face model directory (config, safetensors, tokenizer) loadable by transformers and vLLM; with
+        LoRA, the adapter in PEFT's format (and the merged model in ``merged/`` with ``model.lora.save_merged``)."""
         out_dir = Path(out_dir).resolve()
-        self._wait([w.save_pretrained.remote(str(out_dir), self.tokenizer_path) for w in self.workers])
+        self._wait([w.save_pretrained.remote(str(out_dir), self.tokenizer_path, self.save_merged)
+                    for w in self.workers])
         return out_dir
 
     def save_checkpoint(self, ckpt_dir: str | Path, trainer_state: dict) -> Path:
@@ -290,6 +308,35 @@ class LearnerGroup:
                 wait_each([w.shutdown.remote() for w in self.workers], timeout_s=60)
         finally:
             kill(self.workers)
+
+
+class LearnerReference:
+    """The reference role of a LoRA run, played by the learners with the adapter disabled: the same calls as the
+    reference server (``rlft.reference.ReferenceGroup``), its log-probabilities kept on the ranks."""
+
+    restarts = 0  # the learners' own restarts are counted as theirs
+
+    def __init__(self, learners: LearnerGroup):
+        self.learners = learners
+
+    def keep_logprobs(self, batch: TokenBatch) -> RemoteRows:
+        group = self.learners
+        shards = group._even_shards(batch)
+        refs = group._wait([w.reference_logprobs_kept.remote(s) for w, s in zip(group.workers, shards)])
+        return RemoteRows(tuple((ref, shard.num_rows) for ref, shard in zip(refs, shards)))
+
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``logprobs_BT`` brought to the caller; any row count (the last row repeated to split evenly)."""
+        rows, extra = batch.num_rows, -batch.num_rows % self.learners.world_size
+        if extra:
+            batch = TokenBatch.concat([batch] + [batch.rows(rows - 1, rows)] * extra)
+        return self.keep_logprobs(batch).resolve()[:rows]
+
+    def engine_seconds(self) -> dict[str, float]:
+        return {}  # inside the learners' own (``reference``)
+
+    def shutdown(self) -> None:
+        pass  # the learners are shut down as themselves
 
 
 def _combine(results: list[dict[str, float]]) -> dict[str, float]:

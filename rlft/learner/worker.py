@@ -7,6 +7,7 @@ gradients, reduces them across ranks and steps the optimizer at the last one.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -20,6 +21,7 @@ import torch
 
 from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
+from rlft.config import LoraConfig
 from rlft.data.batch import TokenBatch
 from rlft.distributed.remote_rows import keep_here, resolve_rows
 from rlft.names import Phase
@@ -54,6 +56,8 @@ class LearnerSpec:
     seed: int
     # ``lm``: a causal LM (the policy); ``value``: the same backbone with a scalar head per token (PPO's critic).
     head: str = "lm"
+    # LoRA adapters on a frozen model (``model.lora``); None trains every weight.
+    lora: LoraConfig | None = None
 
     def deepspeed_config(self) -> dict:
         zero: dict = {"stage": self.zero_stage}
@@ -120,8 +124,9 @@ class LearnerWorker:
         self._listeners[port] = sock
         return host, port
 
-    def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> int:
-        """Join the process group, load the model and build the DeepSpeed engine; returns the parameter count."""
+    def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> tuple[int, int]:
+        """Join the process group, load the model and build the DeepSpeed engine; returns the counts of all and of
+        trainable parameters."""
         import torch._dynamo  # noqa: F401  (must precede deepspeed.zero.Init; see ENVIRONMENT.md)
         import transformers
         import deepspeed
@@ -153,8 +158,14 @@ class LearnerWorker:
             model = transformers.AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=spec.dtype)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if spec.lora is not None:
+            from rlft.learner.lora import apply_lora
+
+            model = apply_lora(model, spec.lora)
+            if spec.gradient_checkpointing:
+                model.enable_input_require_grads()  # the frozen embedding's output must carry gradients
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
+            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
         )
         # Every schedule starts with ``warmup_steps`` of linear warm-up; transformers' plain "constant" has none.
         name = "constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler
@@ -165,7 +176,8 @@ class LearnerWorker:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.engine.train()
-        return sum(_numel(p) for p in self.engine.module.parameters())
+        params = list(self.engine.module.parameters())
+        return sum(_numel(p) for p in params), sum(_numel(p) for p in params if p.requires_grad)
 
     def _init_process_group(self, spec: LearnerSpec, master_addr: str, master_port: int) -> None:
         """The ranks' process group, its rendezvous store served by rank 0 on the socket ``address`` opened and
@@ -250,6 +262,15 @@ class LearnerWorker:
         return keep_here(logprobs_BT), gap
 
     @torch.no_grad()
+    def reference_logprobs_kept(self, batch: TokenBatch):
+        """This rank's share of ``logprobs_BT`` under the base model, the LoRA adapter disabled (the reference
+        policy of a LoRA run), kept in the object store."""
+        from rlft.learner.lora import disabled_adapter
+
+        with self.clock.phase(Phase.REFERENCE), disabled_adapter(self.engine.module):
+            return keep_here(self._per_token_outputs(batch))
+
+    @torch.no_grad()
     def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:
         self.engine.eval()
         out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
@@ -267,11 +288,30 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------------ weights
 
-    def weight_tables(self, bucket_bytes: int) -> list:
-        """How the parameters fall into buckets (names, dtypes, full shapes; no data moves)."""
+    def weight_tables(self, bucket_bytes: int, adapter: bool = False) -> list:
+        """How the parameters fall into buckets (names, dtypes, full shapes; no data moves). ``adapter``: the LoRA
+        adapter's parameters only; otherwise every weight of the model (a LoRA adapter merged in)."""
         from rlft.distributed.weight_sync import plan_buckets, tensor_meta
 
-        return plan_buckets((tensor_meta(n, p) for n, p in self.engine.module.named_parameters()), bucket_bytes)
+        return plan_buckets((tensor_meta(n, p) for n, p in self._weight_params(adapter)), bucket_bytes)
+
+    def _weight_params(self, adapter: bool) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the weights that leave this learner, in order, for their names and metadata."""
+        from rlft.learner.lora import adapter_parameters, merged_parameters
+
+        module = self.engine.module
+        if self.spec.lora is None:
+            if adapter:
+                raise ValueError("adapter weights asked of a learner without model.lora")
+            return list(module.named_parameters())
+        if adapter:
+            return list(adapter_parameters(module))
+        return [(name, param) for name, param, _ in merged_parameters(module)]
+
+    def adapter_config(self) -> dict:
+        """The LoRA adapter's PEFT config (``adapter_config.json``), for consumers that load the adapter."""
+        config = self.engine.module.peft_config["default"].to_dict()
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
     def join_weight_group(self, spec) -> None:
         """Rank 0 only: open the weight group (its rank 0, hosting the rendezvous) and wait for every consumer."""
@@ -280,28 +320,29 @@ class LearnerWorker:
         self._weight_group = None
         self._weight_group = WeightGroup(spec, 0, listener=self._listeners.pop(spec.port, None))
 
-    def publish_weights(self, transport: str, bucket_bytes: int) -> tuple[list, dict]:
+    def publish_weights(self, transport: str, bucket_bytes: int, adapter: bool = False) -> tuple[list, dict]:
         """Publish this version's weights bucket by bucket; every rank must call it (under ZeRO-3 each parameter is
-        gathered in turn, so no rank ever holds a second full copy). A bucket's owner fills it in a reused scratch
+        gathered in turn, so no rank ever holds a second full copy); ``adapter``: a LoRA adapter's weights only,
+        else full weights (the adapter merged in). A bucket's owner fills it in a reused scratch
         buffer and emits it: ``object_store``, bucket k is put by rank k mod world size (the ranks share the work);
         ``collective``, rank 0 broadcasts every bucket on the weight group; ``cuda_ipc``, rank 0 keeps each bucket
         on the GPU and shares an IPC handle. Returns the bucket tables and what this rank emitted, by bucket
         index."""
         with self.clock.phase(Phase.SYNC):
-            return self._publish_weights(transport, bucket_bytes)
+            return self._publish_weights(transport, bucket_bytes, adapter)
 
-    def _publish_weights(self, transport: str, bucket_bytes: int) -> tuple[list, dict]:
+    def _publish_weights(self, transport: str, bucket_bytes: int, adapter: bool) -> tuple[list, dict]:
         import ray
 
         from rlft.distributed.weight_sync import WeightBucket, fill_bucket
 
-        tables = self.weight_tables(bucket_bytes)
+        tables = self.weight_tables(bucket_bytes, adapter)
         group = self._weight_group
         on_gpu = transport == "cuda_ipc" or (transport == "collective" and group is not None and group.device == "cuda")
         device = "cuda" if on_gpu else "cpu"
         if transport == "cuda_ipc":
             self._ipc_buffers = []  # the consumers open these; they live until the next publish
-        params = self._full_parameters()
+        params = self._full_parameters(adapter)
         emitted = {}
         for index, table in enumerate(tables):
             tensors = (tensor for _, tensor in itertools.islice(params, len(table.slots)))
@@ -331,54 +372,90 @@ class LearnerWorker:
             scratch = self._scratch[device] = torch.empty(num_bytes, dtype=torch.uint8, device=device)
         return scratch[:num_bytes]
 
-    def _full_parameters(self):
-        """(name, whole parameter) in order, each gathered across ranks under ZeRO-3 while it is looked at."""
+    def _gathered(self, params):
+        """The context in which ``params`` are whole: gathered across ranks under ZeRO-3, as they are otherwise."""
         import deepspeed
 
-        for name, param in self.engine.module.named_parameters():
-            if self.spec.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    yield name, param.data
-            else:
+        if self.spec.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _full_parameters(self, adapter: bool = False):
+        """(name, whole tensor) in ``_weight_params``' order, each gathered across ranks under ZeRO-3 while it is
+        looked at; with LoRA and not ``adapter``, the adapted weights merged."""
+        from rlft.learner.lora import merged_tensors
+
+        if self.spec.lora is not None and not adapter:
+            yield from merged_tensors(self.engine.module, self._gathered)
+            return
+        for name, param in self._weight_params(adapter):
+            with self._gathered([param]):
                 yield name, param.data
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full (gathered) parameters by name on rank 0, None on the others; for saving and comparing runs, not
-        for syncing (that is ``publish_weights``). Every rank must call it."""
+    def export_weights(self, adapter: bool | None = None) -> dict[str, torch.Tensor] | None:
+        """Whole parameters by name on rank 0, None on the others; for saving and comparing runs, not for syncing
+        (that is ``publish_weights``). ``adapter`` (default: whether the model has one): the LoRA adapter's
+        weights only, else full weights (an adapter merged in). Every rank must call it."""
+        adapter = self.spec.lora is not None if adapter is None else adapter
         out: dict[str, torch.Tensor] = {}
-        for name, tensor in self._full_parameters():
+        for name, tensor in self._full_parameters(adapter):
             if self.rank == 0:
                 out[name] = tensor.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
 
-    def save_pretrained(self, out_dir: str, tokenizer_path: str) -> None:
-        """Write a Hugging Face model directory (config, safetensors weights, tokenizer) from rank 0."""
+    def save_pretrained(self, out_dir: str, tokenizer_path: str, save_merged: bool = False) -> None:
+        """Write a Hugging Face model directory (config, safetensors weights, tokenizer) from rank 0. With LoRA: the
+        adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``), and with
+        ``save_merged`` the merged model in ``merged/`` beside it."""
         from transformers import AutoTokenizer
 
-        weights = self.export_weights()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if self.rank == 0 else None
+        if self.spec.lora is not None:
+            adapter = self.export_weights(adapter=True)
+            if self.rank == 0:
+                self._save_adapter(Path(out_dir), adapter)
+                tokenizer.save_pretrained(out_dir)
+            if not save_merged:
+                return
+            out_dir = str(Path(out_dir) / "merged")
+        weights = self.export_weights(adapter=False)
         if self.rank != 0:
             return
-        self.engine.module.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out_dir)
+        model = self.engine.module.get_base_model() if self.spec.lora is not None else self.engine.module
+        model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+    def _save_adapter(self, out_dir: Path, adapter: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.engine.module.peft_config["default"].save_pretrained(str(out_dir))
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(out_dir / "adapter_model.safetensors"))
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        """Weights (safetensors, rank 0), DeepSpeed optimizer/scheduler state (every rank) and this rank's RNG."""
+        """Weights (safetensors, rank 0: the adapter alone with LoRA), DeepSpeed optimizer/scheduler state (every rank) and this rank's RNG."""
         from safetensors.torch import save_file
 
         path = Path(ckpt_dir)
+        lora = self.spec.lora is not None
         weights = self.export_weights()
-        if self.rank == 0:
+        if self.rank == 0 and lora:
+            self._save_adapter(path, weights)
+        elif self.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
+        # With LoRA the frozen base weights are the model's own files: the checkpoint holds the adapter only.
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=lora)
         torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         path = Path(ckpt_dir)
         load_path, _ = self.engine.load_checkpoint(
-            str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=self.spec.lora is None,  # a LoRA checkpoint holds no frozen weight
         )
         if load_path is None:
             raise FileNotFoundError(f"{path / 'deepspeed'}: no DeepSpeed checkpoint to resume from")

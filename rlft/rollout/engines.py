@@ -12,7 +12,11 @@ from the worker's own process when the engine shares it, or each vLLM process re
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import torch
@@ -117,8 +121,14 @@ def _use_in_process_engine() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if torch.cuda.is_available() else "0") == "0"
 
 
+# The adapter ranks vLLM's LoRA kernels are built for (``max_lora_rank``).
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class VLLMEngine:
-    def __init__(self, model_path: str, cfg: RolloutConfig):
+    def __init__(self, model_path: str, cfg: RolloutConfig, lora_rank: int = 0):
+        """``lora_rank`` > 0: the policy arrives as LoRA adapters of up to that rank (``load_adapter``), applied
+        by vLLM's LoRA kernels on top of the model's own weights."""
         in_process = _use_in_process_engine()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
@@ -132,6 +142,12 @@ class VLLMEngine:
             # A prompt prefilled in chunks rewinds its seeded sampler's generator, which CPU generators cannot do
             # ("CPU Generator does not use offset"): on CPU every prompt is prefilled whole.
             options["enable_chunked_prefill"] = False
+        if lora_rank:
+            options.update(enable_lora=True, max_loras=1,
+                           max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= lora_rank))
+        self._lora = None  # the ``LoRARequest`` of the adapter in use, once one is loaded
+        self._lora_loads = 0
+        self._lora_dir = tempfile.mkdtemp(prefix="rlft-lora-") if lora_rank else None
         self.llm = LLM(
             model=model_path,
             dtype=cfg.dtype,
@@ -175,7 +191,7 @@ class VLLMEngine:
             for seed in seeds
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         backend = None if detokenize else self.llm.get_tokenizer().backend_tokenizer
         return [
@@ -200,6 +216,26 @@ class VLLMEngine:
             self.llm.collective_rpc("rlft_reload_weights", args=(iter_bucket_weights(buckets),))
         self.llm.reset_prefix_cache()
 
+    def load_adapter(self, buckets: list[WeightBucket], adapter_config: dict) -> None:
+        """Serve a new LoRA adapter: written (PEFT's files) under a directory of its own and loaded by vLLM as a new
+        adapter id, so no cached prefix computed with the previous one is reused; the previous files go."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._lora_dir is None:
+            raise ValueError("a LoRA adapter sent to a vLLM engine started without LoRA (lora_rank 0)")
+        self._lora_loads += 1
+        path = Path(self._lora_dir) / f"adapter_{self._lora_loads}"
+        path.mkdir()
+        save_file({name: tensor.contiguous() for name, tensor in iter_bucket_weights(buckets)},
+                  str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(adapter_config))
+        previous, self._lora = self._lora, LoRARequest("policy", self._lora_loads, str(path))
+        self.llm.llm_engine.add_lora(self._lora)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
     def join_weight_group(self, spec: CollectiveSpec, first_rank: int) -> None:
         self.llm.collective_rpc("rlft_join_weight_group", args=(dataclasses.asdict(spec), first_rank))
 
@@ -221,7 +257,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                    use_tqdm=False, lora_request=self._lora)
         return [
             [out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))]
             for seq, out in zip(sequences, outputs)

@@ -40,14 +40,16 @@ _PEER_MARGIN_S = 5.0
 
 class RolloutGroup:
     def __init__(self, model_path: str, cfg: RolloutConfig, local: bool = False, placement=None,
-                 max_restarts: int = 0, envs=None):
+                 max_restarts: int = 0, envs=None, lora_rank: int = 0):
         """``envs``: an ``EnvConfig`` naming an environment makes every rollout multi-turn; the prompts given to
-        ``generate`` / ``submit`` are then the data rows (dicts with ``messages``), not token ids."""
+        ``generate`` / ``submit`` are then the data rows (dicts with ``messages``), not token ids. ``lora_rank`` >
+        0: the learners' LoRA adapter is what every sync sends (``model.lora.sync``), not full weights."""
         if local and cfg.num_rollout_workers != 1:
             raise ValueError("rollout.num_rollout_workers: the in-process (no Ray) backend runs exactly one worker")
         self.model_path = model_path
         self.cfg = cfg
         self.envs = envs
+        self.lora_rank = lora_rank
         self.local = local
         self.placement = placement
         # How a worker started after the first sync (a replacement, or one added by ``resize``) gets the weights the
@@ -66,8 +68,8 @@ class RolloutGroup:
     def _start_worker(self, slot: int):
         cfg = self.cfg
         resources = role_resources(self.placement, Role.ROLLOUT, slot, cfg.num_cpus_per_worker, cfg.num_gpus_per_worker)
-        worker = spawn(RolloutWorker, self.model_path, self.cfg, self.envs, self.local, resources=resources,
-                       local=self.local)
+        worker = spawn(RolloutWorker, self.model_path, self.cfg, self.envs, self.local, self.lora_rank,
+                       resources=resources, local=self.local)
         # Waits until the engine has started, so start-up errors surface here rather than at the first step.
         wait(worker.policy_version.remote())
         if self._serving is not None:
@@ -214,12 +216,13 @@ class RolloutGroup:
         self._check_updates_sent()
         start, inbox_before = time.perf_counter(), DRIVER_INBOX.num_bytes
         bucket_bytes = int(cfg.weight_sync_bucket_mib * _MIB)
+        adapter = self.lora_rank > 0
         self._serving = (policy_version, lambda: learners.publish_weights(policy_version, "object_store",
-                                                                           bucket_bytes))
+                                                                           bucket_bytes, adapter))
         if transport == "collective":
             if not self._same_members() or not learners.weight_group_open:  # new workers, or restarted learners
                 self._form_group(learners)
-            handle = learners.publish_weights(policy_version, "collective", bucket_bytes)
+            handle = learners.publish_weights(policy_version, "collective", bucket_bytes, adapter)
             try:
                 timings = self._receive_collective(handle)
             except WeightSyncError as err:
@@ -232,7 +235,7 @@ class RolloutGroup:
                 handle = self._current_object_store_handle()
                 timings = self.workers.call_all(lambda w: w.update_weights.remote(handle), cfg.weight_sync_timeout_s)
         else:
-            handle = learners.publish_weights(policy_version, transport, bucket_bytes)
+            handle = learners.publish_weights(policy_version, transport, bucket_bytes, adapter)
             if handle.transport == "object_store":
                 self._object_store_handle = handle
             if not wait_applied:

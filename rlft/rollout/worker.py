@@ -46,8 +46,11 @@ def _compute_threads(num: int):
         torch._C.set_num_threads(before)
 
 
-def make_engine(model_path: str, cfg: RolloutConfig):
-    """The engine ``rollout.engine`` names. Imported here, not at the top: a simulated worker never imports torch."""
+def make_engine(model_path: str, cfg: RolloutConfig, lora_rank: int = 0):
+    """The engine ``rollout.engine`` names (``lora_rank`` > 0: one that takes LoRA adapters, vLLM only). Imported
+    here, not at the top: a simulated worker never imports torch."""
+    if lora_rank and cfg.engine != "vllm":
+        raise ValueError(f"rollout.engine: {cfg.engine} does not take LoRA adapters; sync merged weights")
     if cfg.engine == "simulated":
         from rlft.rollout.simulated import SimulatedEngine
 
@@ -55,16 +58,17 @@ def make_engine(model_path: str, cfg: RolloutConfig):
     if cfg.engine == "vllm":
         from rlft.rollout.engines import VLLMEngine
 
-        return VLLMEngine(model_path, cfg)
+        return VLLMEngine(model_path, cfg, lora_rank)
     from rlft.rollout.engines import HFEngine
 
     return HFEngine(model_path, cfg)
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, envs=None, local_envs: bool = False):
+    def __init__(self, model_path: str, cfg: RolloutConfig, envs=None, local_envs: bool = False, lora_rank: int = 0):
         """``envs`` (an ``EnvConfig`` naming an environment): multi-turn rollouts, each trajectory's environment in
-        this worker's own pool of ``envs.num_workers`` actors (in this process when ``local_envs`` or 0)."""
+        this worker's own pool of ``envs.num_workers`` actors (in this process when ``local_envs`` or 0).
+        ``lora_rank`` > 0: the policy arrives as LoRA adapters of up to that rank (``model.lora.sync``)."""
         install_handler()  # first: a hang while the engine starts is dumped too
         # As many compute threads as the worker has CPUs (Ray's OMP_NUM_THREADS says the same for whole CPUs).
         self._threads = max(1, int(cfg.num_cpus_per_worker)) if cfg.engine != "simulated" else 0
@@ -72,7 +76,7 @@ class RolloutWorker:
             import torch
 
             torch.set_num_threads(self._threads)
-        self.engine = make_engine(model_path, cfg)
+        self.engine = make_engine(model_path, cfg, lora_rank)
         self._engine_lock = threading.Lock()  # see _generating
         self._endpoint = None
         self._endpoint_batcher = None
@@ -295,7 +299,12 @@ class RolloutWorker:
         if handle.version < self._policy_version and not rewind:
             raise ValueError(f"policy version {handle.version} is older than the current {self._policy_version}")
         start = time.perf_counter()
-        if self.engine.weights_cross_processes and handle.transport != "object_store":
+        if handle.adapter is not None:
+            buckets = receive_buckets(handle, self._group)
+            received = time.perf_counter()
+            with self._engine_lock, self.clock.phase(Phase.SYNC):
+                self.engine.load_adapter(buckets, handle.adapter)
+        elif self.engine.weights_cross_processes and handle.transport != "object_store":
             # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
             received = start
             with self._engine_lock, self.clock.phase(Phase.SYNC):
