@@ -3,6 +3,7 @@ the adapter; the reference is the base model with the adapter disabled; the conf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,3 +272,72 @@ def test_resumed_lora_run_continues_exactly(lora_grpo_run, sft_demo_run, fixed_p
     a = load_file(lora_grpo_run / "final_model/adapter_model.safetensors")
     b = load_file(out / "final_model/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sft_with_lora_under_zero3_writes_adapter_and_merged_model(tmp_path):
+    out = tmp_path / "run"
+    proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), "learner.zero_stage=3", "model.lora.rank=8",
+                    "model.lora.save_merged=true", "trainer.max_steps=20", "eval.num_examples=20",
+                    "logging.wandb=false", f"logging.output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_metrics(out / "metrics.jsonl")
+    first = next(r for r in records if "model/num_parameters" in r)
+    assert 0 < first["model/num_trainable_parameters"] < first["model/num_parameters"] / 5
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 20 and losses[-1] < losses[0] * 0.9, losses
+    assert (out / "final_model/adapter_model.safetensors").exists()
+    assert (out / "final_model/merged/model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(out / "final_model/merged").num_parameters() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_dpo_with_lora_needs_no_reference_server(sft_demo_run, tmp_path):
+    """The reference sums come from the learners with the adapter off: no reference actor starts."""
+    out = tmp_path / "run"
+    proc = run_rlft("train", str(ROOT / "configs/dpo_tiny.yaml"),
+                    f"model.path={sft_demo_run.output_dir / 'final_model'}", "model.lora.rank=16",
+                    "model.lora.alpha=32", "trainer.lr=3e-3", "trainer.max_steps=10", f"dpo.cache_dir={tmp_path / 'cache'}",
+                    "eval.num_examples=20", "dpo.eval_num_pairs=100", "logging.wandb=false",
+                    f"logging.output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ReferenceWorker" not in proc.stderr + proc.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if "train/loss" in r]
+    assert len(steps) == 10 and steps[-1]["train/margin"] > 0, [r["train/margin"] for r in steps]
+    evals = [r["eval/preference_accuracy"] for r in records if "eval/preference_accuracy" in r]
+    assert evals[0] == 0 and evals[-1] > 0.5, evals  # policy = reference at the start: no pair is preferred
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the learners' reference pass, cached
+    assert (out / "final_model/adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("algorithm", ["ppo", "online_dpo"])
+def test_ppo_and_online_dpo_with_lora(algorithm, sft_demo_run, fixed_prompts, tmp_path):
+    """PPO with merged-weight sync (``model.lora.sync=merged``, the fallback for engines without LoRA kernels) and
+    online DPO with adapter sync: the rollout workers generate with the learners' policy either way."""
+    out = tmp_path / "run"
+    sync = "merged" if algorithm == "ppo" else "adapter"
+    proc = run_rlft("train", str(ROOT / f"configs/{algorithm}_tiny.yaml"),
+                    f"model.path={sft_demo_run.output_dir / 'final_model'}", f"data.train_path={fixed_prompts}",
+                    "rl.num_prompts_per_step=32", "rl.num_samples_per_prompt=4", "trainer.max_steps=3",
+                    "trainer.lr=2e-3", f"trainer.global_batch_size={128 if algorithm == 'ppo' else 32}",
+                    "model.lora.rank=16", "model.lora.alpha=32", f"model.lora.sync={sync}", "eval.num_examples=20",
+                    "eval.every_n_steps=0", "logging.wandb=false", f"logging.output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    assert len(steps) == 3
+    if algorithm == "ppo":  # online DPO computes no old log-probabilities to compare
+        assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in steps), [r["sync/logprob_max_abs_diff"] for r in steps]
+    else:
+        assert all(r["pairs/num"] > 0 and math.isfinite(r["train/loss"]) for r in steps)
+    full_bytes = sum(t.numel() * t.element_size()
+                     for t in AutoModelForCausalLM.from_pretrained(sft_demo_run.output_dir / "final_model").parameters())
+    if sync == "merged":
+        assert all(r["sync/bytes"] == full_bytes for r in steps)
+    else:
+        assert all(0 < r["sync/bytes"] < full_bytes / 5 for r in steps)
+    assert (out / "final_model/adapter_model.safetensors").exists()

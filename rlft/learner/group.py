@@ -225,6 +225,10 @@ class LearnerGroup:
         rank's; ranks wait for each other in collectives)."""
         return slowest(self._wait([w.engine_seconds.remote() for w in self.workers]))
 
+    def memory(self) -> list[dict[str, float]]:
+        """Every rank's memory (``LearnerWorker.memory``), in rank order."""
+        return self._wait([w.memory.remote() for w in self.workers])
+
     def export_weights(self, adapter: bool | None = None) -> dict:
         """Whole parameters by name (ZeRO-3 shards gathered), brought to the caller: for tests and comparing runs.
         With LoRA, the adapter's (``adapter=False``: full weights, the adapter merged in). Syncing consumers goes

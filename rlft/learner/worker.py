@@ -102,6 +102,28 @@ class LearnerWorker:
         self._scratch: dict[str, torch.Tensor] = {}  # by device, for filling buckets
         self._listeners: dict = {}  # by port: sockets ``address`` opened, until a store takes them over
 
+    def memory(self) -> dict[str, float]:
+        """This rank's memory in bytes: the process's resident set now and at its peak, and what the model state
+        takes as torch holds it here (parameters, gradients, optimizer state; ZeRO shards counted as held)."""
+        import resource
+
+        import psutil
+
+        def tensor_bytes(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        states = [t for state in optimizer.state.values() for t in state.values()]
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        return {
+            "rss_bytes": float(psutil.Process().memory_info().rss),
+            "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            "parameter_bytes": float(tensor_bytes(params)),
+            "optimizer_state_bytes": float(tensor_bytes(states)),
+            "fp32_master_bytes": float(tensor_bytes(
+                t for group in getattr(self.engine.optimizer, "single_partition_of_fp32_groups", []) for t in [group])),
+        }
+
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside DeepSpeed since the last call, by phase: ``update``, ``sync`` (publishing weights) and
         the no-gradient forward: ``old_logprobs`` for the policy, ``values`` for the critic."""
