@@ -76,7 +76,9 @@ class LearnerConfig:
     # RL (grpo, ppo): pack each learner's samples into micro-batches of at most this many tokens, several samples
     # to a row (positions restart, attention stays within each sample), instead of micro-batches of
     # ``micro_batch_size_per_learner`` padded rows. 0: padded rows. Must hold the longest possible sample
-    # (``rollout.max_model_len``, or ``envs.max_total_tokens`` for multi-turn rollouts when set).
+    # (``rollout.max_model_len``, or ``envs.max_total_tokens`` for multi-turn rollouts when set). The micro-batch
+    # count then follows the budget; ``micro_batch_size_per_learner`` still sizes the no-gradient forward passes
+    # (old log-probabilities, values) and the accumulation steps DeepSpeed divides by (the learner undoes it).
     max_tokens_per_micro_batch: int = 0
     # Communication backend: ``auto`` is NCCL when learners have GPUs, gloo otherwise.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
