@@ -93,6 +93,13 @@ class LearnerConfig:
     num_gpus_per_learner: float = 0.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     micro_batch_size_per_learner: int = 8
+    # RL (grpo, ppo): pack each learner's samples into micro-batches of at most this many tokens, several samples
+    # to a row (positions restart, attention stays within each sample), instead of micro-batches of
+    # ``micro_batch_size_per_learner`` padded rows. 0: padded rows. Must hold the longest possible sample
+    # (``rollout.max_model_len``, or ``envs.max_total_tokens`` for multi-turn rollouts when set). The micro-batch
+    # count then follows the budget; ``micro_batch_size_per_learner`` still sizes the no-gradient forward passes
+    # (old log-probabilities, values) and the accumulation steps DeepSpeed divides by (the learner undoes it).
+    max_tokens_per_micro_batch: int = 0
     # Communication backend: ``auto`` is NCCL when learners have GPUs, gloo otherwise.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
@@ -613,6 +620,7 @@ def validate(cfg: Config) -> None:
             f"learner.micro_batch_size_per_learner × learner.num_learners = {micro} × {learners} = {per_pass}; "
             f"gradient accumulation needs global = micro × learners × accumulation steps"
         )
+    _validate_packing(cfg)
     if cfg.learner.backend == "nccl" and cfg.learner.num_gpus_per_learner == 0:
         raise ConfigError("learner.backend: nccl needs learner.num_gpus_per_learner > 0")
     if cfg.model.dtype == "float16" and cfg.learner.num_gpus_per_learner == 0:
@@ -690,6 +698,32 @@ def lora_syncs_adapter(cfg: Config) -> bool:
     """Whether the rollout workers receive the adapter only (else full weights, the adapter merged in)."""
     lora = cfg.model.lora
     return lora.rank > 0 and (lora.sync == "adapter" or (lora.sync == "auto" and adapter_sync_runs(cfg)))
+
+
+def _validate_packing(cfg: Config) -> None:
+    """``learner.max_tokens_per_micro_batch``: off (0), or an RL token budget that holds the longest sample."""
+    budget = cfg.learner.max_tokens_per_micro_batch
+    if budget == 0:
+        return
+    if budget < 0:
+        raise ConfigError(f"learner.max_tokens_per_micro_batch: must be positive (or 0 for padded micro-batches), "
+                          f"got {budget}")
+    if cfg.algorithm not in ("grpo", "ppo"):
+        raise ConfigError(f"learner.max_tokens_per_micro_batch: packs RL samples (algorithm grpo or ppo); "
+                          f"algorithm {cfg.algorithm!r} has {'data.packing' if cfg.algorithm == 'sft' else 'none'}")
+    longest, where = longest_sample_tokens(cfg)
+    if budget < longest:
+        raise ConfigError(f"learner.max_tokens_per_micro_batch: {budget} tokens cannot hold the longest possible "
+                          f"sample, {longest} tokens ({where})")
+
+
+def longest_sample_tokens(cfg: Config) -> tuple[int, str]:
+    """The most tokens one RL sample (prompt + response, or a whole trajectory) can have, and the field that says
+    so: prompts are checked to leave ``rollout.sampling.max_new_tokens`` within ``rollout.max_model_len``, and a
+    trajectory is cut at ``envs.max_total_tokens`` (0: ``rollout.max_model_len``)."""
+    if multi_turn(cfg.envs) and cfg.envs.max_total_tokens:
+        return cfg.envs.max_total_tokens, "envs.max_total_tokens"
+    return cfg.rollout.max_model_len, "rollout.max_model_len: the longest prompt + rollout.sampling.max_new_tokens"
 
 
 def _validate_dpo(dpo: DPOConfig) -> None:

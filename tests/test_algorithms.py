@@ -28,6 +28,7 @@ from rlft.algorithms import (
     token_logprobs,
 )
 from rlft.data.batch import TokenBatch
+from rlft.learner.micro_batches import micro_batches, packed_plans, padded_plan
 
 MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
@@ -322,8 +323,9 @@ def test_aggregation_weights_are_exact_across_micro_batches(mode):
 # ------------------------------------------------------------------------------------------------ PolicyLoss
 
 
-def _policy_batch(seed: int = 0) -> tuple[PolicyBatch, torch.Tensor]:
-    """4 rows of prompt + response (+ padding), V = 7; the response mask is ragged, one row's response is long."""
+def _policy_batch(seed: int = 0, mode: str = "seq_mean_token_mean") -> tuple[PolicyBatch, torch.Tensor]:
+    """4 rows of prompt + response (+ padding), V = 7; the response mask is ragged, one row's response is long. The
+    loss weights are ``mode``'s aggregation weights."""
     gen = torch.Generator().manual_seed(seed)
     B, T, V = 4, 7, 7
     prompt_lengths, total_lengths = [2, 1, 3, 2], [5, 7, 4, 3]
@@ -336,7 +338,7 @@ def _policy_batch(seed: int = 0) -> tuple[PolicyBatch, torch.Tensor]:
         input_ids_BT=input_ids,
         attention_mask_BT=attention,
         position_ids_BT=positions.expand(B, T) * attention,
-        loss_weights_BT=aggregation_weights(response, "seq_mean_token_mean"),
+        loss_weights_BT=aggregation_weights(response, mode, _constant(mode)),
         old_logprobs_BT=(token_logprobs(logits, input_ids) + 0.3 * torch.randn(B, T, generator=gen)) * response,
         advantages_BT=torch.randn(B, T, generator=gen) * response,
         ref_logprobs_BT=(token_logprobs(logits, input_ids) + 0.5 * torch.randn(B, T, generator=gen)) * response,
@@ -345,18 +347,32 @@ def _policy_batch(seed: int = 0) -> tuple[PolicyBatch, torch.Tensor]:
     return batch, logits
 
 
-def assert_exact_across_micro_batches(loss_fn, batch: PolicyBatch, logits: torch.Tensor) -> dict[str, float]:
-    """The loss and metrics of ``batch`` equal those of its micro-batches of 2 rows, combined; returns the metrics."""
+def assert_exact_across_micro_batches(loss_fn, batch: PolicyBatch, logits: torch.Tensor,
+                                      packed: bool = False) -> dict[str, float]:
+    """The loss, its gradient and the metrics of ``batch`` equal those of its micro-batches combined, as the learner
+    makes them (``rlft.learner.micro_batches``): 2 padded rows each, or ``packed``, the samples with loss weight
+    packed into rows of at most 8 tokens, several samples to a row. Returns the metrics."""
+    logits = logits.detach().requires_grad_()
     whole, whole_metrics = loss_fn(logits, batch)
+    plan = packed_plans([batch], max_tokens=8)[0] if packed else padded_plan(batch.num_rows, 2)
+    assert not packed or max(len(rows) for rows in plan.rows) > 1  # a row holds several samples
     shares, combined = [], dict.fromkeys(whole_metrics, 0.0)
-    for index, micro in enumerate(batch.split(2)):
-        micro = micro.trimmed()
-        # A causal LM's logits for a trimmed micro-batch are the same rows and leading columns of the full ones.
-        share, metrics = loss_fn(logits[2 * index : 2 * index + 2, : micro.input_ids_BT.shape[1]], micro)
+    for rows, micro in zip(plan.rows, micro_batches(batch, plan)):
+        # With attention inside each sample, a causal LM's logits for a micro-batch are the whole batch's: the same
+        # rows and leading columns (padded), or the rows' real tokens one after the other (packed).
+        if packed:
+            lengths = batch.attention_mask_BT.sum(dim=-1)
+            micro_logits = torch.cat([logits[row, : lengths[row]] for row in rows])[None]
+        else:
+            micro_logits = logits[rows[0] : rows[-1] + 1, : micro.input_ids_BT.shape[1]]
+        share, metrics = loss_fn(micro_logits, micro)
         shares.append(share)
         # Metrics named ``*_max`` combine by max, the others by sum.
         combined = {k: max(combined[k], v) if k.endswith("_max") else combined[k] + v for k, v in metrics.items()}
     torch.testing.assert_close(sum(shares), whole)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    (shares_grad,) = torch.autograd.grad(sum(shares), logits)
+    torch.testing.assert_close(shares_grad, whole_grad)
     assert combined == pytest.approx(whole_metrics)
     return whole_metrics
 
@@ -394,10 +410,12 @@ def test_policy_loss_matches_the_manual_formula():
     assert 0 < metrics["clip_fraction"] < 1
 
 
-def test_policy_loss_is_exact_across_micro_batches():
-    batch, logits = _policy_batch(seed=1)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_is_exact_across_micro_batches(mode, packed):
+    batch, logits = _policy_batch(seed=1, mode=mode)
     loss_fn = PolicyLoss(clip_high=0.28, kl_coef=0.05, entropy_coef=0.01)
-    assert_exact_across_micro_batches(loss_fn, batch, logits)
+    assert_exact_across_micro_batches(loss_fn, batch, logits, packed)
 
 
 def test_policy_loss_without_kl_or_entropy_ignores_them():

@@ -243,3 +243,32 @@ def test_extracted_answer(completion, pattern, expected):
     assert extracted_answer(completion, pattern) == expected
     records = [{"completion": completion, "answer": " 82 "}, {"completion": "no number", "answer": "1"}]
     assert extracted_accuracy(records, pattern) == (0.5 if expected == "82" else 0.0)
+
+
+@pytest.mark.parametrize(("config", "overrides", "message"), [
+    ("grpo_tiny.yaml", ["learner.max_tokens_per_micro_batch=-8"],
+     "learner.max_tokens_per_micro_batch: must be positive (or 0 for padded micro-batches), got -8"),
+    # The embedded GRPO config's samples reach rollout.max_model_len = 64 tokens.
+    ("grpo_tiny.yaml", ["learner.max_tokens_per_micro_batch=63"],
+     "learner.max_tokens_per_micro_batch: 63 tokens cannot hold the longest possible sample, 64 tokens "
+     "(rollout.max_model_len"),
+    ("ppo_tiny.yaml", ["learner.max_tokens_per_micro_batch=32"], "cannot hold the longest possible sample"),
+    ("grpo_tiny.yaml", ["envs.name=m:Env", "envs.max_total_tokens=48", "learner.max_tokens_per_micro_batch=40"],
+     "learner.max_tokens_per_micro_batch: 40 tokens cannot hold the longest possible sample, 48 tokens "
+     "(envs.max_total_tokens)"),
+    ("sft_tiny.yaml", ["learner.max_tokens_per_micro_batch=256"],
+     "learner.max_tokens_per_micro_batch: packs RL samples (algorithm grpo or ppo); algorithm 'sft' has data.packing"),
+    ("dpo_tiny.yaml", ["learner.max_tokens_per_micro_batch=256"], "algorithm 'dpo' has none"),
+])
+def test_bad_packing_budget_names_the_field(config, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / config, overrides)
+    assert message in str(err.value)
+
+
+def test_packing_budget_at_the_longest_sample_validates():
+    cfg = load_config(ROOT / "configs/grpo_tiny.yaml", ["learner.max_tokens_per_micro_batch=64"])
+    assert cfg.learner.max_tokens_per_micro_batch == 64
+    multi = load_config(ROOT / "configs/grpo_tiny.yaml",
+                        ["envs.name=m:Env", "envs.max_total_tokens=48", "learner.max_tokens_per_micro_batch=48"])
+    assert multi.learner.max_tokens_per_micro_batch == 48

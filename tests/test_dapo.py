@@ -1,5 +1,6 @@
 """DAPO's data side (dynamic sampling, overlong reward shaping and filtering) and the sample filters: by hand, in
-the config, and end to end through ``rlft train`` with the newer policy losses, synchronous and asynchronous."""
+the config, and end to end through ``rlft train`` with the newer policy losses, synchronous (with packed
+micro-batches) and asynchronous."""
 
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def test_config_rejects_bad_dapo_settings(config, overrides, field):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("policy_loss, staleness", [("gspo", 0), ("cispo", 1)])
-def test_dapo_sampling_and_shaping_end_to_end(policy_loss, staleness, sft_demo_run, fixed_prompts, tmp_path):
-    """GRPO with DAPO's dynamic sampling, overlong shaping and filtering, under GSPO (synchronous) and CISPO (one
-    step off-policy): every step trains on 16 groups, the equal ones only where the extra rounds ran out."""
+@pytest.mark.parametrize("policy_loss, staleness, max_tokens_per_micro_batch", [("gspo", 0, 512), ("cispo", 1, 0)])
+def test_dapo_sampling_and_shaping_end_to_end(policy_loss, staleness, max_tokens_per_micro_batch, sft_demo_run,
+                                              fixed_prompts, tmp_path):
+    """GRPO with DAPO's dynamic sampling, overlong shaping and filtering, under GSPO (synchronous, its samples
+    packed into micro-batches of 512 tokens: GSPO's sequence ratio is per sample) and CISPO (one step off-policy,
+    padded micro-batches): every step trains on 16 groups, the equal ones only where the extra rounds ran out."""
     out = tmp_path / "run"
     clips = ["rl.clip_low=0.0003", "rl.clip_high=0.0004"] if policy_loss == "gspo" else []
     proc = run_rlft(
@@ -89,6 +92,7 @@ def test_dapo_sampling_and_shaping_end_to_end(policy_loss, staleness, sft_demo_r
         "rl.dynamic_sampling=true", "rl.dynamic_sampling_max_rounds=2",
         "rl.overlong_buffer=2", "rl.overlong_penalty=0.5", "rl.mask_truncated=true",
         f"rl.max_staleness_steps={staleness}",
+        f"learner.max_tokens_per_micro_batch={max_tokens_per_micro_batch}",
         "trainer.max_steps=3", "trainer.warmup_steps=0",
         "eval.num_examples=20", "eval.every_n_steps=0", "eval.num_samples=0",
         "logging.wandb=false", f"logging.output_dir={out}",
@@ -110,6 +114,12 @@ def test_dapo_sampling_and_shaping_end_to_end(policy_loss, staleness, sft_demo_r
         # Extra rounds are generated with the current weights (staleness 0), the sent-ahead batch one step behind.
         assert r["async/staleness_max"] <= min(r["step"] - 1, staleness)
         assert math.isfinite(r["train/policy_loss"]) and 0 <= r["train/clip_fraction"] <= 1
+        if max_tokens_per_micro_batch:
+            # 128 samples of at most 64 tokens over 2 ranks: a few packed rows each, padded only by empty ones.
+            assert 2 <= r["train/num_micro_batches"] <= 2 * 16
+            assert r["train/padding_tokens"] <= r["train/num_micro_batches"]
+        else:
+            assert r["train/num_micro_batches"] == 2 and r["train/padding_tokens"] > 0
     assert max(r["async/staleness_max"] for r in steps) == staleness
     # Some steps needed extra rounds: the SFT model answers some prompts always or never right.
     assert sum(r["dynamic/rounds"] for r in steps) > 0, steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,3 +198,55 @@ def test_in_process_backend_needs_one_learner(tiny_model_dir):
     cfg = _config(tiny_model_dir, 0)
     with pytest.raises(ValueError, match="learner.num_learners: the in-process"):
         LearnerGroup(cfg, total_steps=1, local=True)
+
+
+def _long_tailed_policy_batch(tokenizer_dir: str):
+    """A GRPO step's batch of 16 samples with long-tailed response lengths, the long ones all in the first rank's
+    half: packed into rows of 64 tokens, rank 0's samples fill 4 rows and rank 1's 2 (then 2 empty ones)."""
+    from rlft.algorithms import aggregation_weights
+    from rlft.data.samples import policy_batch
+    from rlft.rollout import Sample
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    gen = torch.Generator().manual_seed(0)
+    lengths = [40, 30, 25, 20, 3, 2, 2, 1] + [2, 3, 1, 4, 2, 5, 3, 2]
+    samples = []
+    for response in lengths:
+        ids = torch.randint(3, vocab, (8 + response,), generator=gen).tolist()
+        samples.append(Sample(prompt_index=0, prompt_token_ids=ids[:8], response_token_ids=ids[8:],
+                              response_logprobs=(-torch.rand(response, generator=gen) * 3).tolist(),
+                              response_text="", finish_reason="stop", policy_version=0))
+    batch = policy_batch(samples, torch.randn(len(samples), generator=gen), 0, 48)
+    return dataclasses.replace(batch, loss_weights_BT=aggregation_weights(batch.loss_weights_BT != 0,
+                                                                          "seq_mean_token_mean"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_packed_micro_batches_step_like_padded_ones(ray_cluster, tiny_model_dir, stage):
+    """``learner.max_tokens_per_micro_batch``: the ranks run as many micro-batches (one rank's short samples fill
+    fewer rows; ZeRO-2 and -3 would hang otherwise), and the step's loss and gradient norm are the padded step's.
+    The learning rate is tiny, so the weights barely move between the steps compared."""
+    from rlft.algorithms import PolicyLoss
+
+    cfg = load_config(None, [
+        "algorithm=grpo", f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}", "learner.num_learners=2",
+        "learner.micro_batch_size_per_learner=4", f"trainer.global_batch_size={ROWS_PER_STEP}",
+        "rl.num_prompts_per_step=2", "rl.num_samples_per_prompt=8", "rollout.max_model_len=48",
+        "learner.max_tokens_per_micro_batch=64", "trainer.lr=1e-9", "trainer.warmup_steps=0",
+        "trainer.lr_scheduler=constant", "trainer.max_grad_norm=0",
+    ])
+    batch = _long_tailed_policy_batch(tiny_model_dir)
+    loss = PolicyLoss(kind="gspo", clip_low=0.2, clip_high=0.2, old_logprobs_from_update=True,
+                      off_policy_correction="tis", is_level="sequence", is_cap=1.5, entropy_coef=0.01)
+    group = LearnerGroup(cfg, total_steps=3)
+    try:
+        packed = group.train_step(batch, loss).metrics
+        group.spec = dataclasses.replace(group.spec, max_tokens_per_micro_batch=0)  # the same ranks, padded
+        padded = group.train_step(batch, loss).metrics
+    finally:
+        group.shutdown()
+    assert padded["num_micro_batches"] == 2 * cfg.gradient_accumulation_steps  # summed over the 2 ranks
+    assert packed["num_micro_batches"] == 2 * 4
+    assert packed["padding_tokens"] == 2 and padded["padding_tokens"] == 63  # rank 1's 2 empty micro-batches
+    for key in ("policy_loss", "entropy", "is_weight_mean", "grad_norm"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-4), key

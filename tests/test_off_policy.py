@@ -207,8 +207,9 @@ def test_no_correction_leaves_the_loss_bit_for_bit():
     assert metrics["logprob_diff_max"] == pytest.approx((old - sampler)[valid].abs().max().item(), rel=1e-6)
 
 
-def test_corrected_loss_is_exact_across_micro_batches():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_corrected_loss_is_exact_across_micro_batches(packed):
     batch, logits = _policy_batch(seed=1)
     loss_fn = PolicyLoss(clip_high=0.28, off_policy_correction="mis", is_level="sequence", entropy_coef=0.01)
-    whole_metrics = assert_exact_across_micro_batches(loss_fn, batch, logits)
+    whole_metrics = assert_exact_across_micro_batches(loss_fn, batch, logits, packed)
     assert {"is_weight_max", "logprob_diff_max"} <= set(whole_metrics)

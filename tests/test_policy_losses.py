@@ -127,12 +127,13 @@ def test_every_kind_agrees_with_ppo_at_ratio_one():
         torch.testing.assert_close(grads[kind], grads["ppo"])
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_policy_loss_kinds_are_exact_across_micro_batches(kind):
+def test_policy_loss_kinds_are_exact_across_micro_batches(kind, packed):
     batch, logits = _policy_batch(seed=2)
     loss_fn = PolicyLoss(kind=kind, clip_low=0.1, clip_high=0.2, kl_coef=0.05, entropy_coef=0.01,
                          cispo_max_weight=1.1, off_policy_correction="tis")
-    assert_exact_across_micro_batches(loss_fn, batch, logits)
+    assert_exact_across_micro_batches(loss_fn, batch, logits, packed)
     # The learner's loss is the pure function's, with the step's weights (seq_mean_token_mean here).
     if kind != "ppo":
         pure = {"gspo": gspo_policy_loss, "cispo": cispo_policy_loss, "sapo": sapo_policy_loss}[kind]

@@ -7,8 +7,10 @@ Public API:
 - ``aggregate(loss_BT, mask_BT, mode, constant=None) -> loss``
 - ``aggregation_weights(mask_BT, mode, constant=None) -> weights_BT``
 
-One row is one sample (RL batches are not packed). A row whose mask is all zero (padding added to fill a
-micro-batch) is not a sequence: it counts in neither the token count nor the sequence count.
+One row is one sample: the step's batch as the controller builds it, before the learner packs several samples into
+a row (``learner.max_tokens_per_micro_batch``), which moves each token's weight with it. A row whose mask is all
+zero (padding added to fill a micro-batch) is not a sequence: it counts in neither the token count nor the sequence
+count.
 
 The learner splits a step over micro-batches and ranks and sums the loss shares, so a mode that divides by a count
 of the whole step (tokens, sequences) cannot be applied per micro-batch. The batch producer calls

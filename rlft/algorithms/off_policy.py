@@ -4,10 +4,10 @@ Public API:
 
 - ``OffPolicyCorrection``: ``"none" | "tis" | "mis"``; ``ISLevel``: ``"token" | "sequence"``
 - ``check_off_policy_correction(correction, level, cap)``: the validation of the three settings
-- ``importance_weights(proximal_logprobs_BT, behaviour_logprobs_BT, mask_BT, correction, level="token", cap=2.0)
-  -> (weights_BT, stats)``
+- ``importance_weights(proximal_logprobs_BT, behaviour_logprobs_BT, mask_BT, correction, level="token", cap=2.0,
+  sequence_ids_BT=None) -> (weights_BT, stats)``
 - ``importance_weights_by_token(proximal_logprobs_BT, behaviour_logprobs_BT, mask_BT, correction, level="token",
-  cap=2.0) -> (weights_BT, truncated_BT)``: the same weights and where the cap acted, per token, for a caller that
+  cap=2.0, sequence_ids_BT=None) -> (weights_BT, truncated_BT)``: the same weights and where the cap acted, per token, for a caller that
   aggregates with weights of its own (``PolicyLoss``)
 
 Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization", arXiv:2110.00641) separates
@@ -32,6 +32,7 @@ import torch
 
 from rlft.algorithms.aggregation import aggregate
 from rlft.algorithms.kl import kl_estimate
+from rlft.algorithms.sequences import sequence_sum
 
 OffPolicyCorrection = Literal["none", "tis", "mis"]
 ISLevel = Literal["token", "sequence"]
@@ -55,6 +56,7 @@ def importance_weights_by_token(
     correction: OffPolicyCorrection,
     level: ISLevel = "token",
     cap: float = 2.0,
+    sequence_ids_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token importance weights (detached, 0 off ``mask_BT``) and where the cap truncated or masked them.
 
@@ -67,8 +69,10 @@ def importance_weights_by_token(
       arXiv:1802.01561).
     - ``mis``, masked IS (one-sided): w_t = r_t where r_t ≤ cap, else 0, so the token leaves the loss.
 
-    ``level="sequence"`` uses one ratio per row, r = exp(Σ_t m_t (log π_prox − log π_behav)), truncated or masked
-    the same way and given to each of the row's valid tokens (``mis`` then drops the whole row). The log-ratio is
+    ``level="sequence"`` uses one ratio per sequence, r = exp(Σ_t m_t (log π_prox − log π_behav)), truncated or
+    masked the same way and given to each of the sequence's valid tokens (``mis`` then drops the whole sequence). A
+    sequence is a row, or with ``sequence_ids_BT`` (``rlft.algorithms.sequences``) the tokens sharing an id, as in a
+    packed row. The log-ratio is
     clamped at log(cap) before the exponential (its excess decides ``truncated_BT`` first), so a long row with a
     large summed log-ratio cannot overflow. Invalid tokens are zeroed before any arithmetic, so inf or nan there
     reaches nothing. ``truncated_BT`` is False for ``none``.
@@ -79,7 +83,7 @@ def importance_weights_by_token(
     if correction == "none":
         return valid_BT.to(log_ratio_BT.dtype), torch.zeros_like(valid_BT)
     if level == "sequence":
-        log_ratio_BT = log_ratio_BT.sum(dim=-1, keepdim=True).expand_as(log_ratio_BT)
+        log_ratio_BT = sequence_sum(log_ratio_BT, sequence_ids_BT)
     log_cap = math.log(cap)
     truncated_BT = valid_BT & (log_ratio_BT > log_cap)
     weights_BT = torch.exp(log_ratio_BT.clamp(max=log_cap))
@@ -95,6 +99,7 @@ def importance_weights(
     correction: OffPolicyCorrection,
     level: ISLevel = "token",
     cap: float = 2.0,
+    sequence_ids_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance weights of the behaviour (sampler's) policy's tokens towards the proximal (learner's) policy.
 
@@ -108,7 +113,7 @@ def importance_weights(
       (r − 1) − log r (``kl_estimate(behaviour, proximal, "k3")``, whose log-ratio is clamped to ±10).
     """
     weights_BT, truncated_BT = importance_weights_by_token(
-        proximal_logprobs_BT, behaviour_logprobs_BT, mask_BT, correction, level, cap
+        proximal_logprobs_BT, behaviour_logprobs_BT, mask_BT, correction, level, cap, sequence_ids_BT
     )
     valid_BT = mask_BT != 0
     proximal_BT = torch.where(valid_BT, proximal_logprobs_BT.detach(), 0.0)

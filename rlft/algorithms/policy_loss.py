@@ -7,7 +7,7 @@ Public API:
 - ``clipped_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip, aggregation="token_mean",
   aggregation_constant=None) -> (loss, stats)``
 - ``gspo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, clip_low=3e-4, clip_high=4e-4,
-  aggregation="seq_mean_token_mean", aggregation_constant=None) -> (loss, stats)``
+  aggregation="seq_mean_token_mean", aggregation_constant=None, sequence_ids_BT=None) -> (loss, stats)``
 - ``cispo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, max_weight=5.0,
   aggregation="token_mean", aggregation_constant=None) -> (loss, stats)``
 - ``sapo_policy_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, temperature_pos=1.0,
@@ -23,7 +23,10 @@ Public API:
 
 The pure functions take a mask and an aggregation mode (``rlft.algorithms.aggregation``) and return stats as
 detached 0-dim tensors. ``PolicyLoss`` runs inside the learner on one micro-batch: it aggregates with the batch's
-``loss_weights_BT``, which the batch producer made with ``aggregation_weights`` over the whole step.
+``loss_weights_BT``, which the batch producer made with ``aggregation_weights`` over the whole step (one sample a
+row), so the learner may pack several samples into a row (``learner.max_tokens_per_micro_batch``): the loss finds
+each sample from its position ids restarting at 0 (``rlft.algorithms.sequences``) for GSPO's sequence ratio and
+sequence-level importance weights.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from rlft.algorithms.off_policy import (
     check_off_policy_correction,
     importance_weights_by_token,
 )
+from rlft.algorithms.sequences import sequence_ids, sequence_sum
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 
@@ -89,6 +93,7 @@ def gspo_policy_loss(
     clip_high: float = 4e-4,
     aggregation: AggregationMode = "seq_mean_token_mean",
     aggregation_constant: float | None = None,
+    sequence_ids_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO: PPO's clipped surrogate with one, length-normalised importance ratio per sequence.
 
@@ -98,13 +103,14 @@ def gspo_policy_loss(
     Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071. Each of a sequence's valid tokens
     carries the sequence's loss; under ``seq_mean_token_mean`` (the default) the aggregate is the paper's
     (1/G) Σ_i min(s_i A_i, clip(s_i) A_i), and its gradient reaches every token through the mean of s_i. The
-    paper's clip range is small (3e-4 / 4e-4, the defaults here) because s_i is a geometric mean. A row is one
-    sequence (the tokens with mask ≠ 0: the policy's tokens of every turn). ``stats`` as ``clipped_policy_loss``;
-    ``clip_fraction`` counts the tokens of clipped sequences.
+    paper's clip range is small (3e-4 / 4e-4, the defaults here) because s_i is a geometric mean. A sequence is a
+    row, or with ``sequence_ids_BT`` (``rlft.algorithms.sequences``, for packed rows; the aggregation then needs
+    one row per sequence) the tokens sharing an id; its tokens are those with mask ≠ 0, the policy's tokens of every
+    turn. ``stats`` as ``clipped_policy_loss``; ``clip_fraction`` counts the tokens of clipped sequences.
     """
     _check_clip(clip_low, clip_high, None)
     return _pure_loss("gspo", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
-                      clip_low=clip_low, clip_high=clip_high)
+                      sequence_ids_BT, clip_low=clip_low, clip_high=clip_high)
 
 
 def cispo_policy_loss(
@@ -159,11 +165,11 @@ def sapo_policy_loss(
 
 
 def _pure_loss(kind, logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, aggregation, aggregation_constant,
-               **settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               sequence_ids_BT=None, **settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A ``kind``'s per-token loss aggregated by ``aggregation``, with the stats every pure loss returns."""
     valid_BT = mask_BT != 0
     loss_BT, clipped_BT = PolicyLoss(kind=kind, **settings).surrogate(logprobs_BT, old_logprobs_BT, advantages_BT,
-                                                                      valid_BT)
+                                                                      valid_BT, sequence_ids_BT)
     approx_kl_BT = kl_estimate(old_logprobs_BT.detach(), logprobs_BT.detach(), "k3")
     stats = {
         "clip_fraction": aggregate(clipped_BT.to(loss_BT.dtype), valid_BT, "token_mean"),
@@ -289,12 +295,16 @@ class PolicyLoss:
     def __call__(self, logits_BTV: torch.Tensor, batch: PolicyBatch) -> tuple[torch.Tensor, dict[str, float]]:
         weights_BT = batch.loss_weights_BT
         valid_BT = weights_BT != 0
+        # A packed row holds several samples: per-sequence quantities sum over each sample's tokens, not the row's.
+        sequence_ids_BT = sequence_ids(batch.position_ids_BT)
         logprobs_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
         proximal_BT = logprobs_BT.detach() if self.old_logprobs_from_update else batch.old_logprobs_BT
-        surrogate_BT, clipped_BT = self.surrogate(logprobs_BT, proximal_BT, batch.advantages_BT, valid_BT)
+        surrogate_BT, clipped_BT = self.surrogate(logprobs_BT, proximal_BT, batch.advantages_BT, valid_BT,
+                                                  sequence_ids_BT)
         if self.off_policy_correction != "none":
             is_weights_BT, truncated_BT = importance_weights_by_token(
-                proximal_BT, batch.sampler_logprobs_BT, valid_BT, self.off_policy_correction, self.is_level, self.is_cap
+                proximal_BT, batch.sampler_logprobs_BT, valid_BT, self.off_policy_correction, self.is_level, self.is_cap,
+                sequence_ids_BT,
             )
             surrogate_BT = surrogate_BT * is_weights_BT
         policy_loss = _weighted_sum(surrogate_BT, weights_BT)
@@ -323,19 +333,20 @@ class PolicyLoss:
 
     def surrogate(
         self, logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, advantages_BT: torch.Tensor,
-        valid_BT: torch.Tensor,
+        valid_BT: torch.Tensor, sequence_ids_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-token loss of ``kind`` and where a clip acted; both 0 / False off ``valid_BT``. Invalid tokens
-        are zeroed before the exponential, so garbage there reaches neither the loss nor a gradient."""
+        are zeroed before the exponential, so garbage there reaches neither the loss nor a gradient. GSPO's
+        sequences are rows, or the tokens sharing a ``sequence_ids_BT`` id (packed rows)."""
         if self.kind == "ppo":
             return _clipped_surrogate(logprobs_BT, old_logprobs_BT, advantages_BT, valid_BT, self.clip_low,
                                       self.clip_high, self.dual_clip)
         log_ratio_BT = torch.where(valid_BT, logprobs_BT - old_logprobs_BT.detach(), 0.0)
         advantages_BT = torch.where(valid_BT, advantages_BT.detach(), 0.0)
         if self.kind == "gspo":
-            # log s_i, given to each of the row's tokens: the clipped surrogate of s_i against a ratio of 1.
-            tokens_B1 = valid_BT.sum(dim=-1, keepdim=True).clamp(min=1)
-            sequence_log_ratio_BT = (log_ratio_BT.sum(dim=-1, keepdim=True) / tokens_B1).expand_as(log_ratio_BT)
+            # log s_i, given to each of the sequence's tokens: the clipped surrogate of s_i against a ratio of 1.
+            tokens_BT = sequence_sum(valid_BT.to(log_ratio_BT.dtype), sequence_ids_BT).clamp(min=1)
+            sequence_log_ratio_BT = sequence_sum(log_ratio_BT, sequence_ids_BT) / tokens_BT
             return _clipped_surrogate(sequence_log_ratio_BT, torch.zeros_like(log_ratio_BT), advantages_BT, valid_BT,
                                       self.clip_low, self.clip_high, None)
         ratio_BT = torch.exp(log_ratio_BT)

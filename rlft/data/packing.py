@@ -35,22 +35,37 @@ def pack(examples: Sequence[TokenizedExample], max_seq_len: int) -> list[PackedR
     """Greedy best-fit packing, in the given order: each example goes into the fullest row that still has room for
     it, or opens a new row. Rows hold at most ``max_seq_len`` tokens; examples are never split (truncate first).
     """
-    rows: list[PackedRow] = []
-    free_slots: list[tuple[int, int]] = []  # (free tokens, row index) of rows with room left, sorted
-    for example in examples:
-        length = len(example.input_ids)
+    lengths = [len(example.input_ids) for example in examples]
+    for length in lengths:
         if length > max_seq_len:
             raise ValueError(f"an example of {length} tokens does not fit in rows of max_seq_len={max_seq_len}")
+    rows = []
+    for indices in best_fit(lengths, max_seq_len):
+        row = PackedRow()
+        for index in indices:
+            row.append(examples[index])
+        rows.append(row)
+    return rows
+
+
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Greedy best-fit bin packing, in the given order: each item goes into the fullest bin that still has room for
+    it, or opens a new bin. Returns the items' indices in each bin, bins in the order they were opened."""
+    bins: list[list[int]] = []
+    free_slots: list[tuple[int, int]] = []  # (free capacity, bin index) of bins with room left, sorted
+    for index, length in enumerate(lengths):
+        if length > capacity:
+            raise ValueError(f"an item of size {length} does not fit in bins of capacity {capacity}")
         slot = bisect.bisect_left(free_slots, (length, -1))
         if slot < len(free_slots):
-            free, row_index = free_slots.pop(slot)
+            free, bin_index = free_slots.pop(slot)
         else:
-            free, row_index = max_seq_len, len(rows)
-            rows.append(PackedRow())
-        rows[row_index].append(example)
+            free, bin_index = capacity, len(bins)
+            bins.append([])
+        bins[bin_index].append(index)
         if free > length:
-            bisect.insort(free_slots, (free - length, row_index))
-    return rows
+            bisect.insort(free_slots, (free - length, bin_index))
+    return bins
 
 
 def collate(rows: Sequence[TokenizedExample | PackedRow], pad_id: int) -> TokenBatch:

@@ -1,7 +1,8 @@
 """``LearnerGroup``: the typed facade over N learner ranks (Ray actors) that train one model together.
 
-The controller hands it the step's whole batch; the group splits it evenly over ranks, calls every rank at once
-and adds up the ranks' metrics. SFT uses it now; the RL and preference controllers use the same ``train_step``
+The controller hands it the step's whole batch; the group splits it evenly over ranks, plans every rank's
+micro-batches (the same count on every rank: ``rlft/learner/micro_batches.py``), calls every rank at once and adds
+up the ranks' metrics. SFT uses it now; the RL and preference controllers use the same ``train_step``
 with their own losses.
 
 A rank that dies makes the call a ``LearnerFailedError`` naming it. The ranks share one sharded optimizer state, so
@@ -28,6 +29,7 @@ from rlft.distributed.placement import role_resources
 from rlft.distributed.remote_rows import RemoteRows
 from rlft.distributed.weight_sync import CollectiveSpec, WeightHandle
 from rlft.errors import LearnerFailedError, WeightSyncError
+from rlft.learner.micro_batches import MicroBatchPlan, packed_plans, padded_plan
 from rlft.learner.worker import LearnerSpec, LearnerWorker, Loss
 from rlft.names import Role
 
@@ -69,6 +71,7 @@ class LearnerGroup:
             zero_stage=learner.zero_stage,
             micro_batch_size=learner.micro_batch_size_per_learner,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            max_tokens_per_micro_batch=learner.max_tokens_per_micro_batch,
             world_size=world_size,
             lr=cfg.trainer.lr if lr is None else lr,
             weight_decay=cfg.trainer.weight_decay,
@@ -175,14 +178,23 @@ class LearnerGroup:
             )
         return batch.split(self.world_size)
 
+    def _plans(self, shards: list[TokenBatch]) -> list[MicroBatchPlan]:
+        """Every rank's micro-batches, as many on each: packed by the token budget, or padded rows."""
+        if self.spec.max_tokens_per_micro_batch:
+            return packed_plans(shards, self.spec.max_tokens_per_micro_batch)
+        return [padded_plan(s.num_rows, self.spec.gradient_accumulation_steps) for s in shards]
+
     def train_step(self, batch: TokenBatch, loss: Loss) -> StepResult:
         """One optimizer step over the global ``batch`` with ``loss``; metrics summed over ranks."""
-        results = self._wait([w.train_step.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
+        shards = self._shards(batch)
+        calls = [w.train_step.remote(s, loss, p) for w, s, p in zip(self.workers, shards, self._plans(shards))]
+        results = self._wait(calls)
         return StepResult(_combine(results), max(r["seconds"] for r in results))
 
     def evaluate_loss(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        results = self._wait([w.evaluate_loss.remote(s, loss) for w, s in zip(self.workers, self._shards(batch))])
-        return _combine(results)
+        shards = self._shards(batch)
+        calls = [w.evaluate_loss.remote(s, loss, p) for w, s, p in zip(self.workers, shards, self._plans(shards))]
+        return _combine(self._wait(calls))
 
     def compute_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` of every row under the current policy weights, in row order."""

@@ -1,8 +1,9 @@
 """One learner rank: a DeepSpeed ZeRO engine over a causal LM, driven by ``LearnerGroup``.
 
 All ranks of a group form one torch.distributed group (gloo on CPU, NCCL on GPU). Each ``train_step`` call is one
-optimizer step: the rank's share of the global batch is cut into micro-batches and DeepSpeed accumulates their
-gradients, reduces them across ranks and steps the optimizer at the last one.
+optimizer step: the rank's share of the global batch is cut into micro-batches as the group's plan says (padded
+rows, or samples packed by ``learner.max_tokens_per_micro_batch``: ``rlft/learner/micro_batches.py``) and DeepSpeed
+accumulates their gradients, reduces them across ranks and steps the optimizer at the last one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rlft.algorithms.sft import token_logprobs
 from rlft.config import LoraConfig
 from rlft.data.batch import TokenBatch
 from rlft.distributed.remote_rows import keep_here, resolve_rows
+from rlft.learner.micro_batches import MicroBatchPlan, micro_batches, padding_tokens
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
@@ -42,6 +44,8 @@ class LearnerSpec:
     zero_stage: int
     micro_batch_size: int
     gradient_accumulation_steps: int
+    # > 0: RL micro-batches packed to at most this many tokens (their count per step then varies).
+    max_tokens_per_micro_batch: int
     world_size: int
     lr: float
     weight_decay: float
@@ -217,26 +221,29 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
-        """One optimizer step on this rank's share of the global batch; returns additive metrics and step info.
-        Log-probabilities the batch holds as references (``RemoteRows``) are fetched here, not by the driver."""
+    def train_step(self, batch: TokenBatch, loss_fn: Loss, plan: MicroBatchPlan) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch, in the micro-batches of ``plan`` (every
+        rank's plan has the same length); returns additive metrics and step info. Log-probabilities the batch holds
+        as references (``RemoteRows``) are fetched here, not by the driver."""
         with self.clock.phase(Phase.UPDATE):
-            return self._train_step(resolve_rows(batch), loss_fn)
+            return self._train_step(resolve_rows(batch), loss_fn, plan)
 
-    def _train_step(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
+    def _train_step(self, batch: TokenBatch, loss_fn: Loss, plan: MicroBatchPlan) -> dict[str, float]:
         spec = self.spec
         start = time.perf_counter()
-        micro_batches = batch.split(spec.gradient_accumulation_steps)
-        # DeepSpeed divides each micro-batch's gradient by the accumulation steps and averages across ranks; the
-        # loss shares already sum to the step's loss, so undo both.
+        # DeepSpeed divides each micro-batch's gradient by the configured accumulation steps (whatever the plan's
+        # count) and averages across ranks; the loss shares already sum to the step's loss, so undo both.
         scale = spec.gradient_accumulation_steps * spec.world_size
         metrics: dict[str, float] = {}
-        for micro in micro_batches:
-            micro = micro.trimmed()
+        micros = micro_batches(batch, plan)
+        for index, micro in enumerate(micros):
+            # The plan, not DeepSpeed's counter, says where the step ends: a packed step's count varies.
+            is_last = index == len(micros) - 1
+            self.engine.set_gradient_accumulation_boundary(is_last)
             logits_BTV = _forward_logits(self.engine, micro)
             loss, micro_metrics = loss_fn(logits_BTV, micro)
             self.engine.backward(loss * scale)
-            if spec.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            if spec.zero_stage == 0 and is_last:
                 # Without ZeRO, DeepSpeed clips but does not report the norm; gradients are reduced by now.
                 self._last_grad_norm = _grad_norm(self.engine.module.parameters())
             self.engine.step()
@@ -245,19 +252,20 @@ class LearnerWorker:
         return {
             **metrics,
             "num_tokens": float(batch.num_tokens),
+            "padding_tokens": float(sum(padding_tokens(micro) for micro in micros)),
+            "num_micro_batches": float(len(micros)),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.engine.get_lr()[0]),
             "seconds": time.perf_counter() - start,
         }
 
     @torch.no_grad()
-    def evaluate_loss(self, batch: TokenBatch, loss_fn: Loss) -> dict[str, float]:
+    def evaluate_loss(self, batch: TokenBatch, loss_fn: Loss, plan: MicroBatchPlan) -> dict[str, float]:
         """The loss of this rank's share without updating anything (the same micro-batching as training)."""
         self.engine.eval()
         batch = resolve_rows(batch)
         metrics: dict[str, float] = {}
-        for micro in batch.split(self.spec.gradient_accumulation_steps):
-            micro = micro.trimmed()
+        for micro in micro_batches(batch, plan):
             _, micro_metrics = loss_fn(_forward_logits(self.engine, micro), micro)
             _add_metrics(metrics, micro_metrics)
         self.engine.train()
