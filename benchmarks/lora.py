@@ -137,8 +137,9 @@ def logprob_gap(learners, rollout, tokenizer, SamplingConfig) -> float:
     from rlft.data.packing import collate
     from rlft.data.tokenize import TokenizedExample
 
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a}+{a + 7}?"}],
-                                             add_generation_prompt=True) for a in range(8)]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a}+{a + 7}?"}],
+                                           add_generation_prompt=True, tokenize=False) for a in range(8)]
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
     samples = rollout.generate(prompts, SamplingConfig(max_new_tokens=12, temperature=1.0), 2, list(range(8)))
     examples = [TokenizedExample(list(s.prompt_token_ids) + list(s.response_token_ids),
                                  [0.0] * len(s.prompt_token_ids) + [1.0] * len(s.response_token_ids))
