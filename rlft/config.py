@@ -521,6 +521,11 @@ def check_local_paths(cfg: Config) -> None:
             problem = "is a file, not a model directory" if Path(value).expanduser().exists() else "no such directory"
             raise ConfigError(f"{where}: {value}: {problem} (a path that is not a Hugging Face hub id such as "
                               f"'org/name' must be a local model directory)")
+    model_dir = Path(cfg.model.path).expanduser()
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        merged = " (its merged model is in merged/)" if (model_dir / "merged/config.json").is_file() else ""
+        raise ConfigError(f"model.path: {cfg.model.path} holds a LoRA adapter, not a model{merged}; start from a "
+                          f"merged model (model.lora.save_merged) or from the adapter's base model")
     for where, value in (("logging.output_dir", cfg.logging.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
         if not value:
             continue

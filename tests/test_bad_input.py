@@ -158,6 +158,16 @@ def test_hub_ids_and_existing_directories_are_not_local_path_errors(tmp_path):
         check_local_paths(load_config(None, [f"model.path={path}", f"logging.output_dir={tmp_path / 'out'}"]))
 
 
+def test_a_lora_adapter_as_model_path_points_to_its_merged_model(tmp_path):
+    adapter = tmp_path / "final_model"
+    (adapter / "merged").mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "merged/config.json").write_text("{}")
+    proc = run_train(tmp_path, *GRPO, f"model.path={adapter}")
+    assert_stopped_before_ray(proc, tmp_path, f"rlft: config error: model.path: {adapter} holds a LoRA adapter, not "
+                                              f"a model (its merged model is in merged/)")
+
+
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("")
     proc = run_train(tmp_path, *GRPO, f"logging.output_dir={tmp_path / 'taken'}")

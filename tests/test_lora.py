@@ -277,8 +277,10 @@ def test_resumed_lora_run_continues_exactly(lora_grpo_run, sft_demo_run, fixed_p
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sft_with_lora_under_zero3_writes_adapter_and_merged_model(tmp_path):
+    """With gradient checkpointing: the frozen embedding's output is made to carry gradients to the adapters."""
     out = tmp_path / "run"
     proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), "learner.zero_stage=3", "model.lora.rank=8",
+                    "model.gradient_checkpointing=true",
                     "model.lora.save_merged=true", "trainer.max_steps=20", "eval.num_examples=20",
                     "logging.wandb=false", f"logging.output_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
