@@ -124,8 +124,9 @@ class LearnerWorker:
             "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
             "parameter_bytes": float(tensor_bytes(params)),
             "optimizer_state_bytes": float(tensor_bytes(states)),
-            "fp32_master_bytes": float(tensor_bytes(
-                t for group in getattr(self.engine.optimizer, "single_partition_of_fp32_groups", []) for t in [group])),
+            # ZeRO-1/2's fp32 copy of this rank's partition of the trained parameters.
+            "fp32_master_bytes": float(tensor_bytes(getattr(self.engine.optimizer, "single_partition_of_fp32_groups",
+                                                            []))),
         }
 
     def engine_seconds(self) -> dict[str, float]:
@@ -191,7 +192,8 @@ class LearnerWorker:
             if spec.gradient_checkpointing:
                 model.enable_input_require_grads()  # the frozen embedding's output must carry gradients
         optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
+            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps,
+            weight_decay=spec.weight_decay,
         )
         # Every schedule starts with ``warmup_steps`` of linear warm-up; transformers' plain "constant" has none.
         name = "constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler
