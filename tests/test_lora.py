@@ -86,6 +86,7 @@ def lora_runs(ray_cluster, tiny_model_dir, batches, tmp_path_factory):
     return {stage: _train(tiny_model_dir, stage, batches, out / f"stage{stage}") for stage in (0, 1, 2, 3)}
 
 
+@pytest.mark.slow  # lora_runs starts 4 DeepSpeed groups of 2 ranks (ZeRO 0-3)
 @pytest.mark.ray
 def test_only_the_adapters_train_under_every_zero_stage(lora_runs, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -112,6 +113,7 @@ def test_only_the_adapters_train_under_every_zero_stage(lora_runs, tiny_model_di
         assert any(not torch.equal(t, initial[n].detach()) for n, t in run.merged.items())
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_reference_is_the_base_model_with_the_adapter_off(lora_runs, batches, tiny_model_dir):
     probe = batches[0].rows(0, 6)
@@ -124,6 +126,7 @@ def test_reference_is_the_base_model_with_the_adapter_off(lora_runs, batches, ti
         assert (run.policy_BT[:6] - expected_BT).abs().max() > 1e-3, stage
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("stage", [0, 3])
 def test_final_model_is_a_peft_adapter_and_a_merged_model(lora_runs, batches, tiny_model_dir, stage):
@@ -142,6 +145,7 @@ def test_final_model_is_a_peft_adapter_and_a_merged_model(lora_runs, batches, ti
     assert AutoTokenizer.from_pretrained(run.final_dir).chat_template
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_checkpoint_holds_the_adapter_and_resumes_exactly(ray_cluster, tiny_model_dir, batches, tmp_path):
     """ZeRO-3: two steps, checkpoint, a third; a fresh group restored from the checkpoint takes the same third step."""
