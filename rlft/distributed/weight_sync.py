@@ -222,7 +222,9 @@ class StateDictSource:
     def __init__(self, weights: dict[str, torch.Tensor]):
         self.weights = weights
 
-    def publish_weights(self, version: int, transport: str, bucket_bytes: int) -> WeightHandle:
+    def publish_weights(self, version: int, transport: str, bucket_bytes: int, adapter: bool = False) -> WeightHandle:
+        if adapter:
+            raise ValueError("a state dict held by the caller is full weights, not a LoRA adapter")
         if transport != "object_store":
             raise ValueError(f"a state dict held by the caller is published through the object store, not {transport}")
         buckets = pack_buckets(self.weights, bucket_bytes)
