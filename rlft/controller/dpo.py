@@ -195,10 +195,11 @@ def dpo(cfg: Config) -> RunResult:
         # reference server, kept for the run with dpo.reference=server, else started for the cache pass alone.
         lora = cfg.model.lora.rank > 0
         run.start_cluster(reference=not lora, rollout=False, graders=False)
-        learners = start_learners() if lora else None
         if lora:
+            learners = start_learners()
             scorer = learners.reference()
         else:
+            learners = None
             scorer = run.reference_group() if d.reference == "server" else None
         reference = scorer if d.reference == "server" else None
         timer = PhaseTimer()

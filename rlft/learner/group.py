@@ -203,16 +203,18 @@ class LearnerGroup:
         return self._per_token_outputs(batch)
 
     def keep_logprobs(
-        self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None
+        self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None, reference: bool = False
     ) -> tuple[RemoteRows, float]:
         """``logprobs_BT`` of every row under the current policy weights, left on the ranks that computed them
         (``RemoteRows``: references the ranks resolve in ``train_step``), and the largest gap to
-        ``sampler_logprobs_BT`` on the response tokens (nan without them)."""
+        ``sampler_logprobs_BT`` on the response tokens (nan without them). ``reference``: under the base model, the
+        LoRA adapter disabled (``LearnerReference``)."""
         if self.spec.head != "lm":
             raise TypeError("keep_logprobs needs a causal-LM learner group; this one is a critic")
         shards = self._even_shards(batch)
         compare = [None] * self.world_size if sampler_logprobs_BT is None else sampler_logprobs_BT.chunk(self.world_size)
-        results = self._wait([w.logprobs_kept.remote(s, c) for w, s, c in zip(self.workers, shards, compare)])
+        results = self._wait([w.logprobs_kept.remote(s, c, reference)
+                              for w, s, c in zip(self.workers, shards, compare)])
         parts = tuple((ref, shard.num_rows) for (ref, _), shard in zip(results, shards))
         return RemoteRows(parts), max(gap for _, gap in results)
 
@@ -336,10 +338,7 @@ class LearnerReference:
         self.learners = learners
 
     def keep_logprobs(self, batch: TokenBatch) -> RemoteRows:
-        group = self.learners
-        shards = group._even_shards(batch)
-        refs = group._wait([w.reference_logprobs_kept.remote(s) for w, s in zip(group.workers, shards)])
-        return RemoteRows(tuple((ref, shard.num_rows) for ref, shard in zip(refs, shards)))
+        return self.learners.keep_logprobs(batch, reference=True)[0]
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``logprobs_BT`` brought to the caller; any row count (the last row repeated to split evenly)."""

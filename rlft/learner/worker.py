@@ -281,26 +281,25 @@ class LearnerWorker:
             return self._per_token_outputs(batch)
 
     @torch.no_grad()
-    def logprobs_kept(self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None):
+    def logprobs_kept(self, batch: TokenBatch, sampler_logprobs_BT: torch.Tensor | None = None,
+                      reference: bool = False):
         """This rank's share of ``logprobs_BT``, kept in the object store: returns the reference and, given the
         sampler's log-probabilities of the same tokens, the largest gap between the two on the response tokens
-        (``loss_weights_BT`` != 0), the check that the rollout workers run these weights."""
-        with self.clock.phase(self._forward_phase):
-            logprobs_BT = self._per_token_outputs(batch)
+        (``loss_weights_BT`` != 0), the check that the rollout workers run these weights. ``reference``: under the
+        base model, the LoRA adapter disabled (the reference policy of a LoRA run)."""
+        from rlft.learner.lora import disabled_adapter
+
+        if reference:
+            with self.clock.phase(Phase.REFERENCE), disabled_adapter(self.engine.module):
+                logprobs_BT = self._per_token_outputs(batch)
+        else:
+            with self.clock.phase(self._forward_phase):
+                logprobs_BT = self._per_token_outputs(batch)
         gap = float("nan")
         if sampler_logprobs_BT is not None:
             mask_BT = batch.loss_weights_BT != 0
             gap = (logprobs_BT - sampler_logprobs_BT)[mask_BT].abs().max().item() if mask_BT.any() else 0.0
         return keep_here(logprobs_BT), gap
-
-    @torch.no_grad()
-    def reference_logprobs_kept(self, batch: TokenBatch):
-        """This rank's share of ``logprobs_BT`` under the base model, the LoRA adapter disabled (the reference
-        policy of a LoRA run), kept in the object store."""
-        from rlft.learner.lora import disabled_adapter
-
-        with self.clock.phase(Phase.REFERENCE), disabled_adapter(self.engine.module):
-            return keep_here(self._per_token_outputs(batch))
 
     @torch.no_grad()
     def _per_token_outputs(self, batch: TokenBatch) -> torch.Tensor:

@@ -299,21 +299,19 @@ class RolloutWorker:
         if handle.version < self._policy_version and not rewind:
             raise ValueError(f"policy version {handle.version} is older than the current {self._policy_version}")
         start = time.perf_counter()
-        if handle.adapter is not None:
-            buckets = receive_buckets(handle, self._group)
-            received = time.perf_counter()
-            with self._engine_lock, self.clock.phase(Phase.SYNC):
-                self.engine.load_adapter(buckets, handle.adapter)
-        elif self.engine.weights_cross_processes and handle.transport != "object_store":
+        if handle.adapter is None and self.engine.weights_cross_processes and handle.transport != "object_store":
             # The engine's own processes receive (a multi-process or tensor-parallel vLLM engine).
             received = start
             with self._engine_lock, self.clock.phase(Phase.SYNC):
                 self.engine.receive_weights(handle)
-        else:
+        else:  # into this process: full weights, or a LoRA adapter (this worker writes the files vLLM loads)
             buckets = receive_buckets(handle, self._group)
             received = time.perf_counter()
             with self._engine_lock, self.clock.phase(Phase.SYNC):
-                self.engine.update_weights(buckets)
+                if handle.adapter is None:
+                    self.engine.update_weights(buckets)
+                else:
+                    self.engine.load_adapter(buckets, handle.adapter)
         self._policy_version = handle.version
         return {"receive_s": received - start, "load_s": time.perf_counter() - received}
 
