@@ -37,9 +37,9 @@ def _is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-def _listeners(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """(address, port) -> the title of the process listening there, over ``root`` and its descendants."""
-    found = {}
+def _listeners(root: psutil.Process) -> set[tuple[str, int, str]]:
+    """(address, port, title of the process listening there), over ``root`` and its descendants."""
+    found = set()
     try:
         processes = [root, *root.children(recursive=True)]
     except psutil.Error:
@@ -49,7 +49,7 @@ def _listeners(root: psutil.Process) -> dict[tuple[str, int], str]:
             title = (process.cmdline() or [""])[0]
             for conn in process.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
-                    found[(conn.laddr.ip, conn.laddr.port)] = title
+                    found.add((conn.laddr.ip, conn.laddr.port, title))
         except psutil.Error:
             continue
     return found
@@ -79,7 +79,9 @@ def test_a_rendezvous_store_listens_on_the_address_it_is_given():
 def test_a_local_run_listens_on_loopback_only(tmp_path):
     log = tmp_path / "run.log"
     proc = rlft_popen(*tiny_grpo_args(tmp_path / "run", "rollout.weight_transport=collective"), cwd=tmp_path, log=log)
-    seen: dict[tuple[str, int], str] = {}
+    # Every (address, port, title) ever seen: a port outlives a process title (Ray renames a worker as it takes an
+    # actor or a task, and a port freed by a stopped actor is taken by the next process).
+    seen: set[tuple[str, int, str]] = set()
     try:
         root = psutil.Process(proc.pid)
         deadline = time.monotonic() + 600
@@ -91,7 +93,8 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
             proc.kill()
     assert proc.wait() == 0, log.read_text()[-4000:]
     # The learners were seen up: their process group's store and gloo connections listen in their processes.
-    assert any(title.startswith("ray::LearnerWorker") for title in seen.values()), seen
-    assert any(title.startswith("ray::RolloutWorker") for title in seen.values()), seen
-    outside = {f"{ip}:{port}": title for (ip, port), title in seen.items() if not _is_loopback(ip)}
+    titles = {title for _, _, title in seen}
+    assert any(title.startswith("ray::LearnerWorker") for title in titles), titles
+    assert any(title.startswith("ray::RolloutWorker") for title in titles), titles
+    outside = {f"{ip}:{port}": title for ip, port, title in seen if not _is_loopback(ip)}
     assert not outside, f"listening beyond loopback: {outside}"
