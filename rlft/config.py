@@ -635,6 +635,9 @@ def validate(cfg: Config) -> None:
             f"ray.local_mode: runs every role in one process, so learner.num_learners must be 1, "
             f"got {cfg.learner.num_learners}"
         )
+    if cfg.ray.local_mode and cfg.algorithm == "ppo":
+        raise ConfigError("ray.local_mode: PPO's critic is a second learner group, and one process holds one "
+                          "(torch.distributed has one default group per process); run PPO with Ray")
     transport = cfg.rollout.weight_transport
     if transport == "collective" and cfg.ray.local_mode:
         raise ConfigError("rollout.weight_transport: collective broadcasts between processes, which ray.local_mode "

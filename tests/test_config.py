@@ -85,6 +85,8 @@ def test_bad_values_name_the_field(override, message):
 def test_collective_weight_transport_needs_processes():
     with pytest.raises(ConfigError, match="rollout.weight_transport: collective broadcasts between processes"):
         load_config(None, ["rollout.weight_transport=collective", "ray.local_mode=true", "learner.num_learners=1"])
+    with pytest.raises(ConfigError, match="ray.local_mode: PPO's critic is a second learner group"):
+        load_config(ROOT / "configs/ppo_tiny.yaml", ["ray.local_mode=true", "learner.num_learners=1"])
     with pytest.raises(ConfigError, match="rollout.weight_sync_timeout_s: must be positive"):
         load_config(ROOT / "configs/grpo_tiny.yaml", ["rollout.weight_sync_timeout_s=0"])
 

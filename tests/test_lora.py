@@ -212,6 +212,12 @@ def test_unknown_target_module_stops_rlft_train_before_any_actor(tmp_path):
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
+# The LoRA runs of SFT and online DPO run every role in the driver's process (``ray.local_mode``, one learner):
+# what they check is LoRA's, and the same code runs under Ray in the GRPO runs above and in each algorithm's own
+# tests; a process with no Ray cluster to start takes about half the time. (PPO's critic needs a process of its own.)
+IN_PROCESS = ["ray.local_mode=true", "learner.num_learners=1"]
+
+
 def _lora_grpo_args(sft_demo_run, fixed_prompts, out: Path, *extra: str) -> list[str]:
     return [
         "train", str(ROOT / "configs/grpo_tiny.yaml"),
@@ -281,10 +287,11 @@ def test_resumed_lora_run_continues_exactly(lora_grpo_run, sft_demo_run, fixed_p
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sft_with_lora_under_zero3_writes_adapter_and_merged_model(tmp_path):
-    """With gradient checkpointing: the frozen embedding's output is made to carry gradients to the adapters."""
+    """With gradient checkpointing: the frozen embedding's output is made to carry gradients to the adapters. In
+    one process, so the evaluator loads its model whole beside a ZeRO-3 learner (which partitions only its own)."""
     out = tmp_path / "run"
-    proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), "learner.zero_stage=3", "model.lora.rank=8",
-                    "model.gradient_checkpointing=true",
+    proc = run_rlft("train", str(ROOT / "configs/sft_tiny.yaml"), *IN_PROCESS, "learner.zero_stage=3",
+                    "model.lora.rank=8", "model.gradient_checkpointing=true",
                     "model.lora.save_merged=true", "trainer.max_steps=20", "eval.num_examples=20",
                     "logging.wandb=false", f"logging.output_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -327,7 +334,7 @@ def test_ppo_and_online_dpo_with_lora(algorithm, sft_demo_run, fixed_prompts, tm
     online DPO with adapter sync: the rollout workers generate with the learners' policy either way."""
     out = tmp_path / "run"
     sync = "merged" if algorithm == "ppo" else "adapter"
-    proc = run_rlft("train", str(ROOT / f"configs/{algorithm}_tiny.yaml"),
+    proc = run_rlft("train", str(ROOT / f"configs/{algorithm}_tiny.yaml"), *(IN_PROCESS if algorithm == "online_dpo" else ()),
                     f"model.path={sft_demo_run.output_dir / 'final_model'}", f"data.train_path={fixed_prompts}",
                     "rl.num_prompts_per_step=32", "rl.num_samples_per_prompt=4", "trainer.max_steps=3",
                     "trainer.lr=2e-3", f"trainer.global_batch_size={128 if algorithm == 'ppo' else 32}",

@@ -174,8 +174,10 @@ class LearnerWorker:
 
         ds_config = spec.deepspeed_config()
         # Under ZeRO-3 this object must stay alive while from_pretrained runs, so parameters are partitioned as
-        # they are created instead of materialised whole on every rank.
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if spec.zero_stage == 3 else None
+        # they are created instead of materialised whole on every rank. It is dropped once the engine holds the
+        # model: transformers reads it process-wide, and in-process roles (``ray.local_mode``: the evaluator, the
+        # reference, the HF engine) must load their own models whole.
+        hf_ds_config = HfDeepSpeedConfig(ds_config) if spec.zero_stage == 3 else None
         if spec.head == "value":
             # The critic starts from the policy's backbone with a fresh one-output head.
             model = transformers.AutoModelForTokenClassification.from_pretrained(
@@ -203,6 +205,7 @@ class LearnerWorker:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        del hf_ds_config
         self.engine.train()
         params = list(self.engine.module.parameters())
         return sum(_numel(p) for p in params), sum(_numel(p) for p in params if p.requires_grad)
