@@ -285,7 +285,6 @@ def test_resumed_lora_run_continues_exactly(lora_grpo_run, sft_demo_run, fixed_p
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_sft_with_lora_under_zero3_writes_adapter_and_merged_model(tmp_path):
     """With gradient checkpointing: the frozen embedding's output is made to carry gradients to the adapters. In
     one process, so the evaluator loads its model whole beside a ZeRO-3 learner (which partitions only its own)."""
@@ -328,13 +327,14 @@ def test_dpo_with_lora_needs_no_reference_server(sft_demo_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("algorithm", ["ppo", "online_dpo"])
-def test_ppo_and_online_dpo_with_lora(algorithm, sft_demo_run, fixed_prompts, tmp_path):
-    """PPO with merged-weight sync (``model.lora.sync=merged``, the fallback for engines without LoRA kernels) and
-    online DPO with adapter sync: the rollout workers generate with the learners' policy either way."""
+@pytest.mark.parametrize(("algorithm", "sync", "mode"), [("ppo", "merged", []), ("online_dpo", "adapter", IN_PROCESS)],
+                         ids=["ppo", "online_dpo"])
+def test_ppo_and_online_dpo_with_lora(algorithm, sync, mode, sft_demo_run, fixed_prompts, tmp_path):
+    """PPO with merged-weight sync (``model.lora.sync=merged``, the fallback for engines without LoRA kernels), under
+    Ray, and online DPO with adapter sync, in one process: the rollout workers generate with the learners' policy
+    either way."""
     out = tmp_path / "run"
-    sync = "merged" if algorithm == "ppo" else "adapter"
-    proc = run_rlft("train", str(ROOT / f"configs/{algorithm}_tiny.yaml"), *(IN_PROCESS if algorithm == "online_dpo" else ()),
+    proc = run_rlft("train", str(ROOT / f"configs/{algorithm}_tiny.yaml"), *mode,
                     f"model.path={sft_demo_run.output_dir / 'final_model'}", f"data.train_path={fixed_prompts}",
                     "rl.num_prompts_per_step=32", "rl.num_samples_per_prompt=4", "trainer.max_steps=3",
                     "trainer.lr=2e-3", f"trainer.global_batch_size={128 if algorithm == 'ppo' else 32}",
