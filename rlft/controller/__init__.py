@@ -1,20 +1,32 @@
 """Controllers: one readable function per algorithm, phases named and timed."""
 
+# The controller of each algorithm: module, function.
+CONTROLLERS = {
+    "sft": ("rlft.controller.sft", "sft"),
+    "grpo": ("rlft.controller.grpo", "grpo"),
+    "ppo": ("rlft.controller.ppo", "ppo"),
+    "dpo": ("rlft.controller.dpo", "dpo"),
+    "online_dpo": ("rlft.controller.online_dpo", "online_dpo"),
+}
+
 
 def run_job(cfg):
-    """Run the job ``cfg`` describes with its algorithm's controller; returns the ``RunResult``."""
-    from rlft.config import ConfigError
+    """Run the job ``cfg`` describes with its algorithm's controller; returns the ``RunResult``.
 
-    if cfg.algorithm == "sft":
-        from rlft.controller.sft import sft as run
-    elif cfg.algorithm == "grpo":
-        from rlft.controller.grpo import grpo as run
-    elif cfg.algorithm == "ppo":
-        from rlft.controller.ppo import ppo as run
-    elif cfg.algorithm == "dpo":
-        from rlft.controller.dpo import dpo as run
-    elif cfg.algorithm == "online_dpo":
-        from rlft.controller.online_dpo import online_dpo as run
-    else:
+    The controller's modules (torch, transformers: seconds) load in a thread while this one starts Ray."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlft import startup
+    from rlft.config import ConfigError
+    from rlft.controller.run import open_run
+
+    if cfg.algorithm not in CONTROLLERS:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
-    return run(cfg)
+    module, name = CONTROLLERS[cfg.algorithm]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlft-import") as pool:
+        imported = pool.submit(importlib.import_module, module)
+        open_run(cfg)
+        controller = getattr(imported.result(), name)
+    startup.mark("driver", "imports")
+    return controller(cfg)

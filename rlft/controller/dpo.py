@@ -194,7 +194,7 @@ def dpo(cfg: Config) -> RunResult:
         # The reference: with LoRA the learners' base model (the adapter disabled), no server; otherwise the
         # reference server, kept for the run with dpo.reference=server, else started for the cache pass alone.
         lora = cfg.model.lora.rank > 0
-        run.start_cluster(reference=not lora, rollout=False, graders=False)
+        run.start_cluster()
         if lora:
             learners = start_learners()
             scorer = learners.reference()

@@ -160,10 +160,14 @@ class EvaluationWorker:
 
         from transformers import AutoTokenizer
 
+        from rlft import startup
+
+        startup.mark("evaluator", "imports")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
         self.evaluator = Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                    cfg.eval.extract_pattern)
+        startup.mark("evaluator", "ready")
 
     def evaluate(self, handle) -> EvalResult:
         from rlft.distributed.weight_sync import iter_bucket_weights, receive_buckets

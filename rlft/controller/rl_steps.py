@@ -83,7 +83,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     lora = cfg.model.lora.rank > 0
     reference_server = with_reference and not lora
 
-    run.start_cluster(reference=reference_server, critic=with_critic)
+    run.start_cluster()
     local, restarts, placement = cfg.ray.local_mode, cfg.ray.max_actor_restarts, run.placement
     optimizer_steps = total_steps * rl.num_mini_batches * rl.num_epochs_per_step
     starts = {
@@ -92,6 +92,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
                                         max_restarts=restarts, envs=cfg.envs if multi_turn(cfg.envs) else None,
                                         lora_rank=cfg.model.lora.rank if lora_syncs_adapter(cfg) else 0),
         "graders": lambda: GraderPool(cfg.graders, local=local, max_restarts=restarts),
+        "control": lambda: LiveControl(cfg),  # what `rlft scale` reaches
     }
     if reference_server:
         starts["reference"] = run.reference_group
@@ -100,7 +101,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
                                                 placement=placement)
     roles = run.start_roles(starts)
     learners, rollout = roles["learners"], roles["rollout"]
-    control = run.keep(LiveControl(cfg))
+    control = roles["control"]
     reference = learners.reference() if with_reference and lora else roles.get("reference")
     job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, roles["graders"], control, reference,
                 roles.get("critic"))

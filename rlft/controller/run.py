@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 from tqdm import tqdm
 
+from rlft import startup
 from rlft.config import Config
 from rlft.controller.common import (
     EpochSampler,
@@ -48,7 +48,7 @@ from rlft.controller.common import (
     resolve_paths,
     resume_path,
 )
-from rlft.distributed.cluster import start_cluster
+from rlft.distributed.cluster import start_cluster, start_ray
 from rlft.distributed.placement import job_demands
 from rlft.distributed.stacks import watch
 from rlft.errors import LearnerFailedError, RestartBudgetError
@@ -61,6 +61,30 @@ AfterRestore = Callable[[int], None]
 logger = logging.getLogger(__name__)
 
 
+def job_roles(cfg: Config) -> dict[str, bool]:
+    """The roles of each algorithm beside its learners, as ``job_demands`` takes them: SFT and DPO have no rollout
+    workers or graders; DPO, online DPO and a KL term have a reference server (with LoRA the learners' base model
+    is the reference); PPO has a critic."""
+    lora = cfg.model.lora.rank > 0
+    if cfg.algorithm in ("sft", "dpo"):
+        return {"reference": cfg.algorithm == "dpo" and not lora, "rollout": False, "graders": False}
+    with_reference = cfg.algorithm == "online_dpo" or cfg.rl.kl_coef > 0
+    return {"reference": with_reference and not lora, "critic": cfg.algorithm == "ppo"}
+
+
+def open_run(cfg: Config) -> None:
+    """What a run can start before its controller's modules are loaded (they take seconds): its start-up log and
+    Ray, with the deadline watch whose stack directory role actors inherit. A local cluster started here is sized
+    for the job's roles (``job_roles``); ``Run.start_cluster`` finds it running."""
+    cfg = resolve_paths(cfg)
+    out_dir = Path(cfg.logging.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    startup.open_log(out_dir / startup.FILE_NAME)
+    if not cfg.ray.local_mode:
+        watch(out_dir / "stacks", cfg.ray.call_timeout_s)
+        start_ray(cfg, job_demands(cfg, **job_roles(cfg)))
+
+
 class Run:
     def __init__(self, cfg: Config):
         self.started = time.perf_counter()
@@ -70,6 +94,7 @@ class Run:
 
             check_target_modules(self.cfg.model.path, self.cfg.model.lora)  # before any actor starts
         self.out_dir = prepare_output_dir(self.cfg)
+        startup.open_log(self.out_dir / startup.FILE_NAME)
         self.ckpt_root = Path(self.cfg.checkpoint_dir)
         self.resume_from = resume_path(self.cfg, self.ckpt_root)
         self.placement = None
@@ -101,12 +126,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------ roles
 
-    def start_cluster(self, **demands) -> None:
-        """Ray and the placement group for the roles the job runs (``job_demands``); checked against the cluster
+    def start_cluster(self) -> None:
+        """Ray and the placement group for the roles the job runs (``job_roles``); checked against the cluster
         before any actor starts."""
-        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **demands))
         # Deadlines for the phases' calls; the stacks of every actor started from here on are written on overrun.
         watch(self.out_dir / "stacks", self.cfg.ray.call_timeout_s)
+        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **job_roles(self.cfg)))
 
     def keep(self, role):
         """Shut ``role`` down with the run; returns it."""
@@ -118,10 +143,14 @@ class Run:
         engines to load, side by side on different actors); the in-process backend starts them one by one. Every
         role that started is kept, to shut down with the run, even when another failed: the first failure is
         raised once all have finished starting."""
+        startup.mark("driver", "roles_start")
         if self.cfg.ray.local_mode:
-            return {name: self._kept(start()) for name, start in starts.items()}
+            roles = {name: self._kept(start()) for name, start in starts.items()}
+            startup.mark("driver", "roles_ready")
+            return roles
         with ThreadPoolExecutor(max_workers=len(starts), thread_name_prefix="rlft-start") as pool:
             futures = {name: pool.submit(start) for name, start in starts.items()}
+        startup.mark("driver", "roles_ready")
         roles, failures = {}, []
         for name, future in futures.items():  # in the given order, so shutdown runs in the reverse
             if future.exception() is None:
@@ -176,6 +205,7 @@ class Run:
             self.logger.log(self.start_step, first_metrics, console=False)
         if self.start_step == 0:
             self.eval_accuracy_start = self.evaluate(0, "step0")
+            startup.mark("driver", "first_eval")
         self.progress = tqdm(total=total_steps, initial=self.start_step, desc=self.cfg.algorithm,
                              disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
         return self.start_step
@@ -204,7 +234,8 @@ class Run:
             step = self._next_step
             self._next_step += 1
             if self._startup_s is None:  # the time to the first step: the process's start-up, then the roles'
-                self._startup_s = time.time() - psutil.Process().create_time()
+                self._startup_s = time.time() - startup.process_start_time()
+                startup.mark("driver", "first_step")
             yield step
 
     @contextmanager

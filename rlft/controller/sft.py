@@ -70,9 +70,10 @@ def sft(cfg: Config) -> RunResult:
         items = eval_items(cfg)
 
         # ---- actors
-        run.start_cluster(reference=False, rollout=False, graders=False)
-        learners = run.keep(LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode, placement=run.placement))
+        run.start_cluster()
+        # The evaluation worker first: it loads while the learners start (they block until they are up).
         evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None
+        learners = run.keep(LearnerGroup(cfg, total_steps, local=cfg.ray.local_mode, placement=run.placement))
 
         def evaluate(step: int, tag: str) -> dict[str, float]:
             return evaluation.evaluate(learners, step, run.samples_path(tag))

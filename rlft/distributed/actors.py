@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlft import startup
 from rlft.distributed import stacks
 from rlft.errors import PeerTimeoutError, RestartBudgetError
 from rlft.timing import call_timeout_s
@@ -46,11 +47,32 @@ def role_env(num_gpus: float) -> dict[str, str]:
     env = dict(BASE_ENV)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir(), "torch_extensions"))
     env["RLFT_CACHE_DIR"] = cache_dir()
-    if os.environ.get(stacks.HANDLER_DIR_ENV):
-        env[stacks.HANDLER_DIR_ENV] = os.environ[stacks.HANDLER_DIR_ENV]
+    for name in (stacks.HANDLER_DIR_ENV, startup.LOG_ENV):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
     return env
+
+
+# The role environment that the worker processes of the local cluster this process started inherit from it.
+_inherited_env: dict[str, str] = {}
+
+
+def hand_down_role_env(num_gpus_on_machine: int) -> None:
+    """Called just before this process starts a local Ray cluster: put the role environment into this process's
+    own, which the cluster's worker processes inherit. An actor whose environment is that one then needs no
+    ``runtime_env`` of its own, and Ray can give it one of the worker processes it started ahead (an actor with
+    a ``runtime_env`` waits for a fresh process)."""
+    env = role_env(num_gpus_on_machine)
+    os.environ.update(env)
+    _inherited_env.clear()
+    _inherited_env.update(env)
+
+
+def forget_role_env() -> None:
+    """This process joins a cluster it did not start: its workers inherit nothing from here."""
+    _inherited_env.clear()
 
 
 def slowest(per_worker: list[dict[str, float]]) -> dict[str, float]:
@@ -103,11 +125,9 @@ def spawn(cls: type, *args, resources: Resources, local: bool = False, name: str
     if local:
         os.environ.update(env)
         return LocalActor(cls(*args, **kwargs))
-    options: dict[str, Any] = {
-        "num_cpus": resources.num_cpus,
-        "num_gpus": resources.num_gpus,
-        "runtime_env": {"env_vars": env},
-    }
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if any(_inherited_env.get(key) != value for key, value in env.items()):
+        options["runtime_env"] = {"env_vars": env}
     if name:
         options["name"] = name
     if resources.placement_group is not None:

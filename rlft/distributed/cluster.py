@@ -6,8 +6,9 @@ import os
 
 import ray
 
+from rlft import startup
 from rlft.config import Config, RayConfig
-from rlft.distributed.actors import BASE_ENV
+from rlft.distributed.actors import BASE_ENV, forget_role_env, hand_down_role_env
 from rlft.distributed.placement import Placement, RoleDemand, check_fit, free_node_resources, total
 
 
@@ -23,9 +24,12 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         os.environ.setdefault(key, value)
     address = cluster_address(cfg)
     if address:
+        forget_role_env()
         ray.init(address=address, log_to_driver=True)
         return
     keep_on_loopback()
+    hand_down_role_env(local_num_gpus())
+    startup.mark("driver", "ray_start")
     ray.init(
         # "local" starts a fresh cluster even when `ray start` already runs one on this machine.
         address="local",
@@ -35,6 +39,7 @@ def init_ray(cfg: RayConfig, num_cpus_needed: float) -> None:
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
     )
+    startup.mark("driver", "ray_ready")
 
 
 def cluster_address(cfg: RayConfig) -> str:
@@ -65,13 +70,22 @@ def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
     against this machine first, so that a job asking for GPUs the machine lacks stops before Ray starts."""
     if cfg.ray.local_mode:
         return None
-    if not ray.is_initialized() and not cluster_address(cfg.ray):
+    start_ray(cfg, demands)
+    check_fit(demands, free_node_resources())
+    return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)
+
+
+def start_ray(cfg: Config, demands: list[RoleDemand]) -> None:
+    """Join or start Ray for a job that asks for ``demands`` (nothing if this process already has). A local cluster
+    is checked against this machine first, so that a job asking for GPUs the machine lacks stops before Ray
+    starts."""
+    if ray.is_initialized():
+        return
+    if not cluster_address(cfg.ray):
         machine = {"CPU": float(local_num_cpus(cfg.ray, total(demands, "CPU"))), "GPU": float(local_num_gpus())}
         check_fit(demands, [machine], cluster="this machine",
                   remedy="set ray.address to a cluster that has them (unset, the job starts a local Ray cluster)")
     init_ray(cfg.ray, total(demands, "CPU"))
-    check_fit(demands, free_node_resources())
-    return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)
 
 
 def keep_on_loopback() -> None:

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from math_verify import parse, verify
-
 from rlft.graders.exact import exact_match
 from rlft.graders.config import GraderItemConfig, api_key_of, load_function, load_spec
 from rlft.graders.openai_spec import parse_spec, sample_of
@@ -68,6 +66,8 @@ def math_match(completion: str, answer: str) -> float:
     raises ``ValueError`` (a data problem, counted as an error) rather than silently scoring every sample 0.
     """
     gold_text = answer if any(d in answer for d in _MATH_DELIMITERS) else f"${answer}$"
+    from math_verify import parse, verify  # sympy: loaded by the processes that grade math only
+
     gold = parse(gold_text, parsing_timeout=None)
     if not gold:
         raise ValueError(f"reference answer {answer!r} does not parse as math")

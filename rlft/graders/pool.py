@@ -36,12 +36,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from rlft import startup
 from rlft.distributed.actors import Resources, slowest, spawn, wait
 from rlft.errors import GraderFailureRateError, RestartBudgetError
 from rlft.graders.config import GraderConfig, sandbox_limits, validate_graders
 from rlft.graders.graders import BatchGrader, GradeRequest, Grader, SampleGrader, build_grader, extra_fields_of
 from rlft.graders.openai_spec import GraderFailure
-from rlft.graders.reward_model import RewardModelGroup
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
@@ -77,15 +77,17 @@ class WorkerResult:
 class GraderWorker:
     """Scores shares of a batch with every configured grader, each grader under a deadline of ``timeout_s``."""
 
-    def __init__(self, cfg: GraderConfig, reward_models: dict[str, RewardModelGroup] | None = None):
+    def __init__(self, cfg: GraderConfig, reward_models: dict[str, "RewardModelGroup"] | None = None):
         from rlft.distributed.stacks import install_handler  # stacks on a phase overrun (rlft/timing.py)
         install_handler()
+        startup.mark("grader", "actor")
         self.graders: list[Grader] = [
             build_grader(item, sandbox_limits(cfg), cfg.concurrency_per_worker, reward_models) for item in cfg.items
         ]
         self.timeout_s = cfg.timeout_s
         self._stuck: list[threading.Thread] = []
         self.clock = PhaseTimer()
+        startup.mark("grader", "ready")
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds spent grading since the last call (``grade``)."""
@@ -312,11 +314,14 @@ class GraderPool:
         # Of the batch being collected: the largest worker memory reported, and workers replaced for their memory.
         self._memory_mib, self._memory_replacements = 0.0, 0
         self.weights = {item.name: item.weight for item in cfg.items}
-        self.reward_models: dict[str, RewardModelGroup] = {}
+        # torch is imported only by a pool that has a reward model.
+        self.reward_models: dict[str, "RewardModelGroup"] = {}
         try:
             for item in cfg.items:
                 if item.type == "reward_model":
                     resources = Resources(num_cpus=item.num_cpus_per_replica, num_gpus=item.num_gpus_per_replica)
+                    from rlft.graders.reward_model import RewardModelGroup
+
                     self.reward_models[item.name] = RewardModelGroup(
                         item.model_path, item.num_replicas, item.batch_size, item.max_length, resources, local
                     )

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlft import startup
 from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.config import LoraConfig
@@ -96,6 +97,7 @@ class LearnerWorker:
         from rlft.distributed.stacks import install_handler
 
         install_handler()
+        startup.mark("learner", "actor")
         self.rank = rank
         self.engine = None
         self.spec: LearnerSpec | None = None
@@ -159,6 +161,7 @@ class LearnerWorker:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
+        startup.mark("learner", "imports")
         self.spec = spec
         os.environ.update(
             RANK=str(self.rank),
@@ -207,6 +210,7 @@ class LearnerWorker:
         )
         del hf_ds_config
         self.engine.train()
+        startup.mark("learner", "ready")
         params = list(self.engine.module.parameters())
         return sum(_numel(p) for p in params), sum(_numel(p) for p in params if p.requires_grad)
 

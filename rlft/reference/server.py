@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from rlft import startup
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, wait
@@ -30,6 +31,7 @@ class ReferenceWorker:
         from transformers import AutoModelForCausalLM
 
         install_handler()
+        startup.mark("reference", "imports")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -37,6 +39,7 @@ class ReferenceWorker:
         self.device = device
         self.micro_batch_size = micro_batch_size
         self.clock = PhaseTimer()
+        startup.mark("reference", "ready")
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the model since the last call, by phase: ``reference``, ``sync`` (a refresh)."""

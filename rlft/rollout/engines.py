@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
+from rlft import startup
 from rlft.distributed.weight_sync import (
     CollectiveSpec,
     WeightBucket,
@@ -115,6 +116,26 @@ def _refresh_embedding_kernels(model: torch.nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
+def _count_greater_or_equal(x_BV: torch.Tensor, values_B1: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x_BV``, how many entries are >= that row's value: the rank vLLM reports beside each sampled
+    token's log-probability."""
+    return (x_BV >= values_B1).sum(-1)
+
+
+def _eager_token_ranks() -> None:
+    """On CPU, count token ranks eagerly rather than with vLLM's ``torch.compile``d counter.
+
+    vLLM counts the rank of each sampled token whenever log-probabilities are asked for, which rlft always does.
+    On CPU the counter is compiled by inductor on its first call in every engine process: about 2 s of every
+    run's first generation (a third of it probing the C++ compiler's vector instructions), in front of the first
+    step. The eager count is the same sum, and on these vocabularies as fast. On GPU the compiled counter stays.
+    """
+    import vllm.v1.sample.sampler as vllm_sampler
+
+    if hasattr(vllm_sampler, "batched_count_greater_than"):
+        vllm_sampler.batched_count_greater_than = _count_greater_or_equal
+
+
 def _use_in_process_engine() -> bool:
     """vLLM's engine in this process on CPU (seconds to start, no idle process burning a core); its own process
     on GPU, where it overlaps scheduling with the forward passes. An explicit environment setting wins."""
@@ -134,6 +155,10 @@ class VLLMEngine:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
+
+        startup.mark("rollout", "imports")
+        if not torch.cuda.is_available():
+            _eager_token_ranks()
 
         options = {}
         if torch.cuda.is_available():

@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 
+from rlft import startup
 from rlft.distributed.stacks import install_handler
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.rollout.types import Sample
@@ -70,6 +71,7 @@ class RolloutWorker:
         this worker's own pool of ``envs.num_workers`` actors (in this process when ``local_envs`` or 0).
         ``lora_rank`` > 0: the policy arrives as LoRA adapters of up to that rank (``model.lora.sync``)."""
         install_handler()  # first: a hang while the engine starts is dumped too
+        startup.mark("rollout", "actor")
         # As many compute threads as the worker has CPUs (Ray's OMP_NUM_THREADS says the same for whole CPUs).
         self._threads = max(1, int(cfg.num_cpus_per_worker)) if cfg.engine != "simulated" else 0
         if self._threads:
@@ -103,6 +105,7 @@ class RolloutWorker:
         self._policy_version = 0
         self._group = None  # this worker's membership of the weight group, when it receives in this process
         self.clock = PhaseTimer()
+        startup.mark("rollout", "ready")
 
     def engine_seconds(self) -> dict[str, float]:
         """Seconds inside the engine since the last call, by phase: ``generate``, ``sync`` (loading weights),
