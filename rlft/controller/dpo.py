@@ -138,19 +138,11 @@ def reference_cache_path(cfg: Config, pairs: Pairs) -> Path:
 
 def cached_reference_sums(run: Run, pairs: Pairs, pad_id: int, reference) -> torch.Tensor:
     """The reference sums of ``pairs``, read from the cache, or computed by ``reference`` (a ``ReferenceGroup``, or
-    the learners' ``LearnerReference``; None starts the run's reference server for the pass) and written there."""
-    cfg = run.cfg
-    path = reference_cache_path(cfg, pairs)
+    the learners' ``LearnerReference``) and written there."""
+    path = reference_cache_path(run.cfg, pairs)
     if path.exists():
         return torch.load(path)
-    own = reference is None
-    if own:
-        reference = run.reference_group()
-    try:
-        sums = summed_logprobs(reference.logprobs, pairs, pad_id)
-    finally:
-        if own:
-            run.release(reference)
+    sums = summed_logprobs(reference.logprobs, pairs, pad_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(sums, partial)
@@ -186,28 +178,28 @@ def dpo(cfg: Config) -> RunResult:
         sampler, total_steps = step_schedule(cfg, len(pairs), "pairs")
         items = eval_items(cfg)
 
-        # ---- actors: the learners see rows, two per pair
-        def start_learners() -> LearnerGroup:
-            return run.keep(LearnerGroup(rows_config(cfg), total_steps, local=cfg.ray.local_mode,
-                                         placement=run.placement))
-
+        # ---- actors: the learners see rows, two per pair; every role starts at once
         # The reference: with LoRA the learners' base model (the adapter disabled), no server; otherwise the
-        # reference server, kept for the run with dpo.reference=server, else started for the cache pass alone.
+        # reference server, kept for the run with dpo.reference=server, else started for the cache pass alone
+        # (when a pass has no cached sums) and shut down after it.
         lora = cfg.model.lora.rank > 0
+        uncached = [p for p in (pairs, eval_pairs) if p is not None and not reference_cache_path(cfg, p).exists()]
         run.start_cluster()
-        if lora:
-            learners = start_learners()
-            scorer = learners.reference()
-        else:
-            learners = None
-            scorer = run.reference_group() if d.reference == "server" else None
+        evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None  # loads while the rest starts
+        starts = {"learners": lambda: LearnerGroup(rows_config(cfg), total_steps, local=cfg.ray.local_mode,
+                                                   placement=run.placement)}
+        if not lora and (d.reference == "server" or uncached):
+            starts["reference"] = run.reference_group
+        roles = run.start_roles(starts)
+        learners = roles["learners"]
+        scorer = learners.reference() if lora else roles.get("reference")
         reference = scorer if d.reference == "server" else None
         timer = PhaseTimer()
         with timer.phase(Phase.REFERENCE_CACHE):
             ref_sums = None if reference else cached_reference_sums(run, pairs, pad_id, scorer)
             eval_ref = cached_reference_sums(run, eval_pairs, pad_id, scorer) if eval_pairs else None
-        learners = learners or start_learners()  # after the reference pass, which frees the server's cores
-        evaluation = run.keep(HeldOutEvaluation(cfg, items)) if items else None
+        if scorer is not None and not lora and reference is None:
+            run.release(scorer)  # the cache pass's server
 
         def evaluate(step: int, tag: str) -> dict[str, float]:
             metrics: dict[str, float] = {}
