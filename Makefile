@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Compiled DeepSpeed ops are cached here across runs (the CPU communication op takes ~30 s to build once).
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlft/torch_extensions
 
-.PHONY: setup demo test test-fast lock clean
+.PHONY: setup warm-caches demo test test-fast lock clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0 -e '.[cpu,dev]'
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(MAKE) --no-print-directory warm-caches
 	touch $(STAMP)
+
+# What a first run would otherwise build: DeepSpeed's CPU communication op (compiled into TORCH_EXTENSIONS_DIR,
+# ~30-80 s) and the embedded tiny model, tokenizer and tasks (~/.cache/rlft/tiny/, a few seconds). Both are reused
+# by every later run; `make warm-caches` rebuilds what is missing.
+warm-caches:
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(BIN)/python -c "from rlft.tiny import resolve; resolve('tiny://model')"
 
 # SFT warm start, then GRPO from its model; each run leaves metrics.jsonl, curves.png and summary.json.
 demo: setup

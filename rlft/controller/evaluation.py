@@ -11,6 +11,7 @@ answer the pattern finds in the completion (``extracted_accuracy``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from rlft import startup
 from rlft.data.formats import RFTPrompt, DataError
 from rlft.data.tokenize import tokenize_prompt
 from rlft.graders.exact import exact_match
@@ -156,13 +158,9 @@ class EvaluationWorker:
     """An ``Evaluator`` in a role actor of its own: it takes the learners' weights as a ``WeightHandle``."""
 
     def __init__(self, cfg, items: list[RFTPrompt]):
-        import os
-
         from transformers import AutoTokenizer
 
-        from rlft import startup
-
-        startup.mark("evaluator", "imports")
+        startup.mark("evaluator", "actor")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
         self.evaluator = Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,

@@ -31,7 +31,7 @@ class ReferenceWorker:
         from transformers import AutoModelForCausalLM
 
         install_handler()
-        startup.mark("reference", "imports")
+        startup.mark("reference", "actor")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
