@@ -13,17 +13,25 @@ CONTROLLERS = {
 def run_job(cfg):
     """Run the job ``cfg`` describes with its algorithm's controller; returns the ``RunResult``.
 
-    The controller's modules (torch, transformers: seconds) load in a thread while this one starts Ray."""
+    When the job starts a local Ray cluster of its own, the controller's modules (torch, transformers: seconds)
+    load in a thread while this one starts it. A job that joins a cluster loads them first: connecting to a cluster
+    can set up the job's runtime environment, working directory included, under the feet of an import."""
     import importlib
     from concurrent.futures import ThreadPoolExecutor
 
     from rlft import startup
     from rlft.config import ConfigError
     from rlft.controller.run import open_run
+    from rlft.distributed.cluster import cluster_address
 
     if cfg.algorithm not in CONTROLLERS:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} has no controller yet")
     module, name = CONTROLLERS[cfg.algorithm]
+    if cluster_address(cfg.ray):
+        controller = getattr(importlib.import_module(module), name)
+        startup.mark("driver", "imports")
+        open_run(cfg)
+        return controller(cfg)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlft-import") as pool:
         imported = pool.submit(importlib.import_module, module)
         open_run(cfg)

@@ -72,11 +72,20 @@ def job_roles(cfg: Config) -> dict[str, bool]:
     return {"reference": with_reference and not lora, "critic": cfg.algorithm == "ppo"}
 
 
+def check_model(cfg: Config) -> None:
+    """What is checked against the model's structure before Ray or any actor starts: LoRA's target modules."""
+    if cfg.model.lora.rank:
+        from rlft.learner.lora import check_target_modules
+
+        check_target_modules(cfg.model.path, cfg.model.lora)
+
+
 def open_run(cfg: Config) -> None:
     """What a run can start before its controller's modules are loaded (they take seconds): its start-up log and
     Ray, with the deadline watch whose stack directory role actors inherit. A local cluster started here is sized
     for the job's roles (``job_roles``); ``Run.start_cluster`` finds it running."""
     cfg = resolve_paths(cfg)
+    check_model(cfg)
     out_dir = Path(cfg.logging.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     startup.open_log(out_dir / startup.FILE_NAME)
@@ -89,10 +98,7 @@ class Run:
     def __init__(self, cfg: Config):
         self.started = time.perf_counter()
         self.cfg = resolve_paths(cfg)
-        if self.cfg.model.lora.rank:
-            from rlft.learner.lora import check_target_modules
-
-            check_target_modules(self.cfg.model.path, self.cfg.model.lora)  # before any actor starts
+        check_model(self.cfg)
         self.out_dir = prepare_output_dir(self.cfg)
         startup.open_log(self.out_dir / startup.FILE_NAME)
         self.ckpt_root = Path(self.cfg.checkpoint_dir)
@@ -129,9 +135,9 @@ class Run:
     def start_cluster(self) -> None:
         """Ray and the placement group for the roles the job runs (``job_roles``); checked against the cluster
         before any actor starts."""
+        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **job_roles(self.cfg)))
         # Deadlines for the phases' calls; the stacks of every actor started from here on are written on overrun.
         watch(self.out_dir / "stacks", self.cfg.ray.call_timeout_s)
-        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **job_roles(self.cfg)))
 
     def keep(self, role):
         """Shut ``role`` down with the run; returns it."""
