@@ -103,6 +103,7 @@ print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": lis
 """
 
 
+@pytest.mark.slow  # starts Ray clusters of its own
 def test_a_local_cluster_listens_on_loopback_only():
     import json
 
@@ -205,6 +206,7 @@ def local_cluster():
     cluster.stop()
 
 
+@pytest.mark.slow  # starts Ray clusters of its own
 def test_local_cluster_has_two_loopback_nodes_and_token_auth(local_cluster):
     assert local_cluster.env["RAY_AUTH_MODE"] == "token"
     probe = (

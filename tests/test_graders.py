@@ -264,6 +264,7 @@ def test_ray_pool_gives_the_local_result_and_streams(ray_cluster):
         pool.shutdown()
 
 
+@pytest.mark.slow  # waits out a hung worker's deadline
 @pytest.mark.ray
 def test_ray_worker_that_hangs_or_dies_is_replaced(ray_cluster):
     timeout_s = 1.0

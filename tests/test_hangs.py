@@ -1,7 +1,7 @@
 """Nothing hangs silently: a stopped rollout worker or learner fails the job within ``ray.call_timeout_s``, the
 error names the phase and the actor, and every actor's stacks are in ``<output_dir>/stacks/``.
 
-Each test runs the two-step GRPO job of tests/test_loopback.py with a 15 s call deadline and stops one actor
+Each test runs the two-step GRPO job of tests/test_loopback.py with an 8 s call deadline and stops one actor
 (SIGSTOP, as a process stuck in the kernel or a debugger would be) once every role has started, so the first step
 is the one that waits. A stopped process cannot run its SIGUSR1 stack handler; its stacks are read with py-spy
 (``rlft/distributed/stacks.py``), which leaves it stopped.
@@ -23,7 +23,7 @@ from rlft.timing import PhaseTimeoutError, PhaseTimer
 from test_loopback import tiny_grpo_args
 
 
-CALL_TIMEOUT_S = 15
+CALL_TIMEOUT_S = 8
 # Beyond the deadline: the steps before the stopped actor's call, the stack dump.
 MARGIN_S = 45
 
@@ -97,7 +97,7 @@ def test_calls_inside_a_phase_get_the_deadline_and_an_overrun_names_the_phase():
     assert not isinstance(err.value, PhaseTimeoutError)
 
 
-# About 70 s on 2 cores: Ray, two learners, a vLLM engine, then the deadline.
+# About 35 s on 2 cores: Ray, two learners, a vLLM engine (about 20 s), then the 8 s deadline and the stacks.
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
@@ -105,7 +105,7 @@ def test_a_stopped_rollout_worker_fails_the_generate_phase(tmp_path):
     _stop_and_expect(tmp_path, "ray::RolloutWorker", "generate", "rollout")
 
 
-# About 70 s on 2 cores: Ray, two learners, a vLLM engine, then the deadline.
+# About 35 s on 2 cores: Ray, two learners, a vLLM engine (about 20 s), then the 8 s deadline and the stacks.
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm

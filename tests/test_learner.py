@@ -80,6 +80,7 @@ def runs(ray_cluster, tiny_model_dir, batches, tmp_path_factory):
     return {stage: _train(tiny_model_dir, stage, batches, out / f"stage{stage}") for stage in (0, 1, 2, 3)}
 
 
+@pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls(runs, stage):
     metrics = runs[stage].metrics
@@ -89,6 +90,7 @@ def test_loss_falls(runs, stage):
     assert all(m["num_tokens"] > 0 for m in metrics)
 
 
+@pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 def test_stages_agree(runs):
     """Every ZeRO stage computes the same losses from the same start (gloo reductions are deterministic)."""
     reference = [m["loss"] for m in runs[0].metrics]
@@ -96,6 +98,7 @@ def test_stages_agree(runs):
         assert [m["loss"] for m in runs[stage].metrics] == pytest.approx(reference, rel=1e-4), stage
 
 
+@pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 def test_zero3_export_equals_zero0(runs, tiny_model_dir):
     """ZeRO-3 gathers its shards into the same full tensors that ZeRO-0 (replicated) training produced, up to
     float reduction order (Adam magnifies a 1e-7 gradient difference on parameters with tiny second moments)."""
@@ -111,6 +114,7 @@ def test_zero3_export_equals_zero0(runs, tiny_model_dir):
     assert any(not torch.allclose(initial[n], t) for n, t in weights0.items())
 
 
+@pytest.mark.slow  # starts DeepSpeed groups of 2 ranks
 def test_checkpoint_resume_gives_same_next_loss(ray_cluster, tiny_model_dir, batches, tmp_path):
     """Stop after two steps, restore into a fresh group: step three's loss equals the uninterrupted run's."""
     cfg = _config(tiny_model_dir, 2)
@@ -137,6 +141,7 @@ def test_checkpoint_resume_gives_same_next_loss(ray_cluster, tiny_model_dir, bat
     assert resumed["grad_norm"] == pytest.approx(straight["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 @pytest.mark.parametrize("stage", [0, 3])
 def test_save_pretrained_loads_in_transformers(runs, stage):
     from transformers import AutoModelForCausalLM
@@ -148,6 +153,7 @@ def test_save_pretrained_loads_in_transformers(runs, stage):
     assert AutoTokenizer.from_pretrained(run.hf_dir).chat_template
 
 
+@pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 def test_wrong_batch_size_is_rejected(runs):
     assert "must hold 16 rows" in runs[1].wrong_size_error
 
@@ -221,6 +227,7 @@ def _long_tailed_policy_batch(tokenizer_dir: str):
                                                                           "seq_mean_token_mean"))
 
 
+@pytest.mark.slow  # starts DeepSpeed groups of 2 ranks
 @pytest.mark.parametrize("stage", [2, 3])
 def test_packed_micro_batches_step_like_padded_ones(ray_cluster, tiny_model_dir, stage):
     """``learner.max_tokens_per_micro_batch``: the ranks run as many micro-batches (one rank's short samples fill

@@ -265,6 +265,7 @@ def test_hf_engine_matches_vllm_on_the_same_weights(synced, new_weights, prompts
     assert [s.response_token_ids for s in again] == [s.response_token_ids for s in samples]
 
 
+@pytest.mark.slow  # starts a second vLLM engine
 @pytest.mark.vllm
 @pytest.mark.ray
 def test_two_workers_share_the_prompts_and_keep_their_order(synced, new_weights, prompts, tiny_model_dir):

@@ -274,6 +274,7 @@ def test_rlft_grade_runs_python_graders_in_the_sandbox(tmp_path):
     assert "1.0" in done.stdout
 
 
+@pytest.mark.slow  # two `rlft grade` processes
 def test_without_user_namespaces_python_graders_are_refused_not_downgraded(tmp_path):
     """A host without user namespaces (here: a namespace whose limit is 0): the namespace sandbox is refused with the
     setting that allows the weaker mode; with that setting the grader runs."""

@@ -243,6 +243,7 @@ def vllm_greedy(model_dir: Path, prompt_ids: list[list[int]]) -> list[dict]:
     return json.loads(line.removeprefix("RESULT "))
 
 
+@pytest.mark.slow  # starts a vLLM engine
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_greedy_matches_hf_generate(tiny_cache):
