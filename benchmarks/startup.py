@@ -25,9 +25,13 @@ need):
 | grpo_no_eval | grpo_tiny.yaml | ``eval.num_examples=0`` | the same, no step-0 evaluation |
 | sft | sft_tiny.yaml | | 2 learners, an evaluation worker |
 | dpo | dpo_tiny.yaml | ``dpo.cache_dir=OUT/dpo_reference_cache`` | 2 learners, an evaluator, a reference |
-| tool | grpo_tool_tiny.yaml | ``envs.name=`` (no environment) | as grpo |
-| tool_env | grpo_tool_tiny.yaml | (its Calculator environment) | as grpo, an environment actor |
-| tool_agent | grpo_tool_tiny.yaml | ``envs.name= envs.agent=tests.env_fixtures:two_call_agent`` | as grpo |
+| tool | grpo_tool_tiny.yaml | ``envs.name= eval.num_examples=0`` (no environment) | as grpo |
+| tool_env | grpo_tool_tiny.yaml | ``eval.num_examples=0`` (its Calculator environment) | as grpo, an environment actor |
+| tool_agent | grpo_tool_tiny.yaml | ``envs.name= envs.agent=tests.env_fixtures:two_call_agent eval.num_examples=0`` | as grpo |
+
+The ``tool*`` jobs run without the step-0 evaluation: its work differs between them (the test agent makes two model
+calls per trajectory, twice the generation of a single turn), so with it the comparison would be of evaluations,
+not of start-up.
 
 grpo's step-0 evaluation is greedy and 4 samples on 500 held-out prompts; grpo_no_eval shows what it costs.
 
@@ -88,9 +92,10 @@ JOBS = {job.name: job for job in [
     Job("grpo_no_eval", "configs/grpo_tiny.yaml", ("eval.num_examples=0",)),
     Job("sft", "configs/sft_tiny.yaml"),
     Job("dpo", "configs/dpo_tiny.yaml"),
-    Job("tool", "configs/grpo_tool_tiny.yaml", ("envs.name=",)),
-    Job("tool_env", "configs/grpo_tool_tiny.yaml"),
-    Job("tool_agent", "configs/grpo_tool_tiny.yaml", ("envs.name=", "envs.agent=tests.env_fixtures:two_call_agent"),
+    Job("tool", "configs/grpo_tool_tiny.yaml", ("envs.name=", "eval.num_examples=0")),
+    Job("tool_env", "configs/grpo_tool_tiny.yaml", ("eval.num_examples=0",)),
+    Job("tool_agent", "configs/grpo_tool_tiny.yaml", ("envs.name=", "envs.agent=tests.env_fixtures:two_call_agent",
+                                                      "eval.num_examples=0"),
         user_modules=True),
 ]}
 BASELINE = {"tool_env": "tool", "tool_agent": "tool"}

@@ -54,11 +54,18 @@ class Adder(ToolEnvironment):
     tools = {"add": lambda a, b: a + b}
 
 
-def two_call_agent(item, base_url, api_key):
-    """A black-box agent: asks the policy, answers its reply with a tool result, asks again; rewards 0.5."""
-    from openai import OpenAI
+_openai_client = None
 
-    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+
+def two_call_agent(item, base_url, api_key):
+    """A black-box agent: asks the policy, answers its reply with a tool result, asks again; rewards 0.5. Its
+    sessions share one OpenAI client (a new client costs ~30 ms of CPU; ``with_options`` ~0.1 ms)."""
+    global _openai_client
+    if _openai_client is None:
+        from openai import OpenAI
+
+        _openai_client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    client = _openai_client.with_options(base_url=base_url, api_key=api_key)
     messages = list(item["messages"])
     reply = client.chat.completions.create(model="policy", messages=messages).choices[0].message
     messages += [{"role": "assistant", "content": reply.content}, {"role": "tool", "content": "ok"}]

@@ -119,7 +119,7 @@ def test_summary_medians_and_overhead():
         summarize([], "c.yaml", [], "grpo")
 
 
-@pytest.mark.slow  # an `rlft bench` process
+@pytest.mark.slow  # starts four rollout worker actors (about 10 s on 2 cores)
 @pytest.mark.ray
 def test_simulated_workers_share_a_step_and_report_engine_time(ray_cluster, tiny_model_dir):
     """Four simulated workers: every prompt's samples come back once, in order, and each worker's engine time is
