@@ -23,8 +23,10 @@ need):
 |---|---|---|---|
 | grpo | grpo_tiny.yaml | | 2 DeepSpeed learners, 1 vLLM-CPU rollout worker, 1 grader |
 | grpo_no_eval | grpo_tiny.yaml | ``eval.num_examples=0`` | the same, no step-0 evaluation |
+| trl_grpo | ``trl_compare.py trl --algorithm grpo`` | | TRL 1.16's ``GRPOTrainer``, one process (``pip install -e '.[bench]'``) |
 | sft | sft_tiny.yaml | | 2 learners, an evaluation worker |
 | dpo | dpo_tiny.yaml | ``dpo.cache_dir=OUT/dpo_reference_cache`` | 2 learners, an evaluator, a reference |
+| trl_dpo | ``trl_compare.py trl --algorithm dpo`` | | TRL 1.16's ``DPOTrainer``, one process |
 | tool | grpo_tool_tiny.yaml | ``envs.name= eval.num_examples=0`` (no environment) | as grpo |
 | tool_env | grpo_tool_tiny.yaml | ``eval.num_examples=0`` (its Calculator environment) | as grpo, an environment actor |
 | tool_agent | grpo_tool_tiny.yaml | ``envs.name= envs.agent=tests.env_fixtures:two_call_agent eval.num_examples=0`` | as grpo |
@@ -34,6 +36,9 @@ calls per trajectory, twice the generation of a single turn), so with it the com
 not of start-up.
 
 grpo's step-0 evaluation is greedy and 4 samples on 500 held-out prompts; grpo_no_eval shows what it costs.
+TRL's jobs are ``benchmarks/trl_compare.py``'s, the same step shapes on the same model; their time to the first step
+is from the process's start to the first ``on_step_begin`` (they evaluate nothing first, so compare them with
+grpo_no_eval and with dpo).
 
 DPO's reference log-probabilities are cached on disk: the cache directory is emptied when this script starts, so
 the first DPO repeat computes them (a reference server starts beside the learners and scores every pair between
@@ -82,16 +87,19 @@ ROLE_KINDS = ["rollout", "learner", "grader", "reference", "evaluator"]
 @dataclass(frozen=True)
 class Job:
     name: str
-    config: str  # relative to the repository root
+    config: str  # relative to the repository root; for TRL's jobs, the algorithm
     overrides: tuple[str, ...] = ()
     user_modules: bool = False  # the checkout on PYTHONPATH (tests.env_fixtures)
+    trl: bool = False  # TRL 1.16's trainer (benchmarks/trl_compare.py), not rlft
 
 
 JOBS = {job.name: job for job in [
     Job("grpo", "configs/grpo_tiny.yaml"),
     Job("grpo_no_eval", "configs/grpo_tiny.yaml", ("eval.num_examples=0",)),
+    Job("trl_grpo", "grpo", trl=True),
     Job("sft", "configs/sft_tiny.yaml"),
     Job("dpo", "configs/dpo_tiny.yaml"),
+    Job("trl_dpo", "dpo", trl=True),
     Job("tool", "configs/grpo_tool_tiny.yaml", ("envs.name=", "eval.num_examples=0")),
     Job("tool_env", "configs/grpo_tool_tiny.yaml", ("eval.num_examples=0",)),
     Job("tool_agent", "configs/grpo_tool_tiny.yaml", ("envs.name=", "envs.agent=tests.env_fixtures:two_call_agent",
@@ -116,9 +124,15 @@ def run_job(job: Job, repeat: int, out: Path, dpo_cache: Path) -> dict:
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     output_dir = where / "job"
-    cmd = [sys.executable, "-m", "rlft.cli", "train", str(ROOT / job.config), f"model.path={MODEL}", *job.overrides,
-           f"logging.output_dir={output_dir}", "logging.wandb=false", "logging.progress_bar=false",
-           f"trainer.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=0"]
+    if job.trl:
+        # The step shape of trl_compare.py (as rlft's configs, without evaluation: TRL's trainers evaluate nothing
+        # before their first step).
+        cmd = [sys.executable, str(ROOT / "benchmarks/trl_compare.py"), "trl", "--algorithm", job.config,
+               "--model", MODEL, "--steps", "1", "--warmup", "1", "--out", str(output_dir)]
+    else:
+        cmd = [sys.executable, "-m", "rlft.cli", "train", str(ROOT / job.config), f"model.path={MODEL}",
+               *job.overrides, f"logging.output_dir={output_dir}", "logging.wandb=false",
+               "logging.progress_bar=false", f"trainer.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=0"]
     if job.name == "dpo":
         cmd.append(f"dpo.cache_dir={dpo_cache}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -138,7 +152,9 @@ def run_job(job: Job, repeat: int, out: Path, dpo_cache: Path) -> dict:
         tail = (where / "stderr.txt").read_text(errors="replace").splitlines()[-STDERR_TAIL_LINES:]
         run["error"] = "\n".join(tail)
     metrics_path = output_dir / "metrics.jsonl"
-    if metrics_path.exists():
+    if job.trl and (output_dir / "trl.json").exists():
+        run["startup_seconds"] = json.loads((output_dir / "trl.json").read_text())["startup_seconds"]
+    elif metrics_path.exists():
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         run["startup_seconds"] = next((r["run/startup_seconds"] for r in records if "run/startup_seconds" in r), None)
     marks_path = output_dir / "startup.jsonl"

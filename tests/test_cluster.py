@@ -59,6 +59,49 @@ def test_fit_check_places_bundles_on_nodes_and_names_the_fields_when_it_cannot()
         check_fit(big, [{"CPU": 2.0}] * 5)
 
 
+def test_actors_of_a_cluster_started_here_need_no_runtime_env_of_their_own():
+    """A local cluster's workers inherit the role environment from the process that starts it, so its actors carry
+    no ``runtime_env`` (and can take Ray's prestarted workers); an actor whose environment differs, or one on a
+    cluster joined by address, carries the whole of its environment."""
+    from rlft.distributed import actors
+
+    saved_environ, saved_inherited = dict(os.environ), dict(actors._inherited_env)
+    try:
+        actors.hand_down_role_env(0)
+        env = actors.role_env(0)
+        assert {k: os.environ[k] for k in env} == env
+        assert actors.runtime_env_for(env) is None
+        assert actors.runtime_env_for({**env, "RLFT_STACK_HANDLER_DIR": "/elsewhere"}) == {
+            "env_vars": {**env, "RLFT_STACK_HANDLER_DIR": "/elsewhere"}}
+        assert actors.runtime_env_for(actors.role_env(1)) is None  # a subset: nothing to add
+        actors.forget_role_env()
+        assert actors.runtime_env_for(env) == {"env_vars": env}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        actors._inherited_env.clear()
+        actors._inherited_env.update(saved_inherited)
+
+
+@pytest.mark.parametrize("algorithm, overrides, roles", [
+    ("sft", [], {"reference": False, "rollout": False, "graders": False}),
+    ("dpo", [], {"reference": True, "rollout": False, "graders": False}),
+    ("dpo", ["model.lora.rank=8"], {"reference": False, "rollout": False, "graders": False}),
+    ("grpo", [], {"reference": False, "critic": False}),
+    ("grpo", ["rl.kl_coef=0.01"], {"reference": True, "critic": False}),
+    ("ppo", [], {"reference": False, "critic": True}),
+    ("ppo", ["rl.kl_coef=0.05"], {"reference": True, "critic": True}),
+    ("online_dpo", [], {"reference": True, "critic": False}),
+])
+def test_the_roles_a_job_starts_size_its_local_cluster_before_the_controller_loads(algorithm, overrides, roles):
+    """``job_roles`` says which roles an algorithm starts beside its learners; Ray is started (and sized) from it
+    while the controller's modules load, and ``Run.start_cluster`` places the same roles."""
+    from rlft.controller.run import job_roles
+
+    cfg = load_config(ROOT / f"configs/{algorithm}_tiny.yaml", overrides)
+    assert job_roles(cfg) == roles
+
+
 def test_submitted_config_carries_absolute_paths_and_inlined_grader_specs(tmp_path, monkeypatch):
     spec = tmp_path / "spec.json"
     spec.write_text('{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", '

@@ -56,6 +56,30 @@ def test_step_metrics_and_weight_sync(grpo_run):
     assert sorted(p.name for p in (grpo_run / "checkpoints").glob("step_*")) == ["step_000010", "step_000015"]
 
 
+def test_startup_log_marks_every_process_of_the_run(grpo_run):
+    """``startup.jsonl``: the driver and each role process (2 learner ranks, the rollout worker, the grader) mark
+    their start-up in order, Ray starts while the driver loads its controller, every role starts at once, and the
+    first step's ``run/startup_seconds`` is the time from the driver's process start to its ``first_step`` mark."""
+    from rlft import startup
+
+    marks = startup.read(str(grpo_run / "startup.jsonl"))
+    by_process: dict[tuple[str, int], dict[str, float]] = {}
+    for m in marks:
+        by_process.setdefault((m["role"], m["pid"]), {})[m["event"]] = m["t"]
+    roles = sorted(role for role, _ in by_process)
+    assert roles == ["driver", "grader", "learner", "learner", "rollout"], roles
+    (driver,) = [events for (role, _), events in by_process.items() if role == "driver"]
+    order = ["process", "ray_start", "ray_ready", "roles_start", "roles_ready", "first_eval", "first_step"]
+    assert [driver[e] for e in order] == sorted(driver[e] for e in order), driver
+    assert driver["ray_start"] < driver["imports"]  # Ray starts while the controller's modules load
+    for (role, _), events in by_process.items():
+        if role != "driver":
+            assert events["process"] <= events["actor"] <= events["ready"], (role, events)
+            assert driver["roles_start"] <= events["actor"] and events["ready"] <= driver["roles_ready"], role
+    first = next(r for r in read_metrics(grpo_run / "metrics.jsonl") if "run/startup_seconds" in r)
+    assert first["run/startup_seconds"] == pytest.approx(driver["first_step"] - driver["process"], abs=0.1)
+
+
 def test_local_mode_runs_every_role_in_one_process(sft_demo_run, fixed_prompts, tmp_path):
     """The debugging switch: no Ray at all, every role in the driver process (so breakpoint() works); with RLOO
     advantages and SAPO's soft-gated loss (``rl.policy_loss=sapo``)."""

@@ -75,6 +75,14 @@ def forget_role_env() -> None:
     _inherited_env.clear()
 
 
+def runtime_env_for(env: dict[str, str]) -> dict | None:
+    """The ``runtime_env`` an actor with environment ``env`` needs: none when the cluster's workers inherited it
+    all (``hand_down_role_env``), else the whole of it."""
+    if all(_inherited_env.get(key) == value for key, value in env.items()):
+        return None
+    return {"env_vars": env}
+
+
 def slowest(per_worker: list[dict[str, float]]) -> dict[str, float]:
     """Workers of a role run side by side, so a kind of work takes as long as its slowest worker's share."""
     out: dict[str, float] = {}
@@ -126,8 +134,9 @@ def spawn(cls: type, *args, resources: Resources, local: bool = False, name: str
         os.environ.update(env)
         return LocalActor(cls(*args, **kwargs))
     options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-    if any(_inherited_env.get(key) != value for key, value in env.items()):
-        options["runtime_env"] = {"env_vars": env}
+    runtime_env = runtime_env_for(env)
+    if runtime_env is not None:
+        options["runtime_env"] = runtime_env
     if name:
         options["name"] = name
     if resources.placement_group is not None:
