@@ -52,6 +52,9 @@ def check_steps(out, max_staleness: int, exact: bool = True) -> list[dict]:
 
 
 def test_one_step_off_policy_grpo_learns_within_the_bound(sft_demo_run, fixed_prompts, tmp_path):
+    """15 steps one step off-policy from the SFT demo's model. Over 60 s: the first test to ask for
+    ``sft_demo_run`` pays for it (the README's SFT job, 1000 steps, about 200 s), which every RL test then shares;
+    the run itself takes about 35 s."""
     out = tmp_path / "run"
     proc = run_rlft(*async_args(sft_demo_run, fixed_prompts, 1), "logging.engine_times=true",
                     f"logging.output_dir={out}", cwd=tmp_path)

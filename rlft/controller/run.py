@@ -81,11 +81,11 @@ def check_model(cfg: Config) -> None:
 
 
 def open_run(cfg: Config) -> None:
-    """What a run can start before its controller's modules are loaded (they take seconds): its start-up log and
-    Ray, with the deadline watch whose stack directory role actors inherit. A local cluster started here is sized
-    for the job's roles (``job_roles``); ``Run.start_cluster`` finds it running."""
-    cfg = resolve_paths(cfg)
-    check_model(cfg)
+    """What a run can start while its controller's modules load (they take seconds): its start-up log and Ray, with
+    the deadline watch whose stack directory role actors inherit. A local cluster started here is sized for the
+    job's roles (``job_roles``); ``Run.start_cluster`` finds it running. ``cfg``'s paths are resolved already
+    (``resolve_paths``). Imports nothing heavy: a module that two threads import at once can reach one of them
+    half-initialised (transformers' lazy attributes among them)."""
     out_dir = Path(cfg.logging.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     startup.open_log(out_dir / startup.FILE_NAME)
