@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # What a first run would otherwise build: DeepSpeed's CPU communication op (compiled into TORCH_EXTENSIONS_DIR,
-# ~30-80 s) and the embedded tiny model, tokenizer and tasks (~/.cache/rlft/tiny/, a few seconds). Both are reused
-# by every later run; `make warm-caches` rebuilds what is missing.
+# ~30-80 s, with the environment's own ninja, as the learners use it) and the embedded tiny model, tokenizer and
+# tasks (~/.cache/rlft/tiny/, a few seconds). Both are reused by every later run; `make warm-caches` rebuilds what
+# is missing.
 warm-caches:
-	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	PATH="$(abspath $(BIN)):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	$(BIN)/python -c "from rlft.tiny import resolve; resolve('tiny://model')"
 
 # SFT warm start, then GRPO from its model; each run leaves metrics.jsonl, curves.png and summary.json.

@@ -85,6 +85,24 @@ class LearnerSpec:
         }
 
 
+def _use_this_environments_ninja() -> None:
+    """Put the ``ninja`` of this Python environment first on PATH.
+
+    DeepSpeed builds its CPU communication op into ``TORCH_EXTENSIONS_DIR`` with the first ``ninja`` on PATH. A
+    machine can have two: the system's (1.11 here) and the one pip installs beside torch (1.13). They record build
+    commands under different hashes, so each takes the other's build for a stale one and builds the op again
+    (30-80 s) whenever the processes that load it differ in PATH. Every learner, and ``make warm-caches``, use the
+    environment's own.
+    """
+    import shutil
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja", path=bin_dir) and not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
 def _forward_logits(model, batch: TokenBatch) -> torch.Tensor:
     """Logits for a right-padded, optionally packed, batch (``TokenBatch.model_inputs`` says why no mask)."""
     return model(**batch.model_inputs()).logits
@@ -173,6 +191,7 @@ class LearnerWorker:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         _seed_everything(spec.seed)
         self._init_process_group(spec, master_addr, master_port)
+        _use_this_environments_ninja()  # before DeepSpeed loads (or builds) its CPU communication op
         deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)  # keeps the group above
 
         ds_config = spec.deepspeed_config()
