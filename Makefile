@@ -32,12 +32,17 @@ demo: setup
 	$(BIN)/rlft train configs/sft_tiny.yaml
 	$(BIN)/rlft train configs/grpo_tiny.yaml
 
+# Two pytest workers (pytest-xdist), each taking whole test modules: the end-to-end runs spend much of their time in
+# one-threaded start-up, so two of them side by side keep both cores busy. PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
+
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # Everything but the end-to-end runs marked slow.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Re-pin constraints.txt from the current environment.
 lock:

@@ -108,23 +108,42 @@ def _tail(log: Path | None) -> str:
     return log.read_text()[-4000:] if log is not None and log.exists() else ""
 
 
-def busy_actor_pid(title: str, timeout_s: float = 120) -> int:
-    """The PID of a process whose title starts with ``title`` (Ray titles an actor's process
+def _processes_under(root: subprocess.Popen) -> list[psutil.Process]:
+    """``root`` and its descendants: a job's driver and the Ray cluster it started (or a local cluster's launcher and
+    its nodes). Tests that run side by side (``pytest -n``) each look only in their own job's tree."""
+    try:
+        parent = psutil.Process(root.pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def busy_actor_pid(title: str, root: subprocess.Popen, timeout_s: float = 120) -> int:
+    """The PID of a process under ``root`` whose title starts with ``title`` (Ray titles an actor's process
     ``ray::Class.method`` while it runs that method), polled every 10 ms."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for proc in psutil.process_iter(["cmdline"]):
-            cmdline = proc.info["cmdline"] or []
+        for proc in _processes_under(root):
+            try:
+                cmdline = proc.cmdline()
+            except psutil.Error:
+                continue
             if cmdline and cmdline[0].startswith(title):
                 return proc.pid
         time.sleep(0.01)
     raise AssertionError(f"no process titled {title!r} within {timeout_s} s")
 
 
-def kill_actor_during(busy: str, victim: str) -> int:
-    """Once a process titled ``busy`` runs (e.g. ``ray::RolloutWorker.generate``: a step is under way), SIGKILL the
-    one titled ``victim`` (it may be the same). Returns the victim's PID."""
-    busy_actor_pid(busy)
-    pid = busy_actor_pid(victim, timeout_s=5)
+def kill_actor_during(busy: str, victim: str, root: subprocess.Popen) -> int:
+    """Once a process titled ``busy`` runs under ``root`` (e.g. ``ray::RolloutWorker.generate``: a step is under
+    way), SIGKILL the one titled ``victim`` (it may be the same). Returns the victim's PID."""
+    busy_actor_pid(busy, root)
+    pid = busy_actor_pid(victim, root, timeout_s=5)
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+def kill_own_learner_in_train_step(proc: subprocess.Popen) -> int:
+    """SIGKILL a learner rank of ``proc``'s own Ray cluster (the driver starts the raylet, whose children the actors
+    are) while it runs ``train_step``. Returns its PID."""
+    return kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step", proc)

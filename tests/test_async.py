@@ -80,7 +80,7 @@ def test_two_steps_off_policy_survives_a_killed_rollout_worker_and_scales(sft_de
     try:
         metrics = out / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and '"step": 4' in metrics.read_text(), "step 4", proc=proc, log=log)
-        kill_actor_during("ray::RolloutWorker.generate", "ray::RolloutWorker")
+        kill_actor_during("ray::RolloutWorker.generate", "ray::RolloutWorker", proc)
         (command,) = re.findall(r"`(rlft scale run --rollout-workers N --address \S+)`", log.read_text())
         scaled = subprocess.run([sys.executable, "-m", "rlft.cli", *command.replace("N", "2").split()[1:]],
                                 capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -50,10 +51,18 @@ def assert_stopped_before_ray(proc: subprocess.CompletedProcess, tmp_path: Path,
 def train_in_process(capsys, *args: str) -> str:
     """``rlft train ARGS`` through ``rlft.cli.main`` in this process; returns stderr after checking the exit code
     and that Ray was not started."""
-    assert main(["train", *args]) == 2
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        assert main(["train", *args]) == 2
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    else:  # another test in this process started Ray (pytest -n runs several modules in a worker)
+        from rlft.distributed import cluster
+
+        with mock.patch.object(cluster, "init_ray", wraps=cluster.init_ray) as init_ray:
+            assert main(["train", *args]) == 2
+        assert not init_ray.called, "the job started (or joined) Ray before it stopped"
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     return err
 
 

@@ -339,7 +339,7 @@ def test_submitted_job_survives_killed_actors_and_scales_its_rollout_workers(loc
         generating = "ray::RolloutWorker.generate"
         for after_step, victim in ((2, generating), (4, "ray::GraderWorker"), (6, "ray::ReferenceWorker")):
             wait_until(lambda n=after_step: len(steps_logged(metrics)) >= n, f"step {after_step}", proc=proc, log=log)
-            kill_actor_during(generating, victim)
+            kill_actor_during(generating, victim, local_cluster.proc)
         assert "rollout workers 1 -> 2 from the next step" in scale(2, local_cluster.job_server)
         wait_until(lambda: any(r["rollout/num_workers"] == 2 for r in steps_logged(metrics)), "2 workers",
                    proc=proc, log=log)

@@ -57,7 +57,7 @@ def test_malformed_preference_row_stops_before_actors(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_raises_preference_and_task_accuracy(dpo_runs):
-    _, (first, _) = dpo_runs
+    first = dpo_runs.first
     records = read_metrics(first / "metrics.jsonl")
     evals = [r for r in records if "eval/preference_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 30]
@@ -74,7 +74,7 @@ def test_dpo_raises_preference_and_task_accuracy(dpo_runs):
 
 @pytest.mark.slow
 def test_reference_cache_is_reused_across_runs(dpo_runs):
-    work, (first, second) = dpo_runs
+    work, first, second = dpo_runs.work, dpo_runs.first, dpo_runs.second
     assert len(list((work / "cache").glob("*.pt"))) == 2  # training pairs and held-out pairs
     setup = [r for r in read_metrics(first / "metrics.jsonl") if "time/reference_cache_seconds" in r][0]
     again = [r for r in read_metrics(second / "metrics.jsonl") if "time/reference_cache_seconds" in r][0]
@@ -205,7 +205,7 @@ def test_a_reference_replica_that_dies_is_replaced(tmp_path):
         cwd=tmp_path, log=log,
     )
     try:
-        kill_actor_during("ray::ReferenceWorker.logprobs_kept", "ray::ReferenceWorker.logprobs_kept")
+        kill_actor_during("ray::ReferenceWorker.logprobs_kept", "ray::ReferenceWorker.logprobs_kept", proc)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         proc.kill()

@@ -39,8 +39,8 @@ def _stop_and_expect(tmp_path, victim_title: str, phase: str, role: str):
     try:
         # The roles start at once; once the rollout worker generates, every role is up and step 1 is under way
         # (this job has no evaluation), so the victim's next call is inside a phase.
-        busy_actor_pid("ray::RolloutWorker.generate", timeout_s=300)
-        pid = busy_actor_pid(victim_title, timeout_s=5)
+        busy_actor_pid("ray::RolloutWorker.generate", proc, timeout_s=300)
+        pid = busy_actor_pid(victim_title, proc, timeout_s=5)
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         wait_until(lambda: "overran its deadline" in log.read_text(), "the phase's deadline error",

@@ -2,25 +2,21 @@
 ``rlft train`` process (``ray.max_learner_restarts``), from the run's latest checkpoint (GRPO, PPO with its critic,
 DPO) or from the starting weights when there is none yet (SFT). The steps since are redone as a resumed run does
 them, so every step is logged once and every computed metric equals that of the same job run without the kill
-(within 1e-6; in practice bit for bit). One death beyond the budget stops the job, naming the budget."""
+(within 1e-6; in practice bit for bit). GRPO's restart, and a death beyond the budget that stops the job naming it,
+are tests/test_grpo.py's resume test; DPO's restart is in ``dpo_runs``' second run."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from cluster_helpers import rlft_popen, wait_until
-from conftest import ROOT, run_rlft
+from cluster_helpers import kill_own_learner_in_train_step, rlft_popen, wait_until
+from conftest import DPO_SECOND_RUN_STEPS, ROOT, run_rlft
 from rlft.config import load_config
 from rlft.metrics import MetricsLogger, read_metrics
-from test_reproducibility import is_wall_clock
+from test_reproducibility import SFT_CONFIG, assert_same_metrics, is_wall_clock, steps_with_same_lr
 
 # Float metrics of the redone steps against the uninterrupted run's (tests/test_grpo.py's resume test uses the same).
 TOLERANCE = 1e-6
@@ -41,17 +37,6 @@ GRPO = [
     "checkpoint.every_n_steps=2",
     *QUIET,
 ]
-
-# SFT on the tiny model, 2 ZeRO-2 learner ranks, no checkpoint before the end: a restart starts again at step 0.
-SFT = [
-    str(ROOT / "configs/sft_tiny.yaml"),
-    "trainer.max_steps=5",
-    "trainer.global_batch_size=64",
-    "learner.micro_batch_size_per_learner=32",
-    "checkpoint.every_n_steps=0",
-    *QUIET,
-]
-
 
 def test_metrics_log_rewind_keeps_each_step_once(tmp_path):
     """A rewind to step 2 drops what was logged after it (train and evaluation records); the redone steps follow."""
@@ -90,23 +75,6 @@ def assert_restarted_run_matches(straight: Path, restarted: Path, key: str, num_
         assert not differing, f"step {ra['step']} (straight, restarted): {differing}"
 
 
-def kill_own_learner_in_train_step(proc: subprocess.Popen, timeout_s: float = 120) -> int:
-    """SIGKILL a learner rank of ``proc``'s own Ray cluster (the driver starts the raylet, whose children the actors
-    are) while it runs ``train_step``; other Ray clusters on the machine are left alone. Returns its PID."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                cmdline = child.cmdline()
-            except psutil.Error:
-                continue
-            if cmdline and cmdline[0].startswith("ray::LearnerWorker.train_step"):
-                os.kill(child.pid, signal.SIGKILL)
-                return child.pid
-        time.sleep(0.01)
-    raise AssertionError(f"no learner of the run ran train_step within {timeout_s} s")
-
-
 def run_killed(args: list[str], out: Path, tmp_path: Path, ready, what: str) -> str:
     """``rlft train ARGS``; once ``ready()``, one learner rank is killed in its next ``train_step``. The run's log."""
     log = tmp_path / "killed.log"
@@ -122,31 +90,16 @@ def run_killed(args: list[str], out: Path, tmp_path: Path, ready, what: str) -> 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.vllm
-def test_grpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path):
-    """Killed in step 3 (after the step-2 checkpoint): both ranks start again, load step 2, the rollout worker takes
-    those weights as policy version 2, and steps 3-4 are redone with the same samples and updates."""
-    straight = run_rlft("train", *GRPO, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
-    assert straight.returncode == 0, straight.stderr[-4000:]
-
-    out = tmp_path / "killed"
-    checkpoint = out / "checkpoints/step_000002"
-    output = run_killed(GRPO, out, tmp_path, lambda: (checkpoint / "trainer_state.json").exists(),
-                        "the step-2 checkpoint")
-    assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
-    assert f"every rank starts again, from checkpoint {checkpoint}" in output
-    assert_restarted_run_matches(tmp_path / "straight", out, "reward/mean", 4)
-    assert (out / "final_model/model.safetensors").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(tmp_path):
-    """No checkpoint yet: the restarted ranks start from the model's weights and the data from its first batch;
-    the redone steps 1-5 log what the straight run logs."""
-    straight = run_rlft("train", *SFT, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
-    assert straight.returncode == 0, straight.stderr[-4000:]
-
+def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(sft_demo_run, tmp_path):
+    """The SFT demo's first 8 steps (configs/sft_tiny.yaml, inside its warm-up, so the learning rate does not depend
+    on the run's length), without evaluation or checkpoints, and a learner rank killed in step 2. No checkpoint
+    yet: the restarted ranks start from the model's weights and the data from its first batch. Every computed
+    metric of the redone steps equals the demo's: this is also the check that the same seed gives the same SFT run
+    (data order, losses, gradient norms, learning rates), and that evaluating does not disturb training."""
+    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
+    steps = 8
+    assert steps_with_same_lr(load_config(SFT_CONFIG).trainer, steps) == steps
+    sft = [str(SFT_CONFIG), f"trainer.max_steps={steps}", "checkpoint.every_n_steps=0", *QUIET]
     out = tmp_path / "killed"
     metrics = out / "metrics.jsonl"
 
@@ -154,10 +107,14 @@ def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(tmp_p
         return metrics.exists() and any('"train/loss"' in line and json.loads(line)["step"] >= 1
                                         for line in metrics.read_text().splitlines() if line.endswith("}"))
 
-    output = run_killed(SFT, out, tmp_path, after_step_1, "step 1")
+    output = run_killed(sft, out, tmp_path, after_step_1, "step 1")
     assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
     assert "every rank starts again, from the starting weights at step 0" in output
-    assert_restarted_run_matches(tmp_path / "straight", out, "train/loss", 5)
+    restarts = [r["faults/learner_restarts"] for r in _train_records(out, "train/loss")]
+    assert restarts == [1] * steps, restarts
+    keys = assert_same_metrics(sft_demo_run.output_dir, out, steps, evaluations=False,
+                               ignore=frozenset({"faults/learner_restarts"}))
+    assert {"data/train_rows", "train/loss", "train/grad_norm", "train/lr", "train/num_tokens"} <= keys
 
 
 # PPO on the untrained tiny model: 2 learner and 2 critic ranks (the same actor class, so either may be killed).
@@ -189,36 +146,14 @@ def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_a_learner_death_beyond_the_budget_stops_the_job_naming_it(tmp_path):
-    """``ray.max_learner_restarts=0``: the first death stops the job (rc 1), naming the budget field."""
-    log = tmp_path / "run.log"
-    proc = rlft_popen("train", *SFT, "ray.max_learner_restarts=0", f"logging.output_dir={tmp_path / 'run'}",
-                      cwd=tmp_path, log=log)
-    try:
-        wait_until(lambda: (tmp_path / "run/metrics.jsonl").exists(), "the metrics log", proc=proc, log=log)
-        kill_own_learner_in_train_step(proc)
-        assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
-    finally:
-        proc.kill()
-    output = log.read_text()
-    assert "rlft: job stopped: a learner actor died: learners rank " in output
-    assert "the restart budget ray.max_learner_restarts = 0 is spent" in output
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_dpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(tmp_path):
-    """Offline DPO (reference sums from the on-disk cache), a checkpoint every 2 steps: killed in a step after the
-    step-2 checkpoint (its steps are short, so which one is left to chance), the run goes back to the latest
-    checkpoint and the redone steps log the same pairs, losses and margins."""
-    dpo = [str(ROOT / "configs/dpo_tiny.yaml"), "model.path=tiny://model", "dpo.eval_path=", "trainer.max_steps=8",
-           "checkpoint.every_n_steps=2", *QUIET]
-    straight = run_rlft("train", *dpo, f"logging.output_dir={tmp_path / 'straight'}", cwd=tmp_path, timeout_s=600)
-    assert straight.returncode == 0, straight.stderr[-4000:]
-
-    out = tmp_path / "killed"
-    output = run_killed(dpo, out, tmp_path, lambda: (out / "checkpoints/step_000002/trainer_state.json").exists(),
-                        "the step-2 checkpoint")
-    assert f"every rank starts again, from checkpoint {out / 'checkpoints/step_00000'}" in output
-    assert_restarted_run_matches(tmp_path / "straight", out, "train/margin", 8)
+def test_dpo_learner_killed_mid_step_is_restarted_from_the_checkpoint(dpo_runs):
+    """Offline DPO (reference sums from the on-disk cache): ``dpo_runs``' second run checkpoints every 2 steps and
+    has a learner rank killed in a step after the step-2 checkpoint (its steps are short, so which one is left to
+    chance). The run goes back to the latest checkpoint, and the redone steps log the same pairs, losses and margins
+    as the first run (``test_reproducibility.py::test_dpo_same_seed_same_metrics`` compares every step)."""
+    output = dpo_runs.second_log
+    assert "learner restart 1 of 1 (ray.max_learner_restarts): a learner actor died: learners rank " in output
+    assert f"every rank starts again, from checkpoint {dpo_runs.second / 'checkpoints/step_00000'}" in output
+    steps = [r for r in read_metrics(dpo_runs.second / "metrics.jsonl") if "train/margin" in r]
+    assert [r["step"] for r in steps] == list(range(1, DPO_SECOND_RUN_STEPS + 1))
+    assert steps[-1]["faults/learner_restarts"] == 1

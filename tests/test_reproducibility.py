@@ -1,13 +1,15 @@
-"""Same config, same seed, same machine: the same metrics, for SFT, GRPO and DPO.
+"""Same config, same seed, same machine: the same metrics.
 
-Each test compares the first steps of a job that a shared fixture has already run in full with a shorter run of
-the same job (for DPO, the fixture's own second, shorter run), metric by metric and exactly: every metric that is
-computed rather than timed, i.e. losses, gradient norms, learning rates, token counts and evaluations, and for
-GRPO the rewards, sampled response lengths and accuracies (vLLM samples are seeded by the sampling seed, the
-policy version and the prompt's index) and the learner/sampler log-probability gap. Nothing in these runs may
-depend on timing or scheduling.
+Each check compares the first steps of a job that a shared fixture has already run in full with another run of the
+same job, metric by metric and exactly: every metric that is computed rather than timed, i.e. losses, gradient
+norms, learning rates, token counts and evaluations, and for GRPO the rewards, sampled response lengths and
+accuracies (vLLM samples are seeded by the sampling seed, the policy version and the prompt's index) and the
+learner/sampler log-probability gap. Nothing in these runs may depend on timing or scheduling. Here: DPO (the
+fixture's own second, shorter run) and a seed that changes SFT's data order. The same check for SFT is
+tests/test_learner_restart.py's SFT run (the demo's first steps again, across a restart), and for GRPO
+tests/test_grpo.py's resume test (``grpo_run`` again, across a restart and a resume).
 
-The shorter run differs from the fixture's in ``trainer.max_steps`` (and in where and how it logs), so over the
+A shorter run differs from the fixture's in ``trainer.max_steps`` (and in where and how it logs), so over the
 compared steps the learning rate must not depend on the run's length: a constant schedule, or the warm-up.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster_helpers import wait_until
-from conftest import ROOT, grpo_args
+from conftest import DPO_SECOND_RUN_STEPS, ROOT
 from rlft.config import TrainerConfig, load_config
 from rlft.controller import run_job
 from rlft.metrics import read_metrics
@@ -34,27 +36,32 @@ def is_wall_clock(key: str) -> bool:
     return key == "time" or key.startswith(("time/", "perf/", "engine/")) or key.endswith(("seconds", "_per_s", "_mib"))
 
 
-def computed_records(run: Path, last_step: int, evaluations: bool) -> list[dict]:
+def computed_records(run: Path, last_step: int, evaluations: bool, final_evaluation: bool = False) -> list[dict]:
     """The run's records of steps 0 .. ``last_step`` in the order logged, without wall-clock keys, and without
-    evaluations unless ``evaluations``. Evaluations at ``last_step`` are always left out: the shorter run's is its
-    final one, which the longer run does not do there."""
+    evaluations unless ``evaluations``. Evaluations at ``last_step`` are left out unless ``final_evaluation``: a
+    shorter run's is its final one, which the longer run does not do there."""
     records = []
     for record in read_metrics(run / "metrics.jsonl"):
         evaluation = any(key.startswith("eval/") for key in record)
-        if record["step"] <= last_step and not (evaluation and (record["step"] == last_step or not evaluations)):
+        final = record["step"] == last_step and not final_evaluation
+        if record["step"] <= last_step and not (evaluation and (final or not evaluations)):
             records.append({key: value for key, value in record.items() if not is_wall_clock(key)})
     return records
 
 
-def assert_same_metrics(original: Path, repeated: Path, last_step: int, evaluations: bool = True) -> set[str]:
-    """Every computed metric of steps 0 .. ``last_step`` is equal in both runs; returns the keys compared."""
-    a, b = (computed_records(run, last_step, evaluations) for run in (original, repeated))
+def assert_same_metrics(original: Path, repeated: Path, last_step: int, evaluations: bool = True,
+                        final_evaluation: bool = False, ignore: frozenset[str] = frozenset()) -> set[str]:
+    """Every computed metric of steps 0 .. ``last_step`` (but those in ``ignore``) is equal in both runs; returns the
+    keys compared. ``final_evaluation``: both runs evaluated at ``last_step`` (the same length), and that is compared
+    too."""
+    a, b = (computed_records(run, last_step, evaluations, final_evaluation) for run in (original, repeated))
     assert [r["step"] for r in b] == [r["step"] for r in a]
     assert a[-1]["step"] == last_step
     for ra, rb in zip(a, b):
-        differing = {key: (ra.get(key), rb.get(key)) for key in ra.keys() | rb.keys() if ra.get(key) != rb.get(key)}
+        differing = {key: (ra.get(key), rb.get(key)) for key in ra.keys() | rb.keys()
+                     if key not in ignore and ra.get(key) != rb.get(key)}
         assert not differing, f"step {ra['step']}, (original, repeated): {differing}"
-    return set().union(*a)
+    return set().union(*a) - ignore
 
 
 def steps_with_same_lr(trainer: TrainerConfig, wanted: int) -> int:
@@ -88,19 +95,6 @@ def short_sft(out: Path, max_steps: int, *overrides: str) -> Path:
     return out
 
 
-def test_sft_same_seed_same_metrics(sft_demo_run, free_cluster, tmp_path):
-    """The SFT demo's first steps again: the same data order, losses, gradient norms and learning rates. The short
-    run does not evaluate (the greedy evaluator is checked with DPO's start evaluation), which shows too that
-    evaluating does not disturb training."""
-    assert sft_demo_run.proc.returncode == 0, sft_demo_run.proc.stderr[-3000:]
-    steps = steps_with_same_lr(load_config(SFT_CONFIG).trainer, 4)
-    original = sft_demo_run.output_dir
-    if steps == 0:  # The demo's learning rate depends on its length from the first step: two short runs instead.
-        steps, original = 4, short_sft(tmp_path / "first", 4)
-    keys = assert_same_metrics(original, short_sft(tmp_path / "again", steps), steps, evaluations=False)
-    assert {"data/train_rows", "train/loss", "train/grad_norm", "train/lr", "train/num_tokens"} <= keys
-
-
 def test_sft_another_seed_changes_the_data_order(sft_demo_run, free_cluster, tmp_path):
     """``trainer.seed`` is not ignored: another seed draws other rows, so the first step's loss (taken before any
     update, so whatever the learning rate) differs from the demo's."""
@@ -113,30 +107,14 @@ def test_sft_another_seed_changes_the_data_order(sft_demo_run, free_cluster, tmp
     assert other_loss != demo_loss
 
 
-@pytest.mark.vllm
-def test_grpo_same_seed_same_rollouts_and_metrics(grpo_run, sft_demo_run, fixed_prompts, free_cluster, tmp_path):
-    """``grpo_run``'s first 3 steps again: the same samples (rewards, response lengths, accuracy), the same
-    updates and weight syncs, and the same greedy and sampled evaluation at step 0."""
-    _, config, *overrides = grpo_args(sft_demo_run, fixed_prompts)
-    assert load_config(config, overrides).trainer.lr_scheduler == "constant", "the compared steps need a constant lr"
-    steps = 3
-    again = tmp_path / "run"
-    run_job(load_config(config, [*overrides, f"trainer.max_steps={steps}", f"logging.output_dir={again}"]))
-    keys = assert_same_metrics(grpo_run, again, steps)
-    assert {
-        "reward/mean", "reward/std", "rollout/accuracy", "rollout/response_tokens", "rollout/response_tokens_mean",
-        "rollout/truncated_fraction", "train/policy_loss", "train/grad_norm", "train/lr", "train/entropy",
-        "sync/logprob_max_abs_diff", "eval/accuracy", "eval/sampled_accuracy",
-    } <= keys
-
-
 def test_dpo_same_seed_same_metrics(dpo_runs):
-    """The two runs of ``dpo_runs`` differ only in ``trainer.max_steps``: the second's steps and start evaluation
-    match the first's. (The second reads the reference sums the first computed and cached.)"""
-    _, (first, second) = dpo_runs
+    """The two runs of ``dpo_runs`` differ only in ``trainer.max_steps`` (and the second's checkpoints and killed
+    learner, which its restart redoes): the second's steps and start evaluation match the first's. (The second reads
+    the reference sums the first computed and cached.)"""
     assert load_config(ROOT / "configs/dpo_tiny.yaml").trainer.lr_scheduler == "constant", \
         "the compared steps need a constant lr"
-    steps = max(r["step"] for r in read_metrics(second / "metrics.jsonl"))
-    keys = assert_same_metrics(first, second, steps)
+    steps = max(r["step"] for r in read_metrics(dpo_runs.second / "metrics.jsonl"))
+    assert steps == DPO_SECOND_RUN_STEPS
+    keys = assert_same_metrics(dpo_runs.first, dpo_runs.second, steps, ignore=frozenset({"faults/learner_restarts"}))
     assert {"train/loss", "train/margin", "train/chosen_logps", "train/lr", "eval/preference_accuracy",
             "eval/accuracy"} <= keys

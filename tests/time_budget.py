@@ -1,8 +1,10 @@
 """The suite's time budget, checked at the end of every whole-suite run (``make test``, ``make test-fast``).
 
 The budget is the sum of the tests' own durations (setup, call and teardown, as ``--durations`` reports them),
-not the wall clock, and it is written in one place: ``[tool.rlft.test_budget]`` in pyproject.toml. A run of the
-whole suite whose sum passes it fails, even when every test passed. A run of a few files, or with ``-k``, is not
+not the wall clock, and it is written in one place: ``[tool.rlft.test_budget]`` in pyproject.toml. Under
+``pytest -n`` (``make test``) each worker runs its tests one after another, and the busiest worker's sum is held to
+the budget (about the run's wall time); the sum over all workers is printed beside it. A run of the whole suite
+whose sum passes the budget fails, even when every test passed. A run of a few files, or with ``-k``, is not
 checked. Tests that take longer than ``slow_test_seconds`` without a docstring saying why are listed.
 """
 
@@ -27,53 +29,68 @@ def budget() -> dict[str, float]:
 class TimeBudget:
     def __init__(self, config: pytest.Config):
         self.config = config
-        self.seconds = 0.0
+        self.by_worker: dict[str, float] = {}
         self.by_test: dict[str, float] = {}
-        self.docstrings: dict[str, str] = {}
+        self.documented: set[str] = set()
 
     def checked_key(self) -> str | None:
         """The budget this run is held to: a run of the whole suite (the test paths of pyproject.toml, no ``-k``)
         with a marker expression of ``BUDGET_OF_MARKEXPR``; None for any other selection."""
         opt = self.config.option
         whole = [Path(a).resolve() for a in self.config.args] == [ROOT / "tests"]
-        if not whole or opt.keyword or opt.lf or getattr(opt, "deselect", None):
+        if not whole or opt.keyword or getattr(opt, "lf", False) or getattr(opt, "deselect", None):
             return None
         return BUDGET_OF_MARKEXPR.get((opt.markexpr or "").strip())
 
-    @pytest.hookimpl
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
-            doc = getattr(getattr(item, "function", None), "__doc__", None)
-            self.docstrings[item.nodeid] = (doc or "").strip()
+    def seconds(self) -> float:
+        """What the budget holds: the busiest worker's sum (the only one's, without ``pytest -n``)."""
+        return max(self.by_worker.values(), default=0.0)
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport):
-        self.seconds += report.duration
+        node = getattr(report, "node", None)  # the worker that ran it, under pytest -n
+        worker = node.gateway.id if node is not None else "main"
+        self.by_worker[worker] = self.by_worker.get(worker, 0.0) + report.duration
         self.by_test[report.nodeid] = self.by_test.get(report.nodeid, 0.0) + report.duration
+        if dict(report.user_properties).get("has_docstring"):
+            self.documented.add(report.nodeid)
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter):
         limits = budget()
         write = terminalreporter.write_line
         undocumented = [(s, t) for t, s in self.by_test.items()
-                        if s > limits["slow_test_seconds"] and not self.docstrings.get(t)]
+                        if s > limits["slow_test_seconds"] and t not in self.documented]
         for seconds, test in sorted(undocumented, reverse=True):
             write(f"time budget: {test} took {seconds:.0f} s (over {limits['slow_test_seconds']:g} s) and has no "
                   "docstring saying why")
         key = self.checked_key()
+        spent = self.seconds()
+        workers = ", ".join(f"{w} {s:.0f} s" for w, s in sorted(self.by_worker.items()))
+        summed = f"{sum(self.by_worker.values()):.0f} s in all ({workers})"
         if key is None:
-            write(f"time budget: tests took {self.seconds:.0f} s in all (a partial run: not checked)")
+            write(f"time budget: tests took {summed} (a partial run: not checked)")
             return
-        verdict = "within" if self.seconds <= limits[key] else "OVER"
-        write(f"time budget: tests took {self.seconds:.0f} s in all, {verdict} the budget of {limits[key]:g} s "
-              f"({key} in pyproject.toml's [tool.rlft.test_budget])", bold=True, red=verdict == "OVER")
+        verdict = "within" if spent <= limits[key] else "OVER"
+        write(f"time budget: tests took {summed}; the busiest worker's {spent:.0f} s is {verdict} the budget of "
+              f"{limits[key]:g} s ({key} in pyproject.toml's [tool.rlft.test_budget])", bold=True,
+              red=verdict == "OVER")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus):
         key = self.checked_key()
-        if key is not None and self.seconds > budget()[key] and exitstatus == pytest.ExitCode.OK:
+        if key is not None and self.seconds() > budget()[key] and exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Whether the test says why it is slow travels with its reports (to the controller, under pytest -n)."""
+    doc = getattr(getattr(item, "function", None), "__doc__", None)
+    item.user_properties.append(("has_docstring", bool((doc or "").strip())))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a pytest -n worker: the controller, which sees every report, keeps count
+        return
     config.pluginmanager.register(TimeBudget(config), "rlft_time_budget")
