@@ -46,29 +46,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def check_inputs(cfg: Config) -> None:
-    """What ``rlft train`` and ``rlft bench`` check before they start anything (Ray, a model, a tokenizer), beyond
-    ``load_config``: the paths the job reads and writes (``check_local_paths``), and that the first
-    ``NUM_ROWS_CHECKED`` training prompts of an RL job have every field its graders read and, when it evaluates,
-    that held-out prompts have an ``answer``."""
+    """What ``rlft train`` and ``rlft bench`` check before they start anything (Ray, a model, a tokenizer, torch),
+    beyond ``load_config``: the paths the job reads and writes (``check_local_paths``); that the first
+    ``NUM_ROWS_CHECKED`` training rows parse in the algorithm's format (SFT examples, preference pairs, RL prompts),
+    so that a malformed file stops the job in a second, naming ``file:line``; and for an RL job that those prompts
+    have every field its graders read and, when it evaluates, that held-out prompts have an ``answer``. Rows past
+    the first are checked where the job reads them all."""
     check_local_paths(cfg)
-    if cfg.algorithm not in ("grpo", "ppo", "online_dpo"):
-        return
     from rlft.data import formats
     from rlft.graders.config import check_rows_have_grader_fields
     from rlft.tiny import resolve
 
-    def first_rows(field: str, path: str) -> list:
+    def first_rows(field: str, path: str, parse) -> list:
         try:
             path = resolve(path)
         except FileNotFoundError as exc:
             raise ConfigError(f"{field}: {exc}") from None
-        return formats.load_examples(path, formats.parse_rft, on_bad_row=cfg.data.on_bad_row,
-                                     limit=NUM_ROWS_CHECKED).examples
+        return formats.load_examples(path, parse, on_bad_row=cfg.data.on_bad_row, limit=NUM_ROWS_CHECKED).examples
 
-    train = first_rows("data.train_path", cfg.data.train_path)
+    if cfg.algorithm == "sft":
+        first_rows("data.train_path", cfg.data.train_path, lambda row: formats.parse_sft(row, cfg.data.format))
+        return
+    if cfg.algorithm == "dpo":
+        first_rows("data.train_path", cfg.data.train_path, formats.parse_preference)
+        return
+    train = first_rows("data.train_path", cfg.data.train_path, formats.parse_rft)
     check_rows_have_grader_fields(cfg.graders, [(p.where, p.extra) for p in train])
     if cfg.eval.path and cfg.eval.num_examples:
-        for prompt in first_rows("eval.path", cfg.eval.path)[: cfg.eval.num_examples]:
+        for prompt in first_rows("eval.path", cfg.eval.path, formats.parse_rft)[: cfg.eval.num_examples]:
             if not isinstance(prompt.extra.get("answer"), str):
                 raise DataError(prompt.where, "answer", "held-out prompts (eval.path) need a string 'answer' field, "
                                                         "which the evaluation compares completions with")

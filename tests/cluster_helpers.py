@@ -3,6 +3,7 @@ role actors' processes by the title Ray gives them (``ray::RolloutWorker.generat
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -147,3 +148,27 @@ def kill_own_learner_in_train_step(proc: subprocess.Popen) -> int:
     """SIGKILL a learner rank of ``proc``'s own Ray cluster (the driver starts the raylet, whose children the actors
     are) while it runs ``train_step``. Returns its PID."""
     return kill_actor_during("ray::LearnerWorker.train_step", "ray::LearnerWorker.train_step", proc)
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def listeners(root: psutil.Process) -> set[tuple[str, int, str]]:
+    """(address, port, title of the process listening there), over ``root`` and its descendants."""
+    found = set()
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for process in processes:
+        try:
+            title = (process.cmdline() or [""])[0]
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((conn.laddr.ip, conn.laddr.port, title))
+        except psutil.Error:
+            continue
+    return found

@@ -45,7 +45,6 @@ def test_dpo_config_errors_name_the_field():
         load_config(None, ["algorithm=dpo", "dpo.beta=0"])
 
 
-@pytest.mark.slow  # an `rlft train` process that starts Ray
 def test_malformed_preference_row_stops_before_actors(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}\n{"prompt": "x", "chosen": "2"}\n')
@@ -53,6 +52,7 @@ def test_malformed_preference_row_stops_before_actors(tmp_path):
                     f"logging.output_dir={tmp_path / 'run'}", cwd=tmp_path, timeout_s=120)
     assert proc.returncode == 2
     assert f"{bad}:2: rejected" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # the first rows are checked first
 
 
 @pytest.mark.slow

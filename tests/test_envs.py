@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,6 +28,7 @@ from rlft.rollout import RolloutConfig, SamplingConfig
 from rlft.sandbox import namespaces_unavailable
 from rlft.metrics import read_metrics
 from rlft.rollout.group import RolloutGroup
+from cluster_helpers import is_loopback, listeners
 from conftest import ROOT
 from test_loopback import tiny_grpo_args
 
@@ -235,11 +237,15 @@ def _contains(seq: list[int], part: list[int]) -> bool:
 def test_grpo_trains_on_multi_turn_trajectories_from_a_users_environment(tmp_path):
     """`rlft train` with `envs.name` pointing at a class outside rlft (importable on PYTHONPATH): every step's
     samples are 2-turn trajectories, their environment rewards reach the reward, the env phase is timed, and the
-    learners train on them. Held-out evaluation runs the same trajectories, greedy and sampled."""
+    learners train on them. Held-out evaluation runs the same trajectories, greedy and sampled. The weights go over
+    the ``collective`` transport, and every socket the job's processes listen on, the weight group's rendezvous
+    among them, binds a loopback address (tests/test_loopback.py says why)."""
+    seen: set[tuple[str, int, str]] = set()
     steps = _two_multi_turn_steps(tmp_path, f"envs.name={FIXTURES}:Countdown", "envs.kwargs={turns: 2}",
                                   "logging.engine_times=true", "eval.path=tiny://calculator/test.jsonl",
                                   "eval.num_examples=6", "eval.every_n_steps=2", "eval.num_samples=2",
-                                  "eval.max_new_tokens=8")
+                                  "eval.max_new_tokens=8", "rollout.weight_transport=collective", listening=seen)
+    assert_listening_on_loopback_only(seen)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2]
     for r in evals:
@@ -323,25 +329,52 @@ def test_an_agent_drives_the_openai_endpoint_and_its_session_becomes_a_sample(ra
 def test_grpo_trains_on_an_agent_programs_sessions_one_step_off_policy(tmp_path):
     """`envs.agent`: a user's agent function (the `openai` client, no rlft import) drives every trajectory
     through the rollout worker's endpoint, one step off-policy. Each sample is its two calls; its reward of 0.5 is
-    added to the graders'."""
-    steps = _two_multi_turn_steps(tmp_path, f"envs.agent={FIXTURES}:two_call_agent", "rl.max_staleness_steps=1")
+    added to the graders'. Every socket the job's processes listen on, the agent endpoint among them, binds a
+    loopback address (tests/test_loopback.py says why)."""
+    seen: set[tuple[str, int, str]] = set()
+    steps = _two_multi_turn_steps(tmp_path, f"envs.agent={FIXTURES}:two_call_agent", "rl.max_staleness_steps=1",
+                                  listening=seen)
     for r in steps:
         assert r["envs/turns_mean"] == 2 and r["envs/reward_mean"] == 0.5, r
         assert r["envs/errors"] == r["envs/timeouts"] == 0
         assert r["reward/mean"] == pytest.approx(0.5)
         assert r["async/staleness_max"] <= 1
+    assert_listening_on_loopback_only(seen)
 
 
-def _two_multi_turn_steps(tmp_path, *overrides: str) -> list[dict]:
+def assert_listening_on_loopback_only(seen: set[tuple[str, int, str]]) -> None:
+    """The learners and the rollout worker were seen up (their stores, gloo connections and endpoints listen in
+    their processes), and nothing of the job listened beyond loopback."""
+    titles = {title for _, _, title in seen}
+    assert any(title.startswith("ray::LearnerWorker") for title in titles), titles
+    assert any(title.startswith("ray::RolloutWorker") for title in titles), titles
+    outside = {f"{ip}:{port}": title for ip, port, title in seen if not is_loopback(ip)}
+    assert not outside, f"listening beyond loopback: {outside}"
+
+
+def _two_multi_turn_steps(tmp_path, *overrides: str, listening: set | None = None) -> list[dict]:
     """The two-step tiny GRPO job with ``overrides``, run as a user runs it, with this checkout on PYTHONPATH (where
-    the environments live); its steps' metrics."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
+    the environments live); its steps' metrics. ``listening`` collects, every 0.25 s while the job runs, each
+    (address, port, process title) its processes listen on: a port outlives a process title (Ray renames a worker
+    as it takes an actor or a task, and a port freed by a stopped actor is taken by the next process)."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = subprocess.Popen(
         [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
             out, "rollout.sampling.max_new_tokens=8", "rollout.max_model_len=128", *overrides)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}, stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        root = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if listening is not None:
+                listening.update(listeners(root))
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0, log.read_text()[-4000:]
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     return steps

@@ -39,7 +39,8 @@ def test_malformed_row_stops_before_training(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{data}:3: messages[1].role:" in proc.stderr
-    # Nothing started: no metrics, no checkpoints.
+    # Nothing started: not Ray (the first rows are checked before anything starts), no metrics, no checkpoints.
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (out / "metrics.jsonl").exists()
     assert not (out / "checkpoints").exists()
 
@@ -49,6 +50,7 @@ def test_invalid_json_line_is_named(tmp_path):
     proc = _rlft("train", str(ROOT / "configs/sft_tiny.yaml"), f"data.train_path={data}", cwd=tmp_path)
     assert proc.returncode == 2
     assert f"{data}:2:" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
 def test_skip_mode_drops_and_counts(tmp_path):

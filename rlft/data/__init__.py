@@ -7,51 +7,40 @@
     logits = model(**batch.model_inputs()).logits
 """
 
-from rlft.data.batch import TokenBatch
-from rlft.data.formats import (
-    ChatExample,
-    LoadedData,
-    PreferenceExample,
-    PromptCompletionExample,
-    RFTPrompt,
-    load_examples,
-    parse_preference,
-    parse_rft,
-    parse_sft,
-)
-from rlft.data.packing import PackedRow, collate, normalize_loss_weights, pack
-from rlft.data.sources import DataError, Row, read_rows
-from rlft.data.tokenize import (
-    ChatTemplateError,
-    TokenizedExample,
-    tokenize_chat,
-    tokenize_prompt,
-    tokenize_prompt_completion,
-    tokenize_sft_examples,
-)
+# Each name loads its module on first use: reading and checking rows (``formats``, ``sources``) needs no torch, so
+# ``rlft train`` checks a job's data before it loads torch or starts anything.
+_MODULE_OF = {
+    "TokenBatch": "batch",
+    "ChatExample": "formats",
+    "LoadedData": "formats",
+    "PreferenceExample": "formats",
+    "PromptCompletionExample": "formats",
+    "RFTPrompt": "formats",
+    "load_examples": "formats",
+    "parse_preference": "formats",
+    "parse_rft": "formats",
+    "parse_sft": "formats",
+    "PackedRow": "packing",
+    "collate": "packing",
+    "normalize_loss_weights": "packing",
+    "pack": "packing",
+    "DataError": "sources",
+    "Row": "sources",
+    "read_rows": "sources",
+    "ChatTemplateError": "tokenize",
+    "TokenizedExample": "tokenize",
+    "tokenize_chat": "tokenize",
+    "tokenize_prompt": "tokenize",
+    "tokenize_prompt_completion": "tokenize",
+    "tokenize_sft_examples": "tokenize",
+}
 
-__all__ = [
-    "ChatExample",
-    "ChatTemplateError",
-    "DataError",
-    "LoadedData",
-    "PackedRow",
-    "PreferenceExample",
-    "PromptCompletionExample",
-    "RFTPrompt",
-    "Row",
-    "TokenBatch",
-    "TokenizedExample",
-    "collate",
-    "load_examples",
-    "normalize_loss_weights",
-    "pack",
-    "parse_preference",
-    "parse_rft",
-    "parse_sft",
-    "read_rows",
-    "tokenize_chat",
-    "tokenize_prompt",
-    "tokenize_prompt_completion",
-    "tokenize_sft_examples",
-]
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib
+
+        return getattr(importlib.import_module(f"rlft.data.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'rlft.data' has no attribute {name!r}")
