@@ -120,19 +120,12 @@ def start_sft_demo(tmp_path_factory) -> Path:
     return work
 
 
-# The niceness of the tests' own processes while the SFT demo runs beside them at the default 0.
-TESTS_NICENESS = 5
-
-
 @pytest.fixture(scope="session", autouse=True)
 def sft_demo_in_background(request, tmp_path_factory):
     """The SFT demo takes about four minutes and a third of every RL test's start: it starts with the session, while
-    the tests that do not need it run (``pytest_collection_modifyitems`` orders those first). Those tests, and
-    everything they start, then run at a lower priority (``TESTS_NICENESS``): every test that needs the demo waits
-    for it, so it takes the cores first; the others fill what it leaves."""
+    the tests that do not need it run (``pytest_collection_modifyitems`` orders those first)."""
     if any("sft_demo_run" in item.fixturenames for item in request.session.items):
         start_sft_demo(tmp_path_factory)
-        os.nice(TESTS_NICENESS)
 
 
 @pytest.fixture(scope="session")
