@@ -38,7 +38,8 @@ class TimeBudget:
         with a marker expression of ``BUDGET_OF_MARKEXPR``; None for any other selection."""
         opt = self.config.option
         whole = [Path(a).resolve() for a in self.config.args] == [ROOT / "tests"]
-        if not whole or opt.keyword or getattr(opt, "lf", False) or getattr(opt, "deselect", None):
+        partial = opt.keyword or opt.collectonly or getattr(opt, "lf", False) or getattr(opt, "deselect", None)
+        if not whole or partial:
             return None
         return BUDGET_OF_MARKEXPR.get((opt.markexpr or "").strip())
 
