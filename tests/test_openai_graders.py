@@ -268,6 +268,9 @@ def test_rlft_grade_cli(tmp_path):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_grpo_with_an_openai_multi_grader(sft_demo_run, fixed_prompts, tmp_path):
+    """OpenAI graders in a job, from a spec file. Over 60 s when it is the first test of its worker to need
+    ``sft_demo_run``: it then waits for the demo, which started with the session (about 4-6 minutes beside the
+    other tests)."""
     out = tmp_path / "run"
     (tmp_path / "grader.json").write_text(json.dumps(MULTI))
     proc = run_rlft(
