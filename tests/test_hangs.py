@@ -102,6 +102,8 @@ def test_calls_inside_a_phase_get_the_deadline_and_an_overrun_names_the_phase():
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_a_stopped_rollout_worker_fails_the_generate_phase(tmp_path):
+    """Over 60 s beside the other worker's tests: a whole job starts (Ray, two learners, a vLLM engine), then the
+    8 s deadline runs out and every actor's stacks are read."""
     _stop_and_expect(tmp_path, "ray::RolloutWorker", "generate", "rollout")
 
 
@@ -110,5 +112,7 @@ def test_a_stopped_rollout_worker_fails_the_generate_phase(tmp_path):
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_a_stopped_learner_fails_the_update_phase(tmp_path):
+    """Over 60 s beside the other worker's tests: a whole job starts (Ray, two learners, a vLLM engine), then the
+    8 s deadline runs out and every actor's stacks are read."""
     # One optimizer step per batch: the update is the step's first call to the learners (no old-logprob pass).
     _stop_and_expect(tmp_path, "ray::LearnerWorker", "update", "learners")
