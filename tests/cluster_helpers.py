@@ -156,14 +156,10 @@ def is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-def listeners(root: psutil.Process) -> set[tuple[str, int, str]]:
+def listeners(root: subprocess.Popen) -> set[tuple[str, int, str]]:
     """(address, port, title of the process listening there), over ``root`` and its descendants."""
     found = set()
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return found
-    for process in processes:
+    for process in _processes_under(root):
         try:
             title = (process.cmdline() or [""])[0]
             for conn in process.net_connections(kind="inet"):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +131,10 @@ def sft_demo_in_background(request, tmp_path_factory):
 def sft_demo_run(tmp_path_factory) -> CompletedRun:
     """The README's SFT job (configs/sft_tiny.yaml), run once per session: its test checks it, RL tests start
     from its model."""
+    from cluster_helpers import wait_until
+
     work = start_sft_demo(tmp_path_factory)
-    deadline = time.monotonic() + 1200
-    while not (work / "returncode").exists():
-        assert time.monotonic() < deadline, f"the SFT demo did not end within 1200 s: {work}"
-        time.sleep(1)
+    wait_until(lambda: (work / "returncode").exists(), f"the SFT demo in {work} to end", timeout_s=1200)
     proc = subprocess.CompletedProcess(
         [], int((work / "returncode").read_text()), (work / "stdout").read_text(), (work / "stderr").read_text())
     return CompletedRun(proc, work / "run")

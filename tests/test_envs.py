@@ -7,14 +7,11 @@ import json
 import math
 import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,7 +25,7 @@ from rlft.rollout import RolloutConfig, SamplingConfig
 from rlft.sandbox import namespaces_unavailable
 from rlft.metrics import read_metrics
 from rlft.rollout.group import RolloutGroup
-from cluster_helpers import is_loopback, listeners
+from cluster_helpers import is_loopback, listeners, rlft_popen
 from conftest import ROOT
 from test_loopback import tiny_grpo_args
 
@@ -358,18 +355,14 @@ def _two_multi_turn_steps(tmp_path, *overrides: str, listening: set | None = Non
     (address, port, process title) its processes listen on: a port outlives a process title (Ray renames a worker
     as it takes an actor or a task, and a port freed by a stopped actor is taken by the next process)."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlft.cli", *tiny_grpo_args(
-            out, "rollout.sampling.max_new_tokens=8", "rollout.max_model_len=128", *overrides)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}, stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    args = tiny_grpo_args(out, "rollout.sampling.max_new_tokens=8", "rollout.max_model_len=128", *overrides)
+    proc = rlft_popen(*args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                      log=log)
     try:
-        root = psutil.Process(proc.pid)
         deadline = time.monotonic() + 900
         while proc.poll() is None and time.monotonic() < deadline:
             if listening is not None:
-                listening.update(listeners(root))
+                listening.update(listeners(proc))
             time.sleep(0.25)
     finally:
         if proc.poll() is None:

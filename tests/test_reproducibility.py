@@ -45,8 +45,25 @@ def computed_records(run: Path, last_step: int, evaluations: bool, final_evaluat
         evaluation = any(key.startswith("eval/") for key in record)
         final = record["step"] == last_step and not final_evaluation
         if record["step"] <= last_step and not (evaluation and (final or not evaluations)):
-            records.append({key: value for key, value in record.items() if not is_wall_clock(key)})
+            records.append(computed(record))
     return records
+
+
+def computed(record: dict) -> dict:
+    """A metrics record without its wall-clock keys."""
+    return {key: value for key, value in record.items() if not is_wall_clock(key)}
+
+
+def assert_same_records(a: list[dict], b: list[dict], ignore: frozenset[str] = frozenset(),
+                        what: str = "(original, repeated)") -> set[str]:
+    """Both lists hold the same steps, and each pair of records the same values (but for the keys in ``ignore``);
+    returns the keys compared."""
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        differing = {key: (ra.get(key), rb.get(key)) for key in ra.keys() | rb.keys()
+                     if key not in ignore and ra.get(key) != rb.get(key)}
+        assert not differing, f"step {ra['step']}, {what}: {differing}"
+    return set().union(*a) - ignore
 
 
 def assert_same_metrics(original: Path, repeated: Path, last_step: int, evaluations: bool = True,
@@ -55,13 +72,8 @@ def assert_same_metrics(original: Path, repeated: Path, last_step: int, evaluati
     keys compared. ``final_evaluation``: both runs evaluated at ``last_step`` (the same length), and that is compared
     too."""
     a, b = (computed_records(run, last_step, evaluations, final_evaluation) for run in (original, repeated))
-    assert [r["step"] for r in b] == [r["step"] for r in a]
     assert a[-1]["step"] == last_step
-    for ra, rb in zip(a, b):
-        differing = {key: (ra.get(key), rb.get(key)) for key in ra.keys() | rb.keys()
-                     if key not in ignore and ra.get(key) != rb.get(key)}
-        assert not differing, f"step {ra['step']}, (original, repeated): {differing}"
-    return set().union(*a) - ignore
+    return assert_same_records(a, b, ignore)
 
 
 def steps_with_same_lr(trainer: TrainerConfig, wanted: int) -> int:
