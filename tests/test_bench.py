@@ -42,6 +42,7 @@ def check_consistent(out, warmup: int, steps: int) -> dict:
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_bench_grpo_measures_every_phase(tmp_path):
+    """A whole ``rlft bench`` job (Ray, 2 learners, a vLLM worker, a grader): its start is most of the minute."""
     out = tmp_path / "bench"
     proc = run_rlft(
         "bench", str(ROOT / "configs/grpo_tiny.yaml"),

@@ -83,6 +83,8 @@ def runs(ray_cluster, tiny_model_dir, batches, tmp_path_factory):
 @pytest.mark.slow  # the runs fixture starts a DeepSpeed group of 2 ranks per ZeRO stage
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls(runs, stage):
+    """The first of the module's tests pays for ``runs``: a DeepSpeed group of 2 ranks per ZeRO stage, trained a few
+    steps each, which the other tests share."""
     metrics = runs[stage].metrics
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < losses[0] * 0.8, losses

@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from cluster_helpers import kill_own_learner_in_train_step, rlft_popen, steps_logged, wait_until
 from conftest import DPO_SECOND_RUN_STEPS, ROOT
 from rlft.config import load_config
 from rlft.metrics import MetricsLogger, read_metrics
+from rlft.tiny import resolve
 from test_reproducibility import SFT_CONFIG, assert_same_metrics, assert_same_records, computed, steps_with_same_lr
 
 QUIET = ["eval.num_examples=0", "logging.wandb=false", "logging.progress_bar=false"]
@@ -99,7 +101,9 @@ def test_sft_learner_killed_before_any_checkpoint_starts_again_from_step_0(sft_d
 
 
 # PPO on the untrained tiny model: 2 learner and 2 critic ranks (the same actor class, so either may be killed);
-# a checkpoint at step 3 (and the final one at 6).
+# a checkpoint at step 3 (and the final one at 6). The policy trains a LoRA adapter and sends the rollout worker
+# whole merged weights (``model.lora.sync=merged``, the fallback for engines without LoRA kernels); the critic is
+# a full model.
 PPO = [
     str(ROOT / "configs/ppo_tiny.yaml"),
     *[arg for arg in GRPO[1:] if not arg.startswith(("trainer.max_steps=", "checkpoint.every_n_steps="))],
@@ -107,7 +111,11 @@ PPO = [
     "trainer.global_batch_size=32",
     "learner.micro_batch_size_per_learner=16",
     "trainer.max_steps=6",
+    "trainer.lr=2e-3",
     "checkpoint.every_n_steps=3",
+    "model.lora.rank=16",
+    "model.lora.alpha=32",
+    "model.lora.sync=merged",
 ]
 
 
@@ -116,9 +124,11 @@ PPO = [
 @pytest.mark.vllm
 def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
     """PPO's critic is a second learner group. Once steps 4 and 5 are logged (after the step-3 checkpoint), a rank
-    is killed in step 6: whichever it is, both groups start again from the step-3 checkpoint (policy and critic),
-    and the redone steps 4 and 5 log what they logged before the kill (the same samples, values, losses and
-    updates), as the uninterrupted run would."""
+    is killed in step 6: whichever it is, both groups start again from the step-3 checkpoint (the policy's LoRA
+    adapter and the critic), and the redone steps 4 and 5 log what they logged before the kill (the same samples,
+    values, losses and updates), as the uninterrupted run would. The rollout worker generates with the learners'
+    policy throughout, before and after the restart: its log-probabilities match theirs, from whole merged weights.
+    (About two minutes: the job's start, six steps and the restarted groups' start.)"""
     out = tmp_path / "killed"
     checkpoint = out / "checkpoints/step_000003"
     before: list[dict] = []
@@ -136,6 +146,11 @@ def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
     keys = assert_same_records([computed(r) for r in before], [computed(r) for r in after[3:5]],
                                ignore=frozenset({"faults/learner_restarts"}), what="(before the kill, redone)")
     assert {"critic/value_loss", "train/policy_loss", "reward/mean", "rollout/response_tokens_mean"} <= keys
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in after), [r["sync/logprob_max_abs_diff"] for r in after]
+    model_bytes = sum(t.numel() * t.element_size() for t in AutoModelForCausalLM.from_pretrained(
+        resolve("tiny://model")).parameters())
+    assert all(r["sync/bytes"] == model_bytes for r in after), [r["sync/bytes"] for r in after]
+    assert (out / "final_model/adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -77,6 +77,8 @@ def _worker_pid(rollout: RolloutGroup, slot: int) -> int:
 
 
 def test_collective_and_object_store_carry_the_learners_weights(roles):
+    """The first test of the module pays for ``roles``: a ZeRO-3 learner group of 2 ranks and 2 vLLM rollout workers
+    (a minute or more on a loaded 2-core machine), which the other tests share."""
     learners, rollout, batch, sequences, model_dir = roles
     learners.train_step(batch, SFTLoss())
     stats = rollout.sync_from(learners, 1)

@@ -6,10 +6,21 @@ not the wall clock, and it is written in one place: ``[tool.rlft.test_budget]`` 
 the budget (about the run's wall time); the sum over all workers is printed beside it. A run of the whole suite
 whose sum passes the budget fails, even when every test passed. A run of a few files, or with ``-k``, is not
 checked. Tests that take longer than ``slow_test_seconds`` without a docstring saying why are listed.
+
+Durations are seconds on whatever machine runs the suite, and 2-core machines differ by half or more (the same
+suite took 20 minutes on one and 35 on another). So the budgets are written for the machine they were measured on,
+and a checked run first times a fixed piece of the suite's own work (``CALIBRATION``: the imports every role pays,
+then forward and backward passes of the tiny model on one thread) in a fresh interpreter, before the workers start.
+The budget is scaled by that CPU time over ``reference_calibration_seconds``, the same piece's on the budgets'
+machine: a machine twice as slow gets twice the seconds, and a faster one fewer.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,9 +32,33 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET_OF_MARKEXPR = {"": "suite_seconds", "not slow": "fast_seconds"}
 
 
+# What most of the suite's time is made of: the imports of every rlft process (torch, transformers and, through the
+# model's masking code, torch._dynamo) and small forward and backward passes on one thread.
+CALIBRATION = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=293, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2))
+ids = torch.randint(0, 293, (32, 32))
+for _ in range(10):
+    model(input_ids=ids, labels=ids).loss.backward()
+"""
+
+
 def budget() -> dict[str, float]:
     with open(ROOT / "pyproject.toml", "rb") as f:
         return tomllib.load(f)["tool"]["rlft"]["test_budget"]
+
+
+def calibration_seconds() -> float:
+    """CPU seconds (user and system) of ``CALIBRATION`` in a fresh interpreter on one thread."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", CALIBRATION], check=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 class TimeBudget:
@@ -32,6 +67,21 @@ class TimeBudget:
         self.by_worker: dict[str, float] = {}
         self.by_test: dict[str, float] = {}
         self.documented: set[str] = set()
+        self.scale = 1.0  # this machine's calibration over the reference machine's
+        self.calibration = ""
+
+    @pytest.hookimpl(tryfirst=True)  # before pytest -n starts its workers: the machine is otherwise idle
+    def pytest_sessionstart(self, session: pytest.Session):
+        if self.checked_key() is None:
+            return
+        reference = budget()["reference_calibration_seconds"]
+        here = calibration_seconds()
+        self.scale = here / reference
+        self.calibration = (f"the calibration took {here:.1f} CPU-s here against {reference:g} on the budgets' "
+                            f"machine, so the budgets scale by {self.scale:.2f}")
+
+    def limit(self, key: str) -> float:
+        return budget()[key] * self.scale
 
     def checked_key(self) -> str | None:
         """The budget this run is held to: a run of the whole suite (the test paths of pyproject.toml, no ``-k``)
@@ -61,9 +111,9 @@ class TimeBudget:
         limits = budget()
         write = terminalreporter.write_line
         undocumented = [(s, t) for t, s in self.by_test.items()
-                        if s > limits["slow_test_seconds"] and t not in self.documented]
+                        if s > limits["slow_test_seconds"] * self.scale and t not in self.documented]
         for seconds, test in sorted(undocumented, reverse=True):
-            write(f"time budget: {test} took {seconds:.0f} s (over {limits['slow_test_seconds']:g} s) and has no "
+            write(f"time budget: {test} took {seconds:.0f} s (over {limits['slow_test_seconds'] * self.scale:.0f} s) and has no "
                   "docstring saying why")
         key = self.checked_key()
         spent = self.seconds()
@@ -72,15 +122,17 @@ class TimeBudget:
         if key is None:
             write(f"time budget: tests took {summed} (a partial run: not checked)")
             return
-        verdict = "within" if spent <= limits[key] else "OVER"
+        limit = self.limit(key)
+        verdict = "within" if spent <= limit else "OVER"
+        write(f"time budget: {self.calibration}")
         write(f"time budget: tests took {summed}; the busiest worker's {spent:.0f} s is {verdict} the budget of "
-              f"{limits[key]:g} s ({key} in pyproject.toml's [tool.rlft.test_budget])", bold=True,
-              red=verdict == "OVER")
+              f"{limit:.0f} s ({key} = {limits[key]:g} in pyproject.toml's [tool.rlft.test_budget], scaled by "
+              f"{self.scale:.2f})", bold=True, red=verdict == "OVER")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus):
         key = self.checked_key()
-        if key is not None and self.seconds() > budget()[key] and exitstatus == pytest.ExitCode.OK:
+        if key is not None and self.seconds() > self.limit(key) and exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
