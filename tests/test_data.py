@@ -443,3 +443,39 @@ def test_packed_rows_give_the_same_logits_as_separate_examples(tokenizer, attn_i
                 torch.testing.assert_close(logits_BTV[b, start:stop], alone[i], atol=1e-5, rtol=1e-5)
                 found += 1
         assert found == len(tokenized)
+
+
+def test_a_generic_fast_tokenizer_loads_as_autotokenizer_loads_it_and_the_driver_skips_the_model_registry(
+        tiny_model_dir, tmp_path):
+    """``load_tokenizer`` gives the tiny model's tokenizer exactly as AutoTokenizer does, and importing the
+    controllers and loading it imports neither transformers' model registry nor torch._dynamo (over 2 s of every
+    driver's start). A model directory naming a model-specific class goes through AutoTokenizer."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from rlft.data import load_tokenizer
+
+    code = ("import json, sys\n"
+            "import rlft.controller.grpo, rlft.controller.ppo, rlft.controller.sft, rlft.controller.dpo\n"
+            "from rlft.data import load_tokenizer\n"
+            f"load_tokenizer({tiny_model_dir!r})\n"
+            "print(json.dumps([m for m in ('transformers.models.auto.modeling_auto', 'torch._dynamo') "
+            "if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+    ours, auto = load_tokenizer(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(ours) is type(auto)
+    conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    assert ours.apply_chat_template(conversation, tokenize=False) == auto.apply_chat_template(conversation, tokenize=False)
+    assert ours.get_vocab() == auto.get_vocab()
+    assert (ours.pad_token_id, ours.eos_token_id) == (auto.pad_token_id, auto.eos_token_id)
+
+    specific = tmp_path / "specific"
+    specific.mkdir()
+    (specific / "tokenizer.json").write_bytes((Path(tiny_model_dir) / "tokenizer.json").read_bytes())
+    config = json.loads((Path(tiny_model_dir) / "tokenizer_config.json").read_text())
+    (specific / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    assert type(load_tokenizer(str(specific))).__name__ == "Qwen2Tokenizer"

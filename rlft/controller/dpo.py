@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
 from rlft.config import Config
@@ -38,7 +37,7 @@ from rlft.controller.step_metrics import engine_metrics
 from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.sources import DataError
-from rlft.data.tokenize import TokenizedExample, tokenize_prompt_completion
+from rlft.data.tokenize import TokenizedExample, load_tokenizer, tokenize_prompt_completion
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
@@ -171,7 +170,7 @@ def dpo(cfg: Config) -> RunResult:
     with Run(cfg) as run:
         cfg, d = run.cfg, cfg.dpo
         # ---- data: everything validated before any actor starts
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         pad_id = tokenizer.pad_token_id
         pairs = load_pairs(cfg.data.train_path, tokenizer, cfg)
         eval_pairs = load_pairs(resolve(d.eval_path), tokenizer, cfg, limit=d.eval_num_pairs) if d.eval_path else None

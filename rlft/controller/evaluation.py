@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlft import startup
 from rlft.data.formats import RFTPrompt, DataError
-from rlft.data.tokenize import tokenize_prompt
+from rlft.data.tokenize import load_tokenizer, tokenize_prompt
 from rlft.graders.exact import exact_match
 
 
@@ -68,6 +68,8 @@ class Evaluator:
         batch_size: int,
         extract_pattern: str = "",
     ):
+        from transformers import AutoModelForCausalLM  # here: the driver of an RL job never builds a model
+
         check_eval_items(items)
         self.extract_pattern = extract_pattern
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -158,11 +160,9 @@ class EvaluationWorker:
     """An ``Evaluator`` in a role actor of its own: it takes the learners' weights as a ``WeightHandle``."""
 
     def __init__(self, cfg, items: list[RFTPrompt]):
-        from transformers import AutoTokenizer
-
         startup.mark("evaluator", "actor")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         self.evaluator = Evaluator(cfg.model.path, tokenizer, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                    cfg.eval.extract_pattern)
         startup.mark("evaluator", "ready")

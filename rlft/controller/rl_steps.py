@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
 
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
@@ -28,6 +27,7 @@ from rlft.controller.rollouts import Rollouts
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
+from rlft.data.tokenize import load_tokenizer
 from rlft.distributed.actors import DRIVER_INBOX
 from rlft.distributed.control import LiveControl
 from rlft.envs.config import multi_turn
@@ -66,7 +66,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     when ``rl.kl_coef`` > 0). After a resume or a learner restart the rollout workers take the restored weights."""
     cfg = run.cfg
     rl = cfg.rl
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
     prompts = load_prompts(cfg.data.train_path, tokenizer, cfg)
     eval_prompts = None
     if cfg.eval.path and cfg.eval.num_examples:

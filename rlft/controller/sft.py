@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config
@@ -30,7 +29,7 @@ from rlft.controller.run import Run
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
 from rlft.data.packing import collate, normalize_loss_weights, pack
-from rlft.data.tokenize import TokenizedExample, tokenize_sft_examples
+from rlft.data.tokenize import TokenizedExample, load_tokenizer, tokenize_sft_examples
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
@@ -64,7 +63,7 @@ def sft(cfg: Config) -> RunResult:
     with Run(cfg) as run:
         cfg = run.cfg
         # ---- data: everything validated before any actor starts
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         rows, data_counts = load_sft_rows(cfg, tokenizer)
         sampler, total_steps = step_schedule(cfg, len(rows))
         items = eval_items(cfg)

@@ -29,6 +29,7 @@ _MODULE_OF = {
     "read_rows": "sources",
     "ChatTemplateError": "tokenize",
     "TokenizedExample": "tokenize",
+    "load_tokenizer": "tokenize",
     "tokenize_chat": "tokenize",
     "tokenize_prompt": "tokenize",
     "tokenize_prompt_completion": "tokenize",

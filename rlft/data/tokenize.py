@@ -16,8 +16,10 @@ template writes between turns. Templates without those blocks fall back to rende
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from rlft.data.formats import ChatExample, DataError, PromptCompletionExample
@@ -26,6 +28,28 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# transformers' own generic fast tokenizer (one class under both names). A model directory that names it is loaded
+# through it directly: AutoTokenizer would resolve the same class, but importing AutoTokenizer imports transformers'
+# model registry with it (torch._dynamo, the tensor-parallel code), over 2 s of a driver's start on 2 cores.
+_GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model at ``path`` (a directory or a hub id), as ``AutoTokenizer.from_pretrained``
+    loads it."""
+    try:
+        tokenizer_class = json.loads((Path(path) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        tokenizer_class = None  # a hub id, or no config to read: AutoTokenizer decides
+    if tokenizer_class in _GENERIC_TOKENIZER_CLASSES:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 class ChatTemplateError(ValueError):
