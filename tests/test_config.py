@@ -190,10 +190,11 @@ def test_cli_config_show():
 HEAVY_MODULES = ("ray", "torch", "vllm", "math_verify", "transformers")
 
 
-def run_and_list_heavy_imports(code: str, *args: str) -> tuple[str, list[str]]:
+def run_and_list_heavy_imports(code: str, *args: str, modules: tuple[str, ...] = HEAVY_MODULES
+                               ) -> tuple[str, list[str]]:
     """Run ``code`` (with ``args`` as ``sys.argv[1:]``) in a fresh interpreter; return its stdout and which of
-    ``HEAVY_MODULES`` it had imported by the end."""
-    report = f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)), file=sys.stderr)"
+    ``modules`` it had imported by the end."""
+    report = f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)), file=sys.stderr)"
     proc = subprocess.run(
         [sys.executable, "-c", f"import json, sys\n{code}\n{report}", *args],
         capture_output=True,

@@ -450,21 +450,16 @@ def test_a_generic_fast_tokenizer_loads_as_autotokenizer_loads_it_and_the_driver
     """``load_tokenizer`` gives the tiny model's tokenizer exactly as AutoTokenizer does, and importing the
     controllers and loading it imports neither transformers' model registry nor torch._dynamo (over 2 s of every
     driver's start). A model directory naming a model-specific class goes through AutoTokenizer."""
-    import subprocess
-    import sys
-
     from transformers import AutoTokenizer
 
     from rlft.data import load_tokenizer
+    from test_config import run_and_list_heavy_imports
 
-    code = ("import json, sys\n"
-            "import rlft.controller.grpo, rlft.controller.ppo, rlft.controller.sft, rlft.controller.dpo\n"
+    code = ("import rlft.controller.grpo, rlft.controller.ppo, rlft.controller.sft, rlft.controller.dpo\n"
             "from rlft.data import load_tokenizer\n"
-            f"load_tokenizer({tiny_model_dir!r})\n"
-            "print(json.dumps([m for m in ('transformers.models.auto.modeling_auto', 'torch._dynamo') "
-            "if m in sys.modules]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+            f"load_tokenizer({tiny_model_dir!r})")
+    _, imported = run_and_list_heavy_imports(code, modules=("transformers.models.auto.modeling_auto", "torch._dynamo"))
+    assert imported == []
 
     ours, auto = load_tokenizer(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     assert type(ours) is type(auto)

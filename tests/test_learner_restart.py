@@ -17,7 +17,6 @@ from cluster_helpers import kill_own_learner_in_train_step, rlft_popen, steps_lo
 from conftest import DPO_SECOND_RUN_STEPS, ROOT
 from rlft.config import load_config
 from rlft.metrics import MetricsLogger, read_metrics
-from rlft.tiny import resolve
 from test_reproducibility import SFT_CONFIG, assert_same_metrics, assert_same_records, computed, steps_with_same_lr
 
 QUIET = ["eval.num_examples=0", "logging.wandb=false", "logging.progress_bar=false"]
@@ -122,7 +121,7 @@ PPO = [
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
+def test_ppo_learner_or_critic_killed_restarts_both_groups(tiny_model_dir, tmp_path):
     """PPO's critic is a second learner group. Once steps 4 and 5 are logged (after the step-3 checkpoint), a rank
     is killed in step 6: whichever it is, both groups start again from the step-3 checkpoint (the policy's LoRA
     adapter and the critic), and the redone steps 4 and 5 log what they logged before the kill (the same samples,
@@ -147,8 +146,8 @@ def test_ppo_learner_or_critic_killed_restarts_both_groups(tmp_path):
                                ignore=frozenset({"faults/learner_restarts"}), what="(before the kill, redone)")
     assert {"critic/value_loss", "train/policy_loss", "reward/mean", "rollout/response_tokens_mean"} <= keys
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in after), [r["sync/logprob_max_abs_diff"] for r in after]
-    model_bytes = sum(t.numel() * t.element_size() for t in AutoModelForCausalLM.from_pretrained(
-        resolve("tiny://model")).parameters())
+    model_bytes = sum(t.numel() * t.element_size()
+                      for t in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert all(r["sync/bytes"] == model_bytes for r in after), [r["sync/bytes"] for r in after]
     assert (out / "final_model/adapter_model.safetensors").exists()
 

@@ -112,11 +112,10 @@ class TimeBudget:
     def pytest_terminal_summary(self, terminalreporter):
         limits = budget()
         write = terminalreporter.write_line
-        undocumented = [(s, t) for t, s in self.by_test.items()
-                        if s > limits["slow_test_seconds"] * self.scale and t not in self.documented]
+        slow = self.limit("slow_test_seconds")
+        undocumented = [(s, t) for t, s in self.by_test.items() if s > slow and t not in self.documented]
         for seconds, test in sorted(undocumented, reverse=True):
-            write(f"time budget: {test} took {seconds:.0f} s (over {limits['slow_test_seconds'] * self.scale:.0f} s) and has no "
-                  "docstring saying why")
+            write(f"time budget: {test} took {seconds:.0f} s (over {slow:.0f} s) and has no docstring saying why")
         key = self.checked_key()
         spent = self.seconds()
         workers = ", ".join(f"{w} {s:.0f} s" for w, s in sorted(self.by_worker.items()))

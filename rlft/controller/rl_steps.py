@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
 from rlft.config import Config, ConfigError, lora_syncs_adapter, off_policy_correction, recomputes_old_logprobs
