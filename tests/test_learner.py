@@ -182,12 +182,15 @@ group = LearnerGroup(cfg, total_steps=5, local=True)
 losses = [group.train_step(batch, SFTLoss()).metrics["loss"] for _ in range(5)]
 group.shutdown()
 import ray
-print(json.dumps({"losses": losses, "ray_started": ray.is_initialized()}))
+print(json.dumps({"losses": losses, "ray_started": ray.is_initialized(),
+                  "inductor_loaded": "functorch.compile" in sys.modules}))
 """
 
 
 def test_in_process_learner_without_ray(tiny_model_dir):
-    """The debugging backend: the same worker class in the driver's process, no Ray started."""
+    """The debugging backend: the same worker class in the driver's process, no Ray started. Its ZeRO-2 engine is
+    built without loading torch's inductor (DeepSpeed's Muon module, imported by the ZeRO optimizer check, would
+    ``torch.compile`` a kernel as it loads: about 2 CPU-seconds per learner)."""
     import json
     import os
     import subprocess
@@ -199,6 +202,7 @@ def test_in_process_learner_without_ray(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ray_started"] is False
+    assert result["inductor_loaded"] is False
     assert result["losses"][-1] < result["losses"][0] * 0.7, result
 
 
