@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Compiled DeepSpeed ops are cached here across runs (the CPU communication op takes ~30 s to build once).
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlft/torch_extensions
 
 .PHONY: setup warm-caches demo test test-fast lock clean
 
@@ -19,12 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(MAKE) --no-print-directory warm-caches
 	touch $(STAMP)
 
-# What a first run would otherwise build: DeepSpeed's CPU communication op (compiled into TORCH_EXTENSIONS_DIR,
-# ~30-80 s, with the environment's own ninja, as the learners use it) and the embedded tiny model, tokenizer and
-# tasks (~/.cache/rlft/tiny/, a few seconds). Both are reused by every later run; `make warm-caches` rebuilds what
-# is missing.
+# What a first run would otherwise build: DeepSpeed's CPU communication op (~30-80 s; compiled with this
+# environment's own ninja into ~/.cache/rlft/torch_extensions/<a key of this environment>/, or TORCH_EXTENSIONS_DIR
+# when set, where the learners load it) and the embedded tiny model, tokenizer and tasks (~/.cache/rlft/tiny/, a few
+# seconds). Both are reused by every later run; `make warm-caches` rebuilds what is missing.
 warm-caches:
-	PATH="$(abspath $(BIN)):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(BIN)/python -c "from rlft.learner.worker import build_communication_op; build_communication_op()"
 	$(BIN)/python -c "from rlft.tiny import resolve; resolve('tiny://model')"
 
 # SFT warm start, then GRPO from its model; each run leaves metrics.jsonl, curves.png and summary.json.

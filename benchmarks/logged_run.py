@@ -14,7 +14,6 @@ def run_logged(cmd: list[str], log: Path) -> None:
     the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/rlft/torch_extensions"))
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()

@@ -136,8 +136,6 @@ def run_job(job: Job, repeat: int, out: Path, dpo_cache: Path) -> dict:
     if job.name == "dpo":
         cmd.append(f"dpo.cache_dir={dpo_cache}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    # Where DeepSpeed's CPU Adam extension is built once (the other benchmark scripts use the same place).
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/rlft/torch_extensions"))
     if job.user_modules:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     (where / "command.txt").write_text(" ".join(cmd) + "\n")

@@ -206,6 +206,26 @@ def test_in_process_learner_without_ray(tiny_model_dir):
     assert result["losses"][-1] < result["losses"][0] * 0.7, result
 
 
+def test_compiled_ops_are_cached_per_python_environment(monkeypatch, tmp_path):
+    """A DeepSpeed op build records the paths of the environment that made it, so each Python environment keeps its
+    builds in a directory of its own (two checkouts sharing one would rebuild each other's op at every switch);
+    TORCH_EXTENSIONS_DIR, when set, wins."""
+    import sys
+
+    from rlft.learner.worker import extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("RLFT_CACHE_DIR", str(tmp_path))
+    here = Path(extensions_dir())
+    assert here.parent == tmp_path / "torch_extensions"
+    assert Path(extensions_dir()) == here
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another" / ".venv"))
+    elsewhere = Path(extensions_dir())
+    assert elsewhere.parent == here.parent and elsewhere != here
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert extensions_dir() == str(tmp_path / "mine")
+
+
 def test_in_process_backend_needs_one_learner(tiny_model_dir):
     cfg = _config(tiny_model_dir, 0)
     with pytest.raises(ValueError, match="learner.num_learners: the in-process"):

@@ -29,8 +29,8 @@ from rlft.timing import call_timeout_s
 
 logger = logging.getLogger(__name__)
 
-# Environment every role process gets: quiet Ray, CPU DeepSpeed where there is no GPU, a shared cache of compiled
-# extensions (DeepSpeed's CPU communication op takes half a minute to build the first time).
+# Environment every role process gets: quiet Ray, CPU DeepSpeed where there is no GPU, rlft's cache (the learners
+# keep DeepSpeed's compiled ops there, one directory per Python environment, unless TORCH_EXTENSIONS_DIR is set).
 BASE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -45,9 +45,8 @@ def cache_dir() -> str:
 
 def role_env(num_gpus: float) -> dict[str, str]:
     env = dict(BASE_ENV)
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir(), "torch_extensions"))
     env["RLFT_CACHE_DIR"] = cache_dir()
-    for name in (stacks.HANDLER_DIR_ENV, startup.LOG_ENV):
+    for name in ("TORCH_EXTENSIONS_DIR", stacks.HANDLER_DIR_ENV, startup.LOG_ENV):
         if os.environ.get(name):
             env[name] = os.environ[name]
     if num_gpus == 0:

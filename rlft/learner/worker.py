@@ -103,6 +103,36 @@ def _use_this_environments_ninja() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's compiled ops are cached: ``TORCH_EXTENSIONS_DIR`` when it is set, else a directory of
+    rlft's cache for this Python environment (``RLFT_CACHE_DIR``/torch_extensions/ and a key of ``sys.prefix``).
+
+    A build records the paths of the environment that made it (torch's headers). Two environments on one machine
+    (two checkouts, each with its ``.venv``) sharing one directory would each take the other's build for stale and
+    build the op again (about 40 s) whenever runs alternate between them; one directory per environment keeps each
+    build.
+    """
+    import hashlib
+    import sys
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    cache = os.environ.get("RLFT_CACHE_DIR", os.path.expanduser("~/.cache/rlft"))
+    key = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", key)
+
+
+def build_communication_op() -> None:
+    """Build (or find built) DeepSpeed's CPU communication op where every learner of this environment loads it
+    from; ``make setup`` calls it, so no run compiles."""
+    _use_this_environments_ninja()
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def _import_deepspeeds_muon_uncompiled() -> None:
     """Import DeepSpeed's Muon optimizer module with TorchDynamo off for that import alone.
 
@@ -214,6 +244,7 @@ class LearnerWorker:
         _seed_everything(spec.seed)
         self._init_process_group(spec, master_addr, master_port)
         _use_this_environments_ninja()  # before DeepSpeed loads (or builds) its CPU communication op
+        os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
         deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)  # keeps the group above
 
         ds_config = spec.deepspeed_config()
