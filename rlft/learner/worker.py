@@ -25,6 +25,7 @@ from rlft.algorithms.policy_loss import token_values
 from rlft.algorithms.sft import token_logprobs
 from rlft.config import LoraConfig
 from rlft.data.batch import TokenBatch
+from rlft.distributed.actors import cache_dir
 from rlft.distributed.remote_rows import keep_here, resolve_rows
 from rlft.learner.micro_batches import MicroBatchPlan, micro_batches, padding_tokens
 from rlft.names import Phase
@@ -105,7 +106,7 @@ def _use_this_environments_ninja() -> None:
 
 def extensions_dir() -> str:
     """Where DeepSpeed's compiled ops are cached: ``TORCH_EXTENSIONS_DIR`` when it is set, else a directory of
-    rlft's cache for this Python environment (``RLFT_CACHE_DIR``/torch_extensions/ and a key of ``sys.prefix``).
+    rlft's cache for this Python environment (``cache_dir()``/torch_extensions/ and a key of ``sys.prefix``).
 
     A build records the paths of the environment that made it (torch's headers). Two environments on one machine
     (two checkouts, each with its ``.venv``) sharing one directory would each take the other's build for stale and
@@ -117,16 +118,21 @@ def extensions_dir() -> str:
 
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return os.environ["TORCH_EXTENSIONS_DIR"]
-    cache = os.environ.get("RLFT_CACHE_DIR", os.path.expanduser("~/.cache/rlft"))
     key = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
-    return os.path.join(cache, "torch_extensions", key)
+    return os.path.join(cache_dir(), "torch_extensions", key)
+
+
+def _use_this_environments_build() -> None:
+    """Before DeepSpeed loads (or builds) its CPU communication op: this environment's ``ninja`` and its own
+    directory of compiled ops, so that every learner and ``make setup`` agree on one build."""
+    _use_this_environments_ninja()
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
 
 
 def build_communication_op() -> None:
     """Build (or find built) DeepSpeed's CPU communication op where every learner of this environment loads it
     from; ``make setup`` calls it, so no run compiles."""
-    _use_this_environments_ninja()
-    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    _use_this_environments_build()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.comm.torch import build_shm_op
 
@@ -243,8 +249,7 @@ class LearnerWorker:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         _seed_everything(spec.seed)
         self._init_process_group(spec, master_addr, master_port)
-        _use_this_environments_ninja()  # before DeepSpeed loads (or builds) its CPU communication op
-        os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+        _use_this_environments_build()
         deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False)  # keeps the group above
 
         ds_config = spec.deepspeed_config()
