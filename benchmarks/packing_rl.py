@@ -34,7 +34,7 @@ def long_tailed_batch(args: argparse.Namespace, vocab_size: int):
     import torch
 
     from rlft.algorithms import aggregation_weights
-    from rlft.data.samples import policy_batch
+    from rlft.data.batch import policy_batch
     from rlft.rollout import Sample
 
     gen = torch.Generator().manual_seed(args.seed)

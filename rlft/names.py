@@ -1,13 +1,16 @@
-"""Names every process shares: the phases of a step and the roles of a job, one enum each.
+"""Names every process shares: the phases of a step and the roles of a job, one enum each, and the weight
+transports.
 
 The controller times its phases with them, every role actor times its engine work under the phase that work belongs
 to, and ``rlft bench`` reads both back (``time/<phase>_seconds`` and ``engine/<phase>_seconds``). Placement,
-restarts and fault metrics name roles with ``Role``. Imports nothing, so any process (and the config) can use it.
+restarts and fault metrics name roles with ``Role``. The rollout config names a ``WeightTransport`` that
+``rlft/distributed/weight_sync.py`` implements. Imports nothing, so any process (and the config) can use it.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 
 class _Name(str, Enum):
@@ -48,3 +51,8 @@ class Role(_Name):
     ENVS = "envs"  # multi-turn environments: each rollout worker's own pool (not in a placement group)
     GRADERS = "graders"
     REFERENCE = "reference"
+
+
+# How new weights reach the rollout workers (``rollout.weight_transport``): the transports of
+# ``rlft/distributed/weight_sync.py``.
+WeightTransport = Literal["object_store", "collective", "cuda_ipc"]

@@ -3,9 +3,10 @@
 The controller times each phase of a step with ``PhaseTimer``, and every role actor the work inside its engine
 under the phase it belongs to (``rlft bench`` sets the two side by side). In the driver of a run
 (``rlft.distributed.stacks.watch``), a remote call made inside a phase waits at most ``ray.call_timeout_s``
-(``call_timeout_s()``; calls that pass their own timeout keep it). A phase whose call overruns that deadline writes
-the stacks of every actor to the run directory and fails with ``PhaseTimeoutError``, which names the phase, the
-actors that did not answer and where the stacks are. Imports nothing heavy, so any process can use it.
+(``call_timeout_s()``; calls that pass their own timeout keep it). A phase whose call overruns that deadline has
+the stacks of every actor written (the ``on_overrun`` that the driver's watcher hands ``set_call_timeout``) and
+fails with ``PhaseTimeoutError``, which names the phase, the actors that did not answer and where the stacks are.
+Imports nothing heavy and nothing of rlft's above it, so any process can use it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
+from typing import Callable
 
 from rlft.errors import PeerTimeoutError
 from rlft.names import Phase
@@ -22,12 +25,16 @@ logger = logging.getLogger(__name__)
 
 # ``ray.call_timeout_s`` in the driver of a run; None elsewhere (role actors, tools), where phases only time.
 _call_timeout_s: float | None = None
+# Writes every actor's stacks for a reason and says where (None when it could not); set with the deadline.
+_on_overrun: Callable[[str], Path | None] | None = None
 _current_phase: ContextVar[str | None] = ContextVar("rlft_phase", default=None)
 
 
-def set_call_timeout(seconds: float | None) -> None:
-    global _call_timeout_s
-    _call_timeout_s = seconds
+def set_call_timeout(seconds: float | None, on_overrun: Callable[[str], Path | None] | None = None) -> None:
+    """Give calls inside phases ``seconds`` as their deadline (None: no deadline). ``on_overrun(reason)`` writes
+    every actor's stacks when a phase overruns it and returns where, or None."""
+    global _call_timeout_s, _on_overrun
+    _call_timeout_s, _on_overrun = seconds, on_overrun
 
 
 def call_timeout_s() -> float | None:
@@ -81,10 +88,8 @@ def _overran(err: Exception) -> bool:
 
 
 def _phase_timeout(phase: str, err: Exception) -> PhaseTimeoutError:
-    from rlft.distributed.stacks import dump_all
-
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    stacks_dir = dump_all(f"phase {phase}: {first}")
+    stacks_dir = _on_overrun(f"phase {phase}: {first}") if _on_overrun is not None else None
     where = f"stacks of every actor in {stacks_dir}" if stacks_dir is not None else "no actor stacks written"
     message = f"phase {phase} overran its deadline: {first}; {where}"
     logger.error(message)

@@ -51,7 +51,7 @@ class LocalCluster:
 
 def start_local_cluster(worker_nodes: int, cpus_per_node: int) -> LocalCluster:
     """The cluster's directory is short and under /tmp: Ray's socket paths inside it must stay under 108 bytes."""
-    from rlft.distributed.actors import free_port
+    from rlft.distributed.net import free_port
 
     work = Path(tempfile.mkdtemp(prefix="rlft-c", dir="/tmp"))
     log = (work / "cluster.log").open("w")

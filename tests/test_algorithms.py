@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from rlft.algorithms import (
-    PolicyBatch,
     PolicyLoss,
     aggregate,
     aggregation_weights,
@@ -27,7 +26,7 @@ from rlft.algorithms import (
     sequence_to_token,
     token_logprobs,
 )
-from rlft.data.batch import TokenBatch
+from rlft.data.batch import PolicyBatch, TokenBatch
 from rlft.learner.micro_batches import micro_batches, packed_plans, padded_plan
 
 MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]

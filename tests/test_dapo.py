@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run_rlft
 from rlft.algorithms.shaping import informative_groups, overlong_penalty
 from rlft.config import ConfigError, load_config
-from rlft.data.samples import policy_batch, trainable
+from rlft.data.batch import policy_batch, trainable
 from rlft.graders.pool import GradeResult
 from rlft.metrics import read_metrics
 from rlft.rollout import Sample

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlft.config import ConfigError
-from rlft.data.samples import policy_batch
+from rlft.data.batch import policy_batch
 from rlft.envs import EnvConfig, PythonEnvironment, StepResult, load_environment_class, parse_tool_calls, validate_env_config
 from rlft.envs.runner import EnvPool
 from rlft.envs.trajectory import observation_ids

@@ -236,7 +236,7 @@ def _long_tailed_policy_batch(tokenizer_dir: str):
     """A GRPO step's batch of 16 samples with long-tailed response lengths, the long ones all in the first rank's
     half: packed into rows of 64 tokens, rank 0's samples fill 4 rows and rank 1's 2 (then 2 empty ones)."""
     from rlft.algorithms import aggregation_weights
-    from rlft.data.samples import policy_batch
+    from rlft.data.batch import policy_batch
     from rlft.rollout import Sample
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -32,7 +32,7 @@ def test_a_rendezvous_store_listens_on_the_address_it_is_given():
     """A TCPStore server left to itself listens on every interface; rlft hands it a socket bound to one address."""
     import datetime
 
-    from rlft.distributed.actors import listen_socket, tcp_store
+    from rlft.distributed.net import listen_socket, tcp_store
 
     listener = listen_socket("127.0.0.1")
     port = listener.getsockname()[1]

@@ -10,7 +10,7 @@ import torch
 
 from rlft.algorithms import PolicyLoss, aggregation_weights, token_logprobs
 from rlft.algorithms.sequences import sequence_ids, sequence_sum
-from rlft.data.samples import policy_batch
+from rlft.data.batch import policy_batch
 from rlft.learner.micro_batches import micro_batches, pack_rows, packed_plans, padded_plan, padding_tokens
 from rlft.rollout import Sample
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from rlft.algorithms import PolicyBatch, PolicyLoss, aggregation_weights, importance_weights, token_logprobs
+from rlft.algorithms import PolicyLoss, aggregation_weights, importance_weights, token_logprobs
+from rlft.data.batch import PolicyBatch
 from rlft.algorithms.policy_loss import _clipped_surrogate, _weighted_sum
 from test_algorithms import assert_exact_across_micro_batches
 

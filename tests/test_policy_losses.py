@@ -18,6 +18,7 @@ from rlft.algorithms import (
     token_logprobs,
 )
 from rlft.config import ConfigError, load_config
+from rlft.data.batch import PolicyBatch
 from test_algorithms import _policy_batch, assert_exact_across_micro_batches
 
 KINDS = ["ppo", "gspo", "cispo", "sapo"]

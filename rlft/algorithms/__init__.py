@@ -19,7 +19,6 @@ from rlft.algorithms.off_policy import (
     importance_weights_by_token,
 )
 from rlft.algorithms.policy_loss import (
-    PolicyBatch,
     PolicyLoss,
     PolicyLossKind,
     cispo_policy_loss,
@@ -39,7 +38,6 @@ __all__ = [
     "ISLevel",
     "KLKind",
     "OffPolicyCorrection",
-    "PolicyBatch",
     "PolicyLoss",
     "PolicyLossKind",
     "SFTLoss",

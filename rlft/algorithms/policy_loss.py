@@ -14,8 +14,8 @@ Public API:
   temperature_neg=1.05, aggregation="seq_mean_token_mean", aggregation_constant=None) -> (loss, stats)``
 - ``PolicyLossKind``: ``"ppo" | "gspo" | "cispo" | "sapo"``, which of the four ``PolicyLoss`` computes
 - ``entropy_from_logits(logits_BTV) -> entropy_BT``
-- ``PolicyBatch(TokenBatch)``: adds ``old_logprobs_BT``, ``advantages_BT``, ``ref_logprobs_BT``,
-  ``sampler_logprobs_BT``
+- ``PolicyBatch`` (``rlft.data.batch``): a ``TokenBatch`` with ``old_logprobs_BT``, ``advantages_BT``,
+  ``ref_logprobs_BT``, ``sampler_logprobs_BT``
 - ``PolicyLoss(kind="ppo", clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3",
   entropy_coef=0.0, old_logprobs_from_update=False, off_policy_correction="none", is_level="token", is_cap=2.0,
   cispo_max_weight=5.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)``:
@@ -46,7 +46,7 @@ from rlft.algorithms.off_policy import (
 )
 from rlft.algorithms.sequences import sequence_ids, sequence_sum
 from rlft.algorithms.sft import token_logprobs
-from rlft.data.batch import TokenBatch
+from rlft.data.batch import PolicyBatch, ValueBatch
 
 PolicyLossKind = Literal["ppo", "gspo", "cispo", "sapo"]
 
@@ -222,17 +222,6 @@ def entropy_from_logits(logits_BTV: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_BTV, dim=-1) - (probs_BTV * logits_BTV).sum(dim=-1)
 
 
-@dataclass
-class PolicyBatch(TokenBatch):
-    """A ``TokenBatch`` with the per-token inputs of a policy-gradient loss, all float32 and aligned with
-    ``input_ids_BT`` (0 off the response). ``loss_weights_BT`` holds ``aggregation_weights`` of the whole step."""
-
-    old_logprobs_BT: torch.Tensor  # log π_old of each token: the policy that sampled it, before this update
-    advantages_BT: torch.Tensor
-    ref_logprobs_BT: torch.Tensor  # log π_ref of each token; zeros when the KL coefficient is 0
-    sampler_logprobs_BT: torch.Tensor  # log π_behav of each token, as the sampler (vLLM) computed it; zeros if unknown
-
-
 @dataclass(frozen=True)
 class PolicyLoss:
     """The learner's policy-gradient loss on one micro-batch of a ``PolicyBatch``:
@@ -363,15 +352,6 @@ def token_values(outputs_BT1: torch.Tensor) -> torch.Tensor:
     """A value head's outputs aligned with ``input_ids`` like ``token_logprobs``: ``values_BT[:, t]`` is V of the
     prefix before token t (the state in which token t was chosen), read at position t−1; column 0 is 0."""
     return torch.nn.functional.pad(outputs_BT1[:, :-1, 0].float(), (1, 0))
-
-
-@dataclass
-class ValueBatch(TokenBatch):
-    """A ``TokenBatch`` for the critic: ``old_values_BT`` (values before this update) and ``returns_BT`` (GAE
-    targets), float32, aligned with ``input_ids_BT``; ``loss_weights_BT`` holds the step's aggregation weights."""
-
-    old_values_BT: torch.Tensor
-    returns_BT: torch.Tensor
 
 
 @dataclass(frozen=True)

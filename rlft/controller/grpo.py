@@ -60,7 +60,7 @@ from rlft.controller.rl_steps import (
 )
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
-from rlft.data.samples import policy_batch, trainable
+from rlft.data.batch import policy_batch, trainable
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 

@@ -45,7 +45,8 @@ import torch
 
 from rlft.algorithms.advantages import gae
 from rlft.algorithms.kl import kl_estimate
-from rlft.algorithms.policy_loss import ValueBatch, ValueLoss
+from rlft.algorithms.policy_loss import ValueLoss
+from rlft.data.batch import ValueBatch
 from rlft.config import Config
 from rlft.controller.common import RunResult
 from rlft.controller.rl_steps import (
@@ -57,7 +58,7 @@ from rlft.controller.rl_steps import (
 )
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import mean_metrics, rollout_metrics, sync_metrics
-from rlft.data.samples import policy_batch, trainable
+from rlft.data.batch import policy_batch, trainable
 from rlft.distributed.remote_rows import RemoteRows
 from rlft.names import Phase
 from rlft.timing import PhaseTimer

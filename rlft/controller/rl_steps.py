@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from rlft.algorithms.aggregation import aggregation_weights
-from rlft.algorithms.policy_loss import PolicyBatch, PolicyLoss
+from rlft.algorithms.policy_loss import PolicyLoss
+from rlft.data.batch import PolicyBatch
 from rlft.config import Config, ConfigError, lora_syncs_adapter, off_policy_correction, recomputes_old_logprobs
 from rlft.controller.common import EpochSampler
 from rlft.controller.evaluation import (
@@ -104,7 +105,7 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     reference = learners.reference() if with_reference and lora else roles.get("reference")
     job = RLJob(run, tokenizer, prompts, eval_prompts, learners, rollout, roles["graders"], control, reference,
                 roles.get("critic"))
-    job.rollouts = Rollouts(job)
+    job.rollouts = Rollouts(cfg, run, prompts, rollout, roles["graders"], learners)
     evaluate_fn = (lambda step, tag: evaluate(job, step, tag)) if eval_prompts else None
 
     def after_restore(step: int) -> None:

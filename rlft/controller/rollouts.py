@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -40,18 +39,18 @@ import torch
 
 from rlft.algorithms.shaping import informative_groups, overlong_penalty
 from rlft.config import Config, overlong_max_tokens
+from rlft.controller.run import Run
 from rlft.data.prompts import PromptSet
 from rlft.distributed.actors import Submitted, payload_bytes
 from rlft.distributed.weight_sync import SyncStats
 from rlft.envs.config import multi_turn
-from rlft.graders import GradeRequest
+from rlft.graders import GradeRequest, GraderPool
 from rlft.graders.pool import GradeResult
+from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
 from rlft.rollout import Sample
+from rlft.rollout.group import RolloutGroup
 from rlft.timing import PhaseTimer
-
-if TYPE_CHECKING:
-    from rlft.controller.rl_steps import RLJob
 
 
 @dataclass
@@ -61,15 +60,19 @@ class _Sent:
 
 
 class Rollouts:
-    """A step's samples (``take``) and the weights after its update (``publish``), for every RL controller."""
+    """A step's samples (``take``) and the weights after its update (``publish``), for every RL controller: the
+    prompts go to the ``rollout`` workers, their samples to the ``graders``, and the ``learners`` publish the
+    weights the workers take next. ``run``'s sampler says which prompts the coming steps train on."""
 
-    def __init__(self, job: RLJob):
-        self.job = job
-        self.max_staleness = job.cfg.rl.max_staleness_steps
+    def __init__(self, cfg: Config, run: Run, prompts: PromptSet, rollout: RolloutGroup, graders: GraderPool,
+                 learners: LearnerGroup):
+        self.cfg, self.run, self.prompts = cfg, run, prompts
+        self.rollout, self.graders, self.learners = rollout, graders, learners
+        self.max_staleness = cfg.rl.max_staleness_steps
         self._sent: dict[int, _Sent] = {}  # step -> its batch, sent ahead of the step
         self._dropped = 0
-        self._one_node = job.cfg.ray.local_mode or sum(node["Alive"] for node in ray.nodes()) == 1
-        job.rollout.queued_ahead = self.asynchronous
+        self._one_node = cfg.ray.local_mode or sum(node["Alive"] for node in ray.nodes()) == 1
+        rollout.queued_ahead = self.asynchronous
 
     @property
     def asynchronous(self) -> bool:
@@ -81,15 +84,14 @@ class Rollouts:
         ahead = len(self._sent)
         sent = self._sent.pop(step, None)
         if sent is None or sent.indices != indices:
-            sent = _Sent(indices, send_prompts(self.job, indices, self._borrowed_threads()))
-        samples, graded = collect_and_grade(self.job, sent.indices, sent.submitted, timer)
+            sent = _Sent(indices, self._send(indices, self._borrowed_threads()))
+        samples, graded = self._collect_and_grade(sent.indices, sent.submitted, timer)
         staleness = staleness_of(samples, step)
         if max(staleness) > self.max_staleness:  # a worker served older weights than promised: generate afresh
             self._dropped += len(samples)
-            samples, graded = collect_and_grade(self.job, indices,
-                                                send_prompts(self.job, indices, self._borrowed_threads()), timer)
+            samples, graded = self._collect_and_grade(indices, self._send(indices, self._borrowed_threads()), timer)
         metrics = {}
-        if self.job.cfg.rl.dynamic_sampling:
+        if self.cfg.rl.dynamic_sampling:
             samples, graded, metrics = self._informative(step, samples, graded, timer)
         staleness = staleness_of(samples, step)
         metrics = {
@@ -100,10 +102,10 @@ class Rollouts:
             "async/batches_ahead": ahead,
             "async/batch_bytes": payload_bytes(samples),
         }
-        if multi_turn(self.job.cfg.envs):
+        if multi_turn(self.cfg.envs):
             metrics.update(env_metrics(samples))
-        if self.job.cfg.rl.overlong_buffer:
-            penalties = overlong_penalties(samples, self.job.cfg)
+        if self.cfg.rl.overlong_buffer:
+            penalties = overlong_penalties(samples, self.cfg)
             metrics["reward/overlong_penalty_mean"] = penalties.mean().item()
             metrics["reward/overlong_fraction"] = (penalties < 0).float().mean().item()
         return samples, graded, metrics
@@ -115,7 +117,7 @@ class Rollouts:
         the groups dropped then fill the batch in the order they came. A round's prompts are drawn at random (seeded
         by the run's seed, the step and the round, so a resumed run draws them again) and generated with the
         current weights. Metrics: the extra rounds, the prompts generated, and the filling groups."""
-        cfg, rl = self.job.cfg, self.job.cfg.rl
+        cfg, rl = self.cfg, self.cfg.rl
         wanted, per = rl.num_prompts_per_step, rl.num_samples_per_prompt
         rounds = [(samples, graded)]
         while True:
@@ -123,11 +125,10 @@ class Rollouts:
             keep = informative_groups(rewards_PG).tolist()
             if sum(keep) >= wanted or len(rounds) > rl.dynamic_sampling_max_rounds:
                 break
-            num_prompts = len(self.job.prompts.items)
+            num_prompts = len(self.prompts.items)
             extra = np.random.default_rng([cfg.trainer.seed, step, len(rounds)]).choice(
                 num_prompts, wanted, replace=num_prompts < wanted).tolist()
-            rounds.append(collect_and_grade(self.job, extra, send_prompts(self.job, extra, self._borrowed_threads()),
-                                            timer))
+            rounds.append(self._collect_and_grade(extra, self._send(extra, self._borrowed_threads()), timer))
         groups = [g for g, informative in enumerate(keep) if informative][:wanted]
         filling = [g for g, informative in enumerate(keep) if not informative][: wanted - len(groups)]
         rows = [g * per + i for g in groups + filling for i in range(per)]
@@ -140,10 +141,9 @@ class Rollouts:
         """The learners' weights after step ``step``'s update become version ``step`` on every worker. Synchronous:
         returns when every worker holds them. Asynchronous: returns once they are published, and sends the coming
         steps' batches behind them."""
-        job = self.job
         if not self.asynchronous:
-            return job.rollout.sync_from(job.learners, step)
-        stats = job.rollout.sync_from(job.learners, step, wait_applied=False)
+            return self.rollout.sync_from(self.learners, step)
+        stats = self.rollout.sync_from(self.learners, step, wait_applied=False)
         self.send_ahead(step)
         return stats
 
@@ -152,12 +152,12 @@ class Rollouts:
         run) that are not on their way yet. Nothing in synchronous mode."""
         if not self.asynchronous:
             return
-        run = self.job.run
+        run = self.run
         sampler = copy.deepcopy(run.sampler)  # the run's own sampler moves only when a step takes its batch
         for future in range(step + 1, min(step + 1 + self.max_staleness, run.total_steps) + 1):
             indices = sampler.next_batch()
             if future not in self._sent:
-                self._sent[future] = _Sent(indices, send_prompts(self.job, indices))
+                self._sent[future] = _Sent(indices, self._send(indices))
 
     def restart(self, step: int) -> None:
         """After the learners went back to step ``step`` (a resume or a learner restart): the batches on their way
@@ -169,60 +169,58 @@ class Rollouts:
         """Compute threads of a worker's generate call in synchronous mode on one node
         (``rollout.borrow_idle_cores``): the node's cores shared among the workers, since the learners wait
         meanwhile; 0 (the worker's own share) otherwise."""
-        cfg = self.job.cfg
+        cfg = self.cfg
         if self.asynchronous or not cfg.rollout.borrow_idle_cores or cfg.ray.local_mode or not self._one_node:
             return 0
-        return max(1, len(os.sched_getaffinity(0)) // self.job.rollout.num_workers)
+        return max(1, len(os.sched_getaffinity(0)) // self.rollout.num_workers)
+
+    def _send(self, indices: list[int], num_threads: int = 0) -> Submitted:
+        """Send the prompts ``indices`` to the rollout workers (``rl.num_samples_per_prompt`` samples each, in
+        ``rollout.chunks_per_worker`` calls per worker, ``num_threads`` compute threads each if > 0);
+        ``_collect_and_grade`` waits for them."""
+        cfg, prompts = self.cfg, self.prompts
+        if multi_turn(cfg.envs):  # multi-turn: the workers render each trajectory themselves, from the data row
+            rows = [{"messages": prompts.items[i].messages, **prompts.items[i].extra} for i in indices]
+        else:
+            rows = [prompts.token_ids[i] for i in indices]
+        return self.rollout.submit(
+            rows,
+            # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
+            dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
+            cfg.rl.num_samples_per_prompt,
+            indices,
+            cfg.rollout.chunks_per_worker,
+            num_threads,
+        )
+
+    def _collect_and_grade(self, indices: list[int], submitted: Submitted,
+                           timer: PhaseTimer) -> tuple[list[Sample], GradeResult]:
+        """The samples of the sent prompts ``indices`` (in prompt order) and their grades. Each chunk goes to the
+        grader pool as soon as it is generated, so two phases are timed: ``generate``, until the last sample
+        exists, and ``grade``, what grading adds after that (the part not hidden behind generation)."""
+        cfg = self.cfg
+        chunks, handles = {}, {}
+        with timer.phase(Phase.GENERATE):
+            for first, samples in self.rollout.chunks(submitted):
+                chunks[first] = samples
+                handles[first] = self.graders.submit(grade_requests(samples, self.prompts))
+        with timer.phase(Phase.GRADE):
+            order = sorted(chunks)
+            _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
+            graded = GradeResult.concat([self.graders.collect(handles[first]) for first in order])
+            graded.check_error_rate(cfg.graders.max_error_rate)
+        samples = [sample for first in order for sample in chunks[first]]
+        if multi_turn(cfg.envs):  # the environments' rewards add to the graders'
+            graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
+        if cfg.rl.overlong_buffer:
+            penalties = overlong_penalties(samples, cfg).tolist()
+            graded = dataclasses.replace(graded, rewards=[r + p for r, p in zip(graded.rewards, penalties)])
+        return samples, graded
 
 
 def staleness_of(samples: list[Sample], step: int) -> list[int]:
     """Each sample's staleness at step ``step``: the policy versions between it and the learners."""
     return [step - 1 - s.policy_version for s in samples]
-
-
-def send_prompts(job: RLJob, indices: list[int], num_threads: int = 0) -> Submitted:
-    """Send the prompts ``indices`` to the rollout workers (``rl.num_samples_per_prompt`` samples each, in
-    ``rollout.chunks_per_worker`` calls per worker, ``num_threads`` compute threads each if > 0);
-    ``collect_and_grade`` waits for them."""
-    cfg = job.cfg
-    if multi_turn(cfg.envs):  # multi-turn: the workers render each trajectory themselves, from the data row
-        prompts = [{"messages": job.prompts.items[i].messages, **job.prompts.items[i].extra} for i in indices]
-    else:
-        prompts = [job.prompts.token_ids[i] for i in indices]
-    return job.rollout.submit(
-        prompts,
-        # trainer.seed shifts the sampling seed too, so one seed changes every random choice of a run.
-        dataclasses.replace(cfg.rollout.sampling, seed=cfg.rollout.sampling.seed + cfg.trainer.seed),
-        cfg.rl.num_samples_per_prompt,
-        indices,
-        cfg.rollout.chunks_per_worker,
-        num_threads,
-    )
-
-
-def collect_and_grade(job: RLJob, indices: list[int], submitted: Submitted,
-                      timer: PhaseTimer) -> tuple[list[Sample], GradeResult]:
-    """The samples of the sent prompts ``indices`` (in prompt order) and their grades. Each chunk goes to the
-    grader pool as soon as it is generated, so two phases are timed: ``generate``, until the last sample exists,
-    and ``grade``, what grading adds after that (the part not hidden behind generation)."""
-    cfg = job.cfg
-    chunks, handles = {}, {}
-    with timer.phase(Phase.GENERATE):
-        for first, samples in job.rollout.chunks(submitted):
-            chunks[first] = samples
-            handles[first] = job.graders.submit(grade_requests(samples, job.prompts))
-    with timer.phase(Phase.GRADE):
-        order = sorted(chunks)
-        _check_complete([s for first in order for s in chunks[first]], indices, cfg.rl.num_samples_per_prompt)
-        graded = GradeResult.concat([job.graders.collect(handles[first]) for first in order])
-        graded.check_error_rate(cfg.graders.max_error_rate)
-    samples = [sample for first in order for sample in chunks[first]]
-    if multi_turn(cfg.envs):  # the environments' rewards add to the graders'
-        graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
-    if cfg.rl.overlong_buffer:
-        penalties = overlong_penalties(samples, cfg).tolist()
-        graded = dataclasses.replace(graded, rewards=[r + p for r, p in zip(graded.rewards, penalties)])
-    return samples, graded
 
 
 def overlong_penalties(samples: list[Sample], cfg: Config) -> torch.Tensor:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlft import timing
+from rlft.distributed.net import node_ip
 from rlft.names import Role
 
 # Set by the driver (``watch``) in the environment of every actor it starts: where actors keep their handler files.
@@ -72,8 +74,6 @@ def install_handler() -> None:
 
 def _identity(instance: Any) -> tuple[int, str, int | None]:
     """(pid, node address, rank if the role knows its own) of the actor running this."""
-    from rlft.distributed.actors import node_ip
-
     return os.getpid(), node_ip(), getattr(instance, "rank", None)
 
 
@@ -105,8 +105,6 @@ class _Actor:
 
     def process(self):
         """This actor's process on this node, or None (ended, elsewhere, or not known)."""
-        from rlft.distributed.actors import node_ip
-
         if self.pid is None or self.node != node_ip():
             return None
         process = _process(self.pid)
@@ -134,9 +132,7 @@ def watch(out_dir: str | Path, call_timeout_s: float | None) -> None:
     """Watch this run (the driver): every remote call inside a step's phase gets ``call_timeout_s`` as its deadline
     (``rlft.timing``), and actors started from now on can have their stacks written to ``out_dir`` on overrun."""
     global _watch
-    from rlft import timing
-
-    timing.set_call_timeout(call_timeout_s)
+    timing.set_call_timeout(call_timeout_s, on_overrun=dump_all)
     if _watch is not None:
         _watch.out_dir = Path(out_dir)
         return
@@ -263,8 +259,6 @@ def _status(process) -> str:
 def _process_note(actor: _Actor) -> str:
     if actor.pid is None:
         return "process not known"
-    from rlft.distributed.actors import node_ip
-
     if actor.node != node_ip():
         return f"pid {actor.pid} on {actor.node}"
     process = actor.process()

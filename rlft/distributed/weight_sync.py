@@ -42,8 +42,9 @@ import numpy as np
 import ray
 import torch
 
+from rlft.distributed.net import listen_socket, local_address_toward, tcp_store
 from rlft.errors import WeightSyncError
-from rlft.rollout.config import WeightTransport
+from rlft.names import WeightTransport
 
 # Tensors start at multiples of this many bytes in a bucket's buffer, so every dtype can be viewed in place.
 _ALIGN_BYTES = 64
@@ -244,8 +245,6 @@ class WeightGroup:
         """``listener``: rank 0's socket listening at ``spec.address:spec.port`` (``LearnerWorker.address``); without
         it rank 0 opens one there. Either way the rendezvous listens on that address only, and the group's own
         connections on the address of this machine that reaches it (loopback on a local cluster)."""
-        from rlft.distributed.actors import listen_socket, local_address_toward, tcp_store
-
         self.spec, self.rank = spec, rank
         timeout = datetime.timedelta(seconds=spec.timeout_s)
         if rank == 0 and listener is None:

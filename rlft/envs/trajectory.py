@@ -18,7 +18,7 @@ from typing import Callable
 from rlft.envs.config import EnvConfig
 from rlft.envs.runner import EnvPool
 from rlft.envs.tools import parse_tool_calls
-from rlft.rollout.types import Completion, Sample
+from rlft.data.samples import Completion, Sample
 
 # Why a trajectory ended: its environment said done (``done``); no room for another turn in
 # ``envs.max_total_tokens``; ``envs.max_turns`` turns; or its environment failed (``env_failure``).

@@ -26,6 +26,7 @@ from rlft.algorithms.sft import token_logprobs
 from rlft.config import LoraConfig
 from rlft.data.batch import TokenBatch
 from rlft.distributed.actors import cache_dir
+from rlft.distributed.net import bind_collectives_to, listen_socket, local_address_toward, tcp_store
 from rlft.distributed.remote_rows import keep_here, resolve_rows
 from rlft.learner.micro_batches import MicroBatchPlan, micro_batches, padding_tokens
 from rlft.names import Phase
@@ -222,8 +223,6 @@ class LearnerWorker:
         """Where rank 0 listens for a group's rendezvous (the learners' process group, a weight group): a socket
         already listening on this node's address only (loopback on a local cluster), kept until the group's store
         takes it over, so no other process can take the port meanwhile. Called on rank 0 only."""
-        from rlft.distributed.actors import listen_socket
-
         sock = listen_socket()
         host, port = sock.getsockname()[:2]
         self._listeners[port] = sock
@@ -297,8 +296,6 @@ class LearnerWorker:
         gloo's connections on the same interface: nothing listens beyond this node's address."""
         import torch.distributed as dist
         from torch.distributed.constants import default_pg_timeout
-
-        from rlft.distributed.actors import bind_collectives_to, local_address_toward, tcp_store
 
         bind_collectives_to(local_address_toward(master_addr))
         store = tcp_store(master_addr, master_port, spec.world_size, default_pg_timeout,

@@ -9,6 +9,6 @@ pulling in torch, Ray or vLLM.
 """
 
 from rlft.rollout.config import RolloutConfig, SamplingConfig, validate_rollout_config
-from rlft.rollout.types import Completion, FinishReason, Sample
+from rlft.data.samples import Completion, FinishReason, Sample
 
 __all__ = ["Completion", "FinishReason", "RolloutConfig", "Sample", "SamplingConfig", "validate_rollout_config"]

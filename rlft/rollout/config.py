@@ -6,10 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from rlft.errors import ConfigError
-
-
-# How new weights reach the workers (``rollout.weight_transport``; ``rlft/distributed/weight_sync.py``).
-WeightTransport = Literal["object_store", "collective", "cuda_ipc"]
+from rlft.names import WeightTransport
 
 
 @dataclass

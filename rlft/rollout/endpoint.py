@@ -32,7 +32,7 @@ from typing import Callable
 
 from rlft.envs.trajectory import Trajectory, prompt_ids
 from rlft.rollout.config import SamplingConfig
-from rlft.rollout.types import Completion
+from rlft.data.samples import Completion
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from rlft.distributed.weight_sync import (
     table_to_plain,
 )
 from rlft.rollout.config import RolloutConfig, SamplingConfig
-from rlft.rollout.types import Completion, FinishReason
+from rlft.data.samples import Completion, FinishReason
 
 
 

@@ -29,7 +29,7 @@ from rlft.distributed.placement import role_resources
 from rlft.distributed.weight_sync import SyncStats
 from rlft.errors import WeightSyncError
 from rlft.rollout.config import RolloutConfig, SamplingConfig
-from rlft.rollout.types import Sample
+from rlft.data.samples import Sample
 from rlft.rollout.worker import RolloutWorker
 from rlft.names import Role
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from rlft.rollout.config import RolloutConfig, SamplingConfig
-from rlft.rollout.types import Completion
+from rlft.data.samples import Completion
 
 
 class SimulatedEngine:

@@ -14,7 +14,7 @@ import time
 from rlft import startup
 from rlft.distributed.stacks import install_handler
 from rlft.rollout.config import RolloutConfig, SamplingConfig
-from rlft.rollout.types import Sample
+from rlft.data.samples import Sample
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
 
