@@ -49,6 +49,7 @@ from transformers import AutoTokenizer
 
 from rlft.config import Config, load_config
 from rlft.controller.common import resolve_paths
+from rlft.controller.rl_steps import prompt_limits
 from rlft.data.prompts import load_prompts
 from rlft.rollout.worker import prompt_seed
 from rlft.tiny import resolve
@@ -130,7 +131,7 @@ def bare_vllm(cfg: Config, repeats: int) -> dict:
     num_prompts, num_samples = cfg.rl.num_prompts_per_step, cfg.rl.num_samples_per_prompt
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     needed = (repeats + 1) * num_prompts
-    prompts = load_prompts(cfg.data.train_path, tokenizer, cfg, limit=needed)
+    prompts = load_prompts(cfg.data.train_path, tokenizer, **prompt_limits(cfg), limit=needed)
     if len(prompts.token_ids) < needed:
         raise SystemExit(f"--repeats {repeats}: needs {needed} prompts (a warm-up batch and {repeats} batches of "
                          f"{num_prompts}), {cfg.data.train_path} has {len(prompts.token_ids)}")

@@ -114,7 +114,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _grade(args: argparse.Namespace) -> int:
     _name_the_cpu_accelerator()
-    from rlft.graders.offline import grade_file, report
+    from rlft.grade import grade_file, report
 
     grades = grade_file(args.grader_config, args.samples)
     print(report(grades, show=args.show))

@@ -21,6 +21,16 @@ from typing import Any, Literal
 
 import yaml
 
+from rlft.algorithms.config import (
+    DPO_LOSS_TYPES,
+    AdvantageEstimator,
+    AdvantageScale,
+    AggregationMode,
+    ISLevel,
+    KLKind,
+    OffPolicyCorrection,
+    PolicyLossKind,
+)
 from rlft.envs.config import EnvConfig, multi_turn, validate_env_config
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, validate_graders
@@ -28,14 +38,6 @@ from rlft.reference.config import ReferenceConfig
 from rlft.rollout.config import RolloutConfig, validate_rollout_config
 
 __all__ = ["Config", "ConfigError", "check_local_paths", "load_config", "to_yaml"]
-
-# Names shared with the loss math in ``rlft.algorithms``, which imports them from here: loading and checking a
-# config (``rlft config show``) imports no torch. Aggregation: how a per-token loss becomes one number; KL: the
-# per-token estimator; advantage scale: what GRPO divides group-centred rewards by; DPO: the preference losses.
-AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
-KLKind = Literal["k1", "k2", "k3"]
-AdvantageScale = Literal["group", "batch", "none"]
-DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero")
 
 
 @dataclass
@@ -217,7 +219,7 @@ class RLConfig:
     # Critic-free advantages (``algorithm: grpo``): ``grpo`` group-normalised rewards, ``rloo`` leave-one-out
     # baseline, ``reinforce_pp`` REINFORCE++ (batch-whitened returns, no group baseline), ``reinforce_pp_baseline``
     # (group mean subtracted first). PPO always uses GAE with its critic.
-    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    advantage_estimator: AdvantageEstimator = "grpo"
     # GRPO: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO).
     advantage_scale: AdvantageScale = "group"
     # PPO: GAE discount and lambda.
@@ -227,7 +229,7 @@ class RLConfig:
     # length-normalised ratio per sequence, clipped (set clip_low / clip_high small, e.g. 3e-4 / 4e-4); ``cispo``,
     # a REINFORCE token loss weighted by the ratio capped at ``cispo_max_weight`` (no token's gradient is cut);
     # ``sapo``, a smooth gate on the token ratio with a temperature per advantage sign.
-    policy_loss: Literal["ppo", "gspo", "cispo", "sapo"] = "ppo"
+    policy_loss: PolicyLossKind = "ppo"
     cispo_max_weight: float = 5.0
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
@@ -259,8 +261,8 @@ class RLConfig:
     # Off-policy correction of the sampler (behaviour) ↔ learner (proximal) gap: truncated (``tis``) or masked
     # (``mis``) importance weights, per token or per sequence, capped at ``is_cap``. ``auto``: ``tis`` when
     # max_staleness_steps > 0, ``none`` in synchronous mode (on CPU the sampler and the learner agree to 1e-5).
-    off_policy_correction: Literal["auto", "none", "tis", "mis"] = "auto"
-    is_level: Literal["token", "sequence"] = "token"
+    off_policy_correction: Literal["auto"] | OffPolicyCorrection = "auto"
+    is_level: ISLevel = "token"
     is_cap: float = 2.0
     # DAPO's dynamic sampling: a prompt whose samples' rewards are all equal (every advantage 0) is dropped, and
     # more prompts are generated, rl.num_prompts_per_step at a time, until the step has that many informative

@@ -1,64 +1,51 @@
-"""Pure tensor math shared by every role: no Ray, no I/O."""
+"""Pure tensor math shared by every role: no Ray, no I/O. The names the config selects by are in
+``rlft.algorithms.config``, which imports no torch.
 
-from rlft.algorithms.advantages import (
-    gae,
-    grpo_advantages,
-    reinforce_pp_advantages,
-    reinforce_pp_baseline_advantages,
-    rloo_advantages,
-    sequence_to_token,
-)
-from rlft.algorithms.aggregation import AggregationMode, aggregate, aggregation_weights
-from rlft.algorithms.dpo import DPO_LOSS_TYPES, DPOLoss, PreferenceBatch, dpo_loss
-from rlft.algorithms.kl import KLKind, kl_estimate
-from rlft.algorithms.off_policy import (
-    ISLevel,
-    OffPolicyCorrection,
-    check_off_policy_correction,
-    importance_weights,
-    importance_weights_by_token,
-)
-from rlft.algorithms.policy_loss import (
-    PolicyLoss,
-    PolicyLossKind,
-    cispo_policy_loss,
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
-    gspo_policy_loss,
-    sapo_policy_loss,
-)
-from rlft.algorithms.sft import SFTLoss, token_logprobs
+    advantages_BG = grpo_advantages(rewards_BG, scale="group")             # rlft.algorithms.advantages
+    loss, metrics = PolicyLoss(kind="gspo")(logits_BTV, batch)              # rlft.algorithms.policy_loss
+"""
 
-__all__ = [
-    "DPO_LOSS_TYPES",
-    "DPOLoss",
-    "PreferenceBatch",
-    "AggregationMode",
-    "ISLevel",
-    "KLKind",
-    "OffPolicyCorrection",
-    "PolicyLoss",
-    "PolicyLossKind",
-    "SFTLoss",
-    "aggregate",
-    "aggregation_weights",
-    "check_off_policy_correction",
-    "cispo_policy_loss",
-    "clipped_policy_loss",
-    "clipped_value_loss",
-    "dpo_loss",
-    "entropy_from_logits",
-    "gae",
-    "grpo_advantages",
-    "gspo_policy_loss",
-    "importance_weights",
-    "importance_weights_by_token",
-    "kl_estimate",
-    "reinforce_pp_advantages",
-    "reinforce_pp_baseline_advantages",
-    "rloo_advantages",
-    "sapo_policy_loss",
-    "sequence_to_token",
-    "token_logprobs",
-]
+# Each name loads its module on first use, so importing ``rlft.algorithms.config`` (the config loader does) loads
+# no torch.
+_MODULE_OF = {
+    "gae": "advantages",
+    "grpo_advantages": "advantages",
+    "reinforce_pp_advantages": "advantages",
+    "reinforce_pp_baseline_advantages": "advantages",
+    "rloo_advantages": "advantages",
+    "sequence_to_token": "advantages",
+    "aggregate": "aggregation",
+    "aggregation_weights": "aggregation",
+    "AggregationMode": "config",
+    "DPO_LOSS_TYPES": "config",
+    "ISLevel": "config",
+    "KLKind": "config",
+    "OffPolicyCorrection": "config",
+    "PolicyLossKind": "config",
+    "DPOLoss": "dpo",
+    "PreferenceBatch": "dpo",
+    "dpo_loss": "dpo",
+    "kl_estimate": "kl",
+    "check_off_policy_correction": "off_policy",
+    "importance_weights": "off_policy",
+    "importance_weights_by_token": "off_policy",
+    "PolicyLoss": "policy_loss",
+    "cispo_policy_loss": "policy_loss",
+    "clipped_policy_loss": "policy_loss",
+    "clipped_value_loss": "policy_loss",
+    "entropy_from_logits": "policy_loss",
+    "gspo_policy_loss": "policy_loss",
+    "sapo_policy_loss": "policy_loss",
+    "SFTLoss": "sft",
+    "token_logprobs": "sft",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib
+
+        return getattr(importlib.import_module(f"rlft.algorithms.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'rlft.algorithms' has no attribute {name!r}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from rlft.config import AdvantageScale
+from rlft.algorithms.config import AdvantageScale
 
 
 @torch.no_grad()

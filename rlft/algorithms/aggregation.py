@@ -24,7 +24,7 @@ from typing import get_args
 
 import torch
 
-from rlft.config import AggregationMode
+from rlft.algorithms.config import AggregationMode
 
 
 def aggregate(

@@ -5,7 +5,7 @@ Public API:
 - ``dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, loss_type,
   label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None, simpo_gamma=0.5, bco_delta=None, rpo_alpha=0.0)
   -> (losses_B, chosen_rewards_B, rejected_rewards_B)``
-- ``DPO_LOSS_TYPES``: the ``loss_type`` names (defined in ``rlft.config``, which loads without torch).
+- ``DPO_LOSS_TYPES``: the ``loss_type`` names (defined in ``rlft.algorithms.config``, which loads without torch).
 - ``PreferenceBatch`` (a ``TokenBatch`` of chosen/rejected row pairs) and ``DPOLoss``, the learner's loss on it.
 
 Inputs are per pair (shape ``B``): ``*_logps`` is the sum over the response's tokens of log π(token), for the
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from rlft.algorithms.sft import token_logprobs
-from rlft.config import DPO_LOSS_TYPES
+from rlft.algorithms.config import DPO_LOSS_TYPES
 from rlft.data.batch import TokenBatch
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlft.config import KLKind
+from rlft.algorithms.config import KLKind
 
 # k3 exponentiates a log-ratio; clamping it to ±K3_MAX_LOG_RATIO keeps exp() finite (k3 ≤ e^10 − 11 ≈ 2.2e4) when a
 # token is far more likely under one policy than the other. Past the clamp the estimate is flat (no gradient).

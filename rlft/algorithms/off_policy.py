@@ -26,16 +26,14 @@ constant of the loss (no gradient).
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
 from rlft.algorithms.aggregation import aggregate
+from rlft.algorithms.config import ISLevel, OffPolicyCorrection
 from rlft.algorithms.kl import kl_estimate
 from rlft.algorithms.sequences import sequence_sum
-
-OffPolicyCorrection = Literal["none", "tis", "mis"]
-ISLevel = Literal["token", "sequence"]
 
 
 def check_off_policy_correction(correction: str, level: str, cap: float) -> None:

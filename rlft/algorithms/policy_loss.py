@@ -32,23 +32,17 @@ sequence-level importance weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
-from rlft.algorithms.aggregation import AggregationMode, aggregate
-from rlft.algorithms.kl import KLKind, kl_estimate
-from rlft.algorithms.off_policy import (
-    ISLevel,
-    OffPolicyCorrection,
-    check_off_policy_correction,
-    importance_weights_by_token,
-)
+from rlft.algorithms.aggregation import aggregate
+from rlft.algorithms.config import AggregationMode, ISLevel, KLKind, OffPolicyCorrection, PolicyLossKind
+from rlft.algorithms.kl import kl_estimate
+from rlft.algorithms.off_policy import check_off_policy_correction, importance_weights_by_token
 from rlft.algorithms.sequences import sequence_ids, sequence_sum
 from rlft.algorithms.sft import token_logprobs
 from rlft.data.batch import PolicyBatch, ValueBatch
-
-PolicyLossKind = Literal["ppo", "gspo", "cispo", "sapo"]
 
 
 def clipped_policy_loss(

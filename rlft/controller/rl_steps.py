@@ -67,10 +67,10 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
     cfg = run.cfg
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    prompts = load_prompts(cfg.data.train_path, tokenizer, cfg)
+    prompts = load_prompts(cfg.data.train_path, tokenizer, **prompt_limits(cfg))
     eval_prompts = None
     if cfg.eval.path and cfg.eval.num_examples:
-        eval_prompts = load_prompts(cfg.eval.path, tokenizer, cfg, limit=cfg.eval.num_examples)
+        eval_prompts = load_prompts(cfg.eval.path, tokenizer, **prompt_limits(cfg), limit=cfg.eval.num_examples)
     sampler = EpochSampler(len(prompts.items), rl.num_prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     if sampler.steps_per_epoch == 0:
         raise ConfigError(
@@ -123,6 +123,12 @@ def start_rl_job(run: Run, with_critic: bool = False, with_reference: bool | Non
         _job_engine_metrics(job, reset=True)  # start-up and the first evaluation are not the first step's work
     DRIVER_INBOX.take()
     return job
+
+
+def prompt_limits(cfg: Config) -> dict:
+    """What ``load_prompts`` checks a job's prompts against: its bad-row policy and the rollout engine's room."""
+    return {"on_bad_row": cfg.data.on_bad_row, "max_model_len": cfg.rollout.max_model_len,
+            "max_new_tokens": cfg.rollout.sampling.max_new_tokens}
 
 
 def make_policy_loss(cfg: Config, kl_in_loss: bool) -> PolicyLoss:
