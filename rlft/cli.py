@@ -96,13 +96,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from rlft.distributed.jobs import submit
+    from rlft.jobs import submit
 
     return submit(args.config, args.overrides, args.address, args.follow, args.env, args.job_id)
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from rlft.distributed.jobs import scale
+    from rlft.jobs import scale
 
     return scale(args.job, args.rollout_workers, args.address)
 

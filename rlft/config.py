@@ -31,6 +31,7 @@ from rlft.algorithms.config import (
     OffPolicyCorrection,
     PolicyLossKind,
 )
+from rlft.distributed.config import RayConfig, validate_ray_config
 from rlft.envs.config import EnvConfig, multi_turn, validate_env_config
 from rlft.errors import ConfigError
 from rlft.graders.config import GraderConfig, validate_graders
@@ -171,37 +172,6 @@ class LoggingConfig:
     # Log ``engine/<phase>_seconds`` each step: the time spent inside the engines (vLLM, DeepSpeed, graders), next
     # to the phases' wall times (``rlft bench`` turns it on; it costs one call per actor per step).
     engine_times: bool = False
-
-
-@dataclass
-class RayConfig:
-    # Empty starts a local Ray cluster, unless the job runs on one already (``rlft submit``, or RAY_ADDRESS set);
-    # otherwise an address such as ``auto``, ``HEAD:6379`` or ``ray://head:10001``.
-    address: str = ""
-    # Logical CPUs of the local cluster; 0 means the machine's core count (raised to what the job needs).
-    num_cpus: int = 0
-    # The local cluster's dashboard: off, and on loopback when turned on (anyone who reaches it can run code).
-    dashboard_host: str = "127.0.0.1"
-    include_dashboard: bool = False
-    # How each role's actors are placed on nodes: ``pack`` (few nodes), ``spread`` (many), or their strict
-    # forms (all on one node / each on its own node, or the job does not start).
-    placement_strategy: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
-    # How long to wait for the cluster to place the job's actors before giving up with a clear error.
-    placement_timeout_s: float = 120.0
-    # Deadline of every remote call inside a step's phases (generate, reference, old_logprobs, update, ...; weight
-    # syncs and graders keep their own): past it the job writes every actor's stacks to <output_dir>/stacks/ and
-    # fails with an error naming the phase and the actors that did not answer.
-    call_timeout_s: float = 1800.0
-    # Per role (rollout workers, reference replicas, grader workers): how many dead actors may be replaced during
-    # the run, their work redone; one death more stops the job.
-    max_actor_restarts: int = 3
-    # How many times a learner (or critic) actor may die during the run: every rank of the group is started again
-    # (ZeRO state is sharded), the latest checkpoint of the run is loaded (or the starting weights, before the first
-    # checkpoint) and the steps since are redone in the same job; one death more stops the job.
-    max_learner_restarts: int = 1
-    # Debugging: run every role in the driver's own process, without Ray, so ``breakpoint()`` works anywhere
-    # (one learner only).
-    local_mode: bool = False
 
 
 @dataclass
@@ -607,11 +577,7 @@ def validate(cfg: Config) -> None:
     non_negative("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
     non_negative("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("logging.console_every_n_steps", cfg.logging.console_every_n_steps)
-    non_negative("ray.num_cpus", cfg.ray.num_cpus)
-    positive("ray.placement_timeout_s", cfg.ray.placement_timeout_s)
-    positive("ray.call_timeout_s", cfg.ray.call_timeout_s)
-    non_negative("ray.max_actor_restarts", cfg.ray.max_actor_restarts)
-    non_negative("ray.max_learner_restarts", cfg.ray.max_learner_restarts)
+    validate_ray_config(cfg.ray)
     if cfg.reference.colocate_with_learners and cfg.reference.num_replicas > cfg.learner.num_learners:
         raise ConfigError(
             f"reference.colocate_with_learners: replica i shares learner i's bundle, so reference.num_replicas "

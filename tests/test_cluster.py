@@ -14,10 +14,11 @@ import ray
 from cluster_helpers import kill_actor_during, rlft_popen, start_local_cluster, steps_logged, wait_until
 from conftest import ROOT, run_rlft
 from rlft.config import load_config
+from rlft.controller.run import job_demands
 from rlft.distributed.actors import Resources, WorkerSet, spawn
-from rlft.distributed.jobs import portable_config
-from rlft.distributed.placement import ClusterFitError, check_fit, job_demands
+from rlft.distributed.placement import ClusterFitError, check_fit
 from rlft.errors import RestartBudgetError
+from rlft.jobs import portable_config
 
 # ---------------------------------------------------------------------------------------------------------------
 # What each role asks for, and whether it fits: pure functions of the config and the nodes' free resources.
@@ -273,7 +274,8 @@ import json, sys
 import ray
 from ray.util import placement_group_table
 from rlft.config import load_config
-from rlft.distributed.placement import Placement, job_demands
+from rlft.controller.run import job_demands
+from rlft.distributed.placement import Placement
 ray.init(address="auto", logging_level="ERROR")
 cfg = load_config(sys.argv[1], ["rl.kl_coef=0.1", "reference.colocate_with_learners=true", *sys.argv[2:]])
 placement = Placement(job_demands(cfg, reference=True), cfg.ray, colocate_reference=True)

@@ -400,7 +400,7 @@ def test_scaling_up_counts_the_environment_actors_each_rollout_worker_brings(ray
     not fit the test cluster: refused, naming the fields, and the job keeps its worker. The same request without
     environments is applied."""
     from rlft.config import load_config
-    from rlft.distributed.control import LiveControl
+    from rlft.controller.control import LiveControl
 
     for envs, applied in (([f"envs.name={FIXTURES}:Countdown", "envs.num_workers=16", "envs.num_cpus_per_worker=1"],
                            False), ([], True)):

@@ -1,6 +1,7 @@
 """The package's import structure, read from the source (every import: at module level, inside functions, and the
-type-only ones): no two modules of rlft import each other, directly or around a circle, and the lower floors
-import nothing above them."""
+type-only ones): no two modules of rlft import each other, directly or around a circle; no two parts (a package
+such as ``rlft/rollout/``, or a top-level module such as ``rlft/config.py``) do either, so the parts stack in
+floors with every import pointing down; and the lowest floors import nothing above them."""
 
 from __future__ import annotations
 
@@ -88,6 +89,23 @@ def test_no_module_imports_itself_around_a_circle():
     assert circles(imports()) == []
 
 
+def parts(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same imports between parts: ``rlft.rollout.group`` belongs to ``rlft.rollout``, ``rlft.config`` is its own."""
+
+    def part(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    joined: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        joined.setdefault(part(name), set()).update(part(t) for t in targets if part(t) != part(name))
+    return joined
+
+
+def test_no_part_imports_another_that_imports_it_back():
+    """Parts import each other in one direction only: an arrow back up between floors would show as a circle."""
+    assert circles(parts(imports())) == []
+
+
 def test_lower_floors_import_nothing_above_them():
     graph = imports()
     upward = []
@@ -112,3 +130,4 @@ def test_the_reader_finds_circles_hidden_in_functions_and_type_only_imports(tmp_
     graph = imports(package)
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a"}
     assert circles(graph) == [["pkg.a", "pkg.sub.b", "pkg.sub.c"]]
+    assert circles(parts(graph)) == [["pkg.a", "pkg.sub"]]

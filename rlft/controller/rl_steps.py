@@ -29,7 +29,7 @@ from rlft.controller.step_metrics import engine_metrics
 from rlft.data.prompts import PromptSet, load_prompts
 from rlft.data.tokenize import load_tokenizer
 from rlft.distributed.actors import DRIVER_INBOX
-from rlft.distributed.control import LiveControl
+from rlft.controller.control import LiveControl
 from rlft.envs.config import multi_turn
 from rlft.graders import GraderPool
 from rlft.learner.group import LearnerGroup

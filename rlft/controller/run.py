@@ -49,10 +49,11 @@ from rlft.controller.common import (
     resume_path,
 )
 from rlft.distributed.cluster import start_cluster, start_ray
-from rlft.distributed.placement import job_demands
+from rlft.distributed.placement import RoleDemand
 from rlft.distributed.stacks import watch
 from rlft.errors import LearnerFailedError, RestartBudgetError
 from rlft.metrics import MetricsLogger
+from rlft.names import Role
 
 Evaluate = Callable[[int, str], dict[str, float]]
 # Called with a step after the learners were restored to it (resume, learner restart).
@@ -70,6 +71,51 @@ def job_roles(cfg: Config) -> dict[str, bool]:
         return {"reference": cfg.algorithm == "dpo" and not lora, "rollout": False, "graders": False}
     with_reference = cfg.algorithm == "online_dpo" or cfg.rl.kl_coef > 0
     return {"reference": with_reference and not lora, "critic": cfg.algorithm == "ppo"}
+
+
+def job_demands(cfg: Config, reference: bool, critic: bool = False, rollout: bool = True, graders: bool = True
+                ) -> list[RoleDemand]:
+    """What every role of the job asks for, from the config. A colocated reference adds to the learners' bundles."""
+    lc, rc, ref = cfg.learner, cfg.rollout, cfg.reference
+    colocated = reference and ref.colocate_with_learners
+    learner_cpus, learner_gpus = lc.num_cpus_per_learner, lc.num_gpus_per_learner
+    if colocated:
+        # Replica i shares learner i's bundle; validate() keeps num_replicas <= num_learners.
+        learner_cpus += ref.num_cpus_per_replica
+        learner_gpus += ref.num_gpus_per_replica
+    learner_fields = "learner.num_learners, learner.num_cpus_per_learner, learner.num_gpus_per_learner"
+    if colocated:
+        learner_fields += " + the colocated reference's reference.num_cpus/gpus_per_replica"
+    demands = [RoleDemand(Role.LEARNERS, lc.num_learners, learner_cpus, learner_gpus, learner_fields)]
+    if critic:
+        demands.append(RoleDemand(Role.CRITIC, lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner,
+                                  "learner.* (the critic has as many learners as the policy)"))
+    if rollout:
+        demands.append(RoleDemand(
+            Role.ROLLOUT, rc.num_rollout_workers, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+            "rollout.num_rollout_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
+        ))
+    if rollout and cfg.envs.name and cfg.envs.num_workers:
+        demands.append(RoleDemand(
+            Role.ENVS, rc.num_rollout_workers * cfg.envs.num_workers, cfg.envs.num_cpus_per_worker, 0.0,
+            "envs.num_workers (per rollout worker) × rollout.num_rollout_workers, envs.num_cpus_per_worker",
+        ))
+    if reference and not colocated:
+        demands.append(RoleDemand(
+            Role.REFERENCE, ref.num_replicas, ref.num_cpus_per_replica, ref.num_gpus_per_replica,
+            "reference.num_replicas, reference.num_cpus_per_replica, reference.num_gpus_per_replica",
+        ))
+    if graders:
+        gc = cfg.graders
+        demands.append(RoleDemand(Role.GRADERS, gc.num_grader_workers, gc.num_cpus_per_worker, 0.0,
+                                  "graders.num_grader_workers, graders.num_cpus_per_worker"))
+        for i, item in enumerate(gc.items):
+            if item.type == "reward_model":
+                demands.append(RoleDemand(
+                    f"reward model {item.name!r}", item.num_replicas, item.num_cpus_per_replica,
+                    item.num_gpus_per_replica, f"graders.items[{i}].num_replicas, num_cpus/gpus_per_replica",
+                ))
+    return [d for d in demands if d.count > 0]
 
 
 def check_model(cfg: Config) -> None:
@@ -91,7 +137,7 @@ def open_run(cfg: Config) -> None:
     startup.open_log(out_dir / startup.FILE_NAME)
     if not cfg.ray.local_mode:
         watch(out_dir / "stacks", cfg.ray.call_timeout_s)
-        start_ray(cfg, job_demands(cfg, **job_roles(cfg)))
+        start_ray(cfg.ray, job_demands(cfg, **job_roles(cfg)))
 
 
 class Run:
@@ -135,7 +181,8 @@ class Run:
     def start_cluster(self) -> None:
         """Ray and the placement group for the roles the job runs (``job_roles``); checked against the cluster
         before any actor starts."""
-        self.placement = start_cluster(self.cfg, job_demands(self.cfg, **job_roles(self.cfg)))
+        self.placement = start_cluster(self.cfg.ray, job_demands(self.cfg, **job_roles(self.cfg)),
+                                       colocate_reference=self.cfg.reference.colocate_with_learners)
         # Deadlines for the phases' calls; the stacks of every actor started from here on are written on overrun.
         watch(self.out_dir / "stacks", self.cfg.ray.call_timeout_s)
 

@@ -7,8 +7,8 @@ import os
 import ray
 
 from rlft import startup
-from rlft.config import Config, RayConfig
 from rlft.distributed.actors import BASE_ENV, forget_role_env, hand_down_role_env
+from rlft.distributed.config import RayConfig
 from rlft.distributed.placement import Placement, RoleDemand, check_fit, free_node_resources, total
 
 
@@ -63,29 +63,30 @@ def local_num_gpus() -> int:
     return num_gpus if visible is None else min(num_gpus, len(visible))
 
 
-def start_cluster(cfg: Config, demands: list[RoleDemand]) -> Placement | None:
+def start_cluster(cfg: RayConfig, demands: list[RoleDemand], colocate_reference: bool = False) -> Placement | None:
     """Join or start Ray, check that the job's ``demands`` fit the cluster's free resources (``ClusterFitError``
-    naming the fields otherwise, before any actor starts) and make its placement groups. ``None`` in
-    ``ray.local_mode``, where every role runs in this process. A job that would start a local cluster is checked
-    against this machine first, so that a job asking for GPUs the machine lacks stops before Ray starts."""
-    if cfg.ray.local_mode:
+    naming the fields otherwise, before any actor starts) and make its placement groups (reference replica i in
+    learner i's bundle with ``colocate_reference``). ``None`` in ``ray.local_mode``, where every role runs in this
+    process. A job that would start a local cluster is checked against this machine first, so that a job asking for
+    GPUs the machine lacks stops before Ray starts."""
+    if cfg.local_mode:
         return None
     start_ray(cfg, demands)
     check_fit(demands, free_node_resources())
-    return Placement(demands, cfg.ray, colocate_reference=cfg.reference.colocate_with_learners)
+    return Placement(demands, cfg, colocate_reference=colocate_reference)
 
 
-def start_ray(cfg: Config, demands: list[RoleDemand]) -> None:
+def start_ray(cfg: RayConfig, demands: list[RoleDemand]) -> None:
     """Join or start Ray for a job that asks for ``demands`` (nothing if this process already has). A local cluster
     is checked against this machine first, so that a job asking for GPUs the machine lacks stops before Ray
     starts."""
     if ray.is_initialized():
         return
-    if not cluster_address(cfg.ray):
-        machine = {"CPU": float(local_num_cpus(cfg.ray, total(demands, "CPU"))), "GPU": float(local_num_gpus())}
+    if not cluster_address(cfg):
+        machine = {"CPU": float(local_num_cpus(cfg, total(demands, "CPU"))), "GPU": float(local_num_gpus())}
         check_fit(demands, [machine], cluster="this machine",
                   remedy="set ray.address to a cluster that has them (unset, the job starts a local Ray cluster)")
-    init_ray(cfg.ray, total(demands, "CPU"))
+    init_ray(cfg, total(demands, "CPU"))
 
 
 def keep_on_loopback() -> None:

@@ -1,6 +1,6 @@
 """Where a job's actors go: what each role asks for, whether the cluster can hold it, and the placement groups.
 
-    demands = job_demands(cfg, reference=True, critic=False)
+    demands = job_demands(cfg, reference=True)     # what each role asks for (rlft.controller.run)
     check_fit(demands, free_node_resources())      # ClusterFitError before any actor starts
     placement = Placement(demands, cfg.ray)        # one placement group per role
     resources = placement.resources("rollout", 0)  # Resources that schedule actor 0 of the role on its bundle
@@ -14,17 +14,14 @@ its own. Rollout workers added while the job runs (``rlft scale``) get a one-bun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from rlft.distributed.actors import Resources
+from rlft.distributed.config import RayConfig
 from rlft.errors import ConfigError
 from rlft.names import Role
-
-if TYPE_CHECKING:  # rlft.config imports the role packages, which import this module
-    from rlft.config import Config, RayConfig
 
 # Roles that get placement groups. Grader workers and reward models are light CPU actors scheduled as they come;
 # the fit check counts them all.
@@ -57,51 +54,6 @@ class RoleDemand:
     def describe(self) -> str:
         gpus = f", {self.gpus:g} GPU" if self.gpus else ""
         return f"{self.role} {self.count} × ({self.cpus:g} CPU{gpus})  [{self.fields}]"
-
-
-def job_demands(cfg: Config, reference: bool, critic: bool = False, rollout: bool = True, graders: bool = True
-                ) -> list[RoleDemand]:
-    """What every role of the job asks for, from the config. A colocated reference adds to the learners' bundles."""
-    lc, rc, ref = cfg.learner, cfg.rollout, cfg.reference
-    colocated = reference and ref.colocate_with_learners
-    learner_cpus, learner_gpus = lc.num_cpus_per_learner, lc.num_gpus_per_learner
-    if colocated:
-        # Replica i shares learner i's bundle; validate() keeps num_replicas <= num_learners.
-        learner_cpus += ref.num_cpus_per_replica
-        learner_gpus += ref.num_gpus_per_replica
-    learner_fields = "learner.num_learners, learner.num_cpus_per_learner, learner.num_gpus_per_learner"
-    if colocated:
-        learner_fields += " + the colocated reference's reference.num_cpus/gpus_per_replica"
-    demands = [RoleDemand(Role.LEARNERS, lc.num_learners, learner_cpus, learner_gpus, learner_fields)]
-    if critic:
-        demands.append(RoleDemand(Role.CRITIC, lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner,
-                                  "learner.* (the critic has as many learners as the policy)"))
-    if rollout:
-        demands.append(RoleDemand(
-            Role.ROLLOUT, rc.num_rollout_workers, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
-            "rollout.num_rollout_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
-        ))
-    if rollout and cfg.envs.name and cfg.envs.num_workers:
-        demands.append(RoleDemand(
-            Role.ENVS, rc.num_rollout_workers * cfg.envs.num_workers, cfg.envs.num_cpus_per_worker, 0.0,
-            "envs.num_workers (per rollout worker) × rollout.num_rollout_workers, envs.num_cpus_per_worker",
-        ))
-    if reference and not colocated:
-        demands.append(RoleDemand(
-            Role.REFERENCE, ref.num_replicas, ref.num_cpus_per_replica, ref.num_gpus_per_replica,
-            "reference.num_replicas, reference.num_cpus_per_replica, reference.num_gpus_per_replica",
-        ))
-    if graders:
-        gc = cfg.graders
-        demands.append(RoleDemand(Role.GRADERS, gc.num_grader_workers, gc.num_cpus_per_worker, 0.0,
-                                  "graders.num_grader_workers, graders.num_cpus_per_worker"))
-        for i, item in enumerate(gc.items):
-            if item.type == "reward_model":
-                demands.append(RoleDemand(
-                    f"reward model {item.name!r}", item.num_replicas, item.num_cpus_per_replica,
-                    item.num_gpus_per_replica, f"graders.items[{i}].num_replicas, num_cpus/gpus_per_replica",
-                ))
-    return [d for d in demands if d.count > 0]
 
 
 def total(demands: list[RoleDemand], resource: str) -> float:

@@ -19,6 +19,8 @@ import ray
 from tqdm import tqdm
 
 from rlft.config import Config, ConfigError
+from rlft.distributed.placement import ClusterFitError, RoleDemand, check_fit, free_node_resources
+from rlft.names import Role
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,6 @@ class LiveControl:
     def apply_requests(self, rollout) -> None:
         """Resize ``rollout`` as ``rlft scale`` asked. Added workers that do not fit the cluster's free resources
         are refused with a warning; the job goes on with the workers it has."""
-        from rlft.distributed.placement import ClusterFitError, RoleDemand, check_fit, free_node_resources
-        from rlft.names import Role
-
         if self.handle is None:
             return
         wanted = ray.get(self.handle.take_requests.remote(), timeout=60).get("rollout_workers")

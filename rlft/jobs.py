@@ -180,10 +180,11 @@ def scale(job: str, rollout_workers: int, address: str) -> int:
         lines = [line for line in client.get_job_logs(ask).splitlines() if line.startswith(("rlft", "job "))]
         print("\n".join(lines))
         return 0 if client.get_job_status(ask).value == "SUCCEEDED" else 2
+    # Ray only here: `rlft submit` talks to the Jobs API over HTTP and loads no Ray.
     import ray
 
+    from rlft.controller.control import request_scale
     from rlft.distributed.cluster import keep_on_loopback
-    from rlft.distributed.control import request_scale
 
     if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
         # The private cluster of an `rlft train` job on this machine: it listens on loopback, and so must this
