@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_rlft
-from rlft.algorithms.shaping import informative_groups, overlong_penalty
+from rlft.algorithms.shaping import informative_groups, overlong_penalty, shape_rewards
 from rlft.config import ConfigError, load_config
 from rlft.data.batch import policy_batch, trainable
 from rlft.graders.pool import GradeResult
@@ -25,6 +25,19 @@ def test_overlong_penalty_by_hand():
                                torch.tensor([0.0, 0.0, -0.125, -0.375, -0.5, -0.5]))
     with pytest.raises(ValueError, match="overlong buffer"):
         overlong_penalty(lengths, 10, 11)
+
+
+def test_shape_rewards_adds_graders_environment_and_overlong_terms():
+    graders = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=torch.float64)
+    env = torch.tensor([0.0, 0.25, 0.0, 0.5], dtype=torch.float64)
+    lengths = torch.tensor([3, 7, 9, 12])
+    # L_max = 10, L_cache = 4, factor 0.5: penalties 0, −0.125, −0.375, −0.5.
+    rewards, penalties = shape_rewards(graders, env, lengths, 10, 4, 0.5)
+    assert penalties.tolist() == [0.0, -0.125, -0.375, -0.5]
+    assert rewards.dtype == torch.float64 and rewards.tolist() == [1.0, 0.125, 0.125, 1.0]
+    # No buffer: no penalty, and the graders' and environment's rewards add exactly.
+    rewards, penalties = shape_rewards(graders, env, lengths, 10, 0, 0.5)
+    assert penalties.tolist() == [0.0] * 4 and rewards.tolist() == (graders + env).tolist()
 
 
 def test_informative_groups():

@@ -1,7 +1,10 @@
-"""DAPO's data side: the overlong reward penalty and the groups that dynamic sampling keeps.
+"""The reward a sample trains on, and DAPO's data side: the overlong reward penalty and the groups that dynamic
+sampling keeps.
 
 Public API:
 
+- ``shape_rewards(grader_rewards_S, env_rewards_S, lengths_S, max_length, buffer, factor) -> (rewards_S,
+  penalties_S)``
 - ``overlong_penalty(lengths_S, max_length, buffer, factor=1.0) -> penalties_S``
 - ``informative_groups(rewards_PG) -> keep_P``
 
@@ -28,6 +31,20 @@ def overlong_penalty(lengths_S: torch.Tensor, max_length: int, buffer: int, fact
         raise ValueError(f"the overlong buffer must be in (0, max_length = {max_length}], got {buffer}")
     excess_S = (lengths_S.float() - (max_length - buffer)).clamp(min=0)
     return -factor * (excess_S / buffer).clamp(max=1.0)
+
+
+def shape_rewards(grader_rewards_S: torch.Tensor, env_rewards_S: torch.Tensor, lengths_S: torch.Tensor,
+                  max_length: int, buffer: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of each sample, r = r_graders + r_env + r_overlong, and the overlong term alone.
+
+    ``grader_rewards_S``: the graders' weighted sum; ``env_rewards_S``: what a multi-turn environment gave (zeros
+    for single-turn samples); ``lengths_S``: the policy's own tokens (every turn's, observations left out), which
+    DAPO's ``overlong_penalty`` reads with ``max_length``, ``buffer`` and ``factor``; ``buffer`` 0 means no
+    penalty. The sum runs in the rewards' dtype, in that order.
+    """
+    penalties_S = (overlong_penalty(lengths_S, max_length, buffer, factor) if buffer
+                   else torch.zeros(lengths_S.shape, dtype=torch.float32))
+    return grader_rewards_S + env_rewards_S + penalties_S.to(grader_rewards_S.dtype), penalties_S
 
 
 def informative_groups(rewards_PG: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 import torch
 
-from rlft.algorithms.shaping import informative_groups, overlong_penalty
+from rlft.algorithms.shaping import informative_groups, shape_rewards
 from rlft.config import Config, overlong_max_tokens
 from rlft.controller.run import Run
 from rlft.data.prompts import PromptSet
@@ -105,7 +105,7 @@ class Rollouts:
         if multi_turn(self.cfg.envs):
             metrics.update(env_metrics(samples))
         if self.cfg.rl.overlong_buffer:
-            penalties = overlong_penalties(samples, self.cfg)
+            penalties = torch.tensor([s.overlong_penalty for s in samples], dtype=torch.float32)
             metrics["reward/overlong_penalty_mean"] = penalties.mean().item()
             metrics["reward/overlong_fraction"] = (penalties < 0).float().mean().item()
         return samples, graded, metrics
@@ -210,23 +210,21 @@ class Rollouts:
             graded = GradeResult.concat([self.graders.collect(handles[first]) for first in order])
             graded.check_error_rate(cfg.graders.max_error_rate)
         samples = [sample for first in order for sample in chunks[first]]
-        if multi_turn(cfg.envs):  # the environments' rewards add to the graders'
-            graded = dataclasses.replace(graded, rewards=[r + s.env_reward for r, s in zip(graded.rewards, samples)])
-        if cfg.rl.overlong_buffer:
-            penalties = overlong_penalties(samples, cfg).tolist()
-            graded = dataclasses.replace(graded, rewards=[r + p for r, p in zip(graded.rewards, penalties)])
+        rewards_S, penalties_S = shape_rewards(
+            torch.tensor(graded.rewards, dtype=torch.float64),
+            torch.tensor([s.env_reward for s in samples], dtype=torch.float64),
+            torch.tensor([s.num_policy_tokens for s in samples]),
+            overlong_max_tokens(cfg), cfg.rl.overlong_buffer, cfg.rl.overlong_penalty,
+        )
+        for sample, penalty in zip(samples, penalties_S.tolist()):
+            sample.overlong_penalty = penalty
+        graded = dataclasses.replace(graded, rewards=rewards_S.tolist())
         return samples, graded
 
 
 def staleness_of(samples: list[Sample], step: int) -> list[int]:
     """Each sample's staleness at step ``step``: the policy versions between it and the learners."""
     return [step - 1 - s.policy_version for s in samples]
-
-
-def overlong_penalties(samples: list[Sample], cfg: Config) -> torch.Tensor:
-    """``rl.overlong_buffer``'s penalty of each sample (≤ 0), from its policy tokens (every turn's)."""
-    lengths_S = torch.tensor([s.num_policy_tokens for s in samples])
-    return overlong_penalty(lengths_S, overlong_max_tokens(cfg), cfg.rl.overlong_buffer, cfg.rl.overlong_penalty)
 
 
 def env_metrics(samples: list[Sample]) -> dict[str, float]:

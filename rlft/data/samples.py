@@ -44,6 +44,8 @@ class Sample:
     num_turns: int = 1
     num_tool_calls: int = 0
     env_reward: float = 0.0
+    # DAPO's overlong penalty (≤ 0, ``rl.overlong_buffer``), set by the controller when it shapes the rewards.
+    overlong_penalty: float = 0.0
     # "", or why the environment gave up on this trajectory: "error", "timeout", "invalid" (rlft/envs/runner.py).
     env_failure: str = ""
     messages: list[dict] | None = None  # the transcript, multi-turn only
