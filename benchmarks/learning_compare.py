@@ -11,7 +11,7 @@ seed the (algorithm, label) pairs run with both frameworks, the first of the two
 next. After each run this driver scores the saved final model (rlft: ``<run>/job/final_model``; TRL:
 ``<run>/final_model``) with the same code for both:
 
-- GRPO: held-out exact match by greedy Hugging Face generation (``rlft.controller.evaluation.Evaluator``), the first
+- GRPO: held-out exact match by greedy Hugging Face generation (``rlft.evaluator.worker.Evaluator``), the first
   ``--eval-examples`` prompts of ``eval.path`` (tiny://arithmetic/test.jsonl), ``eval.max_new_tokens`` tokens.
 - DPO: held-out preference accuracy (``preference_accuracy``): the share of pairs of ``dpo.eval_path`` (the first
   ``--eval-examples``) where (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)) > 0, with π_ref the
@@ -95,7 +95,8 @@ from rlft.algorithms.sft import token_logprobs
 from rlft.config import Config, load_config
 from rlft.controller.common import resolve_paths
 from rlft.controller.dpo import Pairs, load_pairs, summed_logprobs
-from rlft.controller.evaluation import Evaluator, task_evaluator, write_samples
+from rlft.evaluator.results import write_samples
+from rlft.evaluator.worker import Evaluator, task_evaluator
 from rlft.data import formats
 from rlft.graders.exact import exact_match
 from rlft.tiny import resolve

@@ -241,7 +241,7 @@ def test_cli_reports_config_error():
     ],
 )
 def test_extracted_answer(completion, pattern, expected):
-    from rlft.controller.evaluation import extracted_accuracy, extracted_answer
+    from rlft.evaluator.results import extracted_accuracy, extracted_answer
 
     assert extracted_answer(completion, pattern) == expected
     records = [{"completion": completion, "answer": " 82 "}, {"completion": "no number", "answer": "1"}]

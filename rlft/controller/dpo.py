@@ -31,13 +31,14 @@ import torch
 from rlft.algorithms.dpo import DPOLoss, PreferenceBatch, dpo_loss
 from rlft.config import Config
 from rlft.controller.common import RunResult, step_schedule
-from rlft.controller.evaluation import HeldOutEvaluation, eval_items
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
 from rlft.data import formats
 from rlft.data.packing import collate
 from rlft.data.sources import DataError
 from rlft.data.tokenize import TokenizedExample, load_tokenizer, tokenize_prompt_completion
+from rlft.evaluator.results import eval_items
+from rlft.evaluator.worker import HeldOutEvaluation
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
 from rlft.timing import PhaseTimer

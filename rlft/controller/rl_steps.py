@@ -12,25 +12,19 @@ from dataclasses import dataclass
 
 from rlft.algorithms.aggregation import aggregation_weights
 from rlft.algorithms.policy_loss import PolicyLoss
-from rlft.data.batch import PolicyBatch
 from rlft.config import Config, ConfigError, lora_syncs_adapter, off_policy_correction, recomputes_old_logprobs
 from rlft.controller.common import EpochSampler
-from rlft.controller.evaluation import (
-    EvalResult,
-    extracted_accuracy,
-    held_out_accuracy,
-    result_metrics,
-    trajectory_metrics,
-    write_samples,
-)
+from rlft.controller.control import LiveControl
+from rlft.controller.evaluation import held_out_accuracy, trajectory_metrics
 from rlft.controller.rollouts import Rollouts
 from rlft.controller.run import Run
 from rlft.controller.step_metrics import engine_metrics
+from rlft.data.batch import PolicyBatch
 from rlft.data.prompts import PromptSet, load_prompts
 from rlft.data.tokenize import load_tokenizer
 from rlft.distributed.actors import DRIVER_INBOX
-from rlft.controller.control import LiveControl
 from rlft.envs.config import multi_turn
+from rlft.evaluator.results import EvalResult, extracted_accuracy, result_metrics, write_samples
 from rlft.graders import GraderPool
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase

@@ -24,12 +24,13 @@ from tqdm import tqdm
 from rlft.algorithms.sft import SFTLoss
 from rlft.config import Config
 from rlft.controller.common import RunResult, step_schedule
-from rlft.controller.evaluation import HeldOutEvaluation, eval_items
 from rlft.controller.run import Run
 from rlft.data import formats
 from rlft.data.batch import TokenBatch
 from rlft.data.packing import collate, normalize_loss_weights, pack
 from rlft.data.tokenize import TokenizedExample, load_tokenizer, tokenize_sft_examples
+from rlft.evaluator.results import eval_items
+from rlft.evaluator.worker import HeldOutEvaluation
 from rlft.learner.group import LearnerGroup
 from rlft.names import Phase
 from rlft.timing import PhaseTimer

@@ -36,7 +36,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Union, get_args
+from typing import Any, Iterable, Iterator, Protocol, Union, get_args
 
 import numpy as np
 import ray
@@ -214,6 +214,31 @@ def pack_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[We
         WeightBucket(table, fill_bucket(table, itertools.islice(values, len(table.slots))).numpy())
         for table in tables
     ]
+
+
+class WeightSource(Protocol):
+    """What publishes weights: the learners (``LearnerGroup``, every transport) or weights a caller holds
+    (``StateDictSource``, the object store). The handle it returns is small; the buckets stay with the source."""
+
+    def publish_weights(self, version: int, transport: WeightTransport, bucket_bytes: int,
+                        adapter: bool = False) -> WeightHandle: ...
+
+
+class CollectiveWeightSource(WeightSource, Protocol):
+    """A source that also broadcasts (``collective``): it opens a weight group with its consumers' ranks
+    (``LearnerGroup``)."""
+
+    @property
+    def weight_group_open(self) -> bool: ...
+
+    def open_weight_group(self, num_receivers: int, timeout_s: float) -> tuple[CollectiveSpec, Any]: ...
+
+
+class WeightConsumer(Protocol):
+    """What takes a source's current weights as ``version``: the rollout workers (``RolloutGroup``) and the reference
+    replicas (``ReferenceGroup``). Each asks the source to publish and hands the handle to its actors."""
+
+    def sync_from(self, source: WeightSource, version: int) -> Any: ...
 
 
 class StateDictSource:

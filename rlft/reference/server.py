@@ -17,6 +17,7 @@ from rlft.distributed.actors import WorkerSet, balanced_chunks, slowest, spawn, 
 from rlft.distributed.placement import role_resources
 from rlft.distributed.remote_rows import RemoteRows, keep_here
 from rlft.distributed.stacks import install_handler
+from rlft.distributed.weight_sync import WeightSource
 from rlft.reference.config import ReferenceConfig
 from rlft.names import Phase
 from rlft.timing import PhaseTimer
@@ -117,7 +118,8 @@ class ReferenceGroup:
         """Seconds inside the replicas since the last call, by kind (the slowest replica's)."""
         return slowest(self.workers.call_all(lambda w: w.engine_seconds.remote()))
 
-    def sync_from(self, learners, version: int, bucket_bytes: int = 64 * 2**20, timeout_s: float = 300.0) -> None:
+    def sync_from(self, learners: WeightSource, version: int, bucket_bytes: int = 64 * 2**20,
+                  timeout_s: float = 300.0) -> None:
         """Take the learners' current weights as the new reference: they publish them to the object store and
         every replica maps them (the weights never pass through the driver)."""
         self._weights = learners.publish_weights(version, "object_store", bucket_bytes)

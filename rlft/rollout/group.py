@@ -26,7 +26,7 @@ from rlft.distributed.actors import (
     wait_peers,
 )
 from rlft.distributed.placement import role_resources
-from rlft.distributed.weight_sync import SyncStats
+from rlft.distributed.weight_sync import CollectiveWeightSource, SyncStats, WeightSource
 from rlft.errors import WeightSyncError
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.data.samples import Sample
@@ -199,8 +199,8 @@ class RolloutGroup:
         ]
         return [row for rows in self.workers.call(calls) for row in rows]
 
-    def sync_from(self, learners, policy_version: int, transport: str | None = None, wait_applied: bool = True,
-                  rewind: bool = False) -> SyncStats:
+    def sync_from(self, learners: WeightSource, policy_version: int, transport: str | None = None,
+                  wait_applied: bool = True, rewind: bool = False) -> SyncStats:
         """Have ``learners`` (a ``LearnerGroup``) publish their current weights as ``policy_version`` and every
         worker take them; returns when all workers generate with them. A worker that dies meanwhile is replaced
         (its replacement starts with these weights from the object store); one that does not answer within
@@ -269,7 +269,7 @@ class RolloutGroup:
         handles = self.workers.handles
         return len(handles) == len(self._group_members) and all(a is b for a, b in zip(handles, self._group_members))
 
-    def _form_group(self, learners) -> None:
+    def _form_group(self, learners: CollectiveWeightSource) -> None:
         """A new weight group of learner rank 0 and every worker's ranks (each tensor-parallel rank is one)."""
         timeout_s = self.cfg.weight_sync_timeout_s
         handles = list(self.workers.handles)
