@@ -5,6 +5,8 @@
     loss, metrics = PolicyLoss(kind="gspo")(logits_BTV, batch)              # rlft.algorithms.policy_loss
 """
 
+from rlft import lazy_names
+
 # Each name loads its module on first use, so importing ``rlft.algorithms.config`` (the config loader does) loads
 # no torch.
 _MODULE_OF = {
@@ -41,11 +43,4 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        import importlib
-
-        return getattr(importlib.import_module(f"rlft.algorithms.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module 'rlft.algorithms' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _MODULE_OF)

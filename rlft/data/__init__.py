@@ -7,6 +7,8 @@
     logits = model(**batch.model_inputs()).logits
 """
 
+from rlft import lazy_names
+
 # Each name loads its module on first use: reading and checking rows (``formats``, ``sources``) needs no torch, so
 # ``rlft train`` checks a job's data before it loads torch or starts anything.
 _MODULE_OF = {
@@ -37,11 +39,4 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        import importlib
-
-        return getattr(importlib.import_module(f"rlft.data.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module 'rlft.data' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _MODULE_OF)
