@@ -33,6 +33,9 @@ def run_job(cfg):
     check_model(resolved)
     if cluster_address(cfg.ray):
         controller = getattr(importlib.import_module(module), name)
+        # transformers resolves a relative path as it loads, and the RL controllers import it only when they load
+        # the tokenizer, after connecting: it loads here, while the working directory is still this process's own.
+        import transformers  # noqa: F401
         startup.mark("driver", "imports")
         open_run(resolved)
         return controller(cfg)
