@@ -269,7 +269,7 @@ def test_hf_engine_matches_vllm_on_the_same_weights(synced, new_weights, prompts
 @pytest.mark.vllm
 @pytest.mark.ray
 def test_two_workers_share_the_prompts_and_keep_their_order(synced, new_weights, prompts, tiny_model_dir):
-    """About 30 s alone, up to 66 s beside the other worker's tests: it starts a group of two more vLLM engines
+    """50-66 s in the whole suite, beside the other worker's tests: it starts a group of two more vLLM engines
     (each a process that imports vLLM, about 11 CPU-s, and builds its engine)."""
     one_worker, version, _, _ = synced
     cfg = RolloutConfig(num_rollout_workers=2, num_cpus_per_worker=0.5)
