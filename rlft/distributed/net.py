@@ -1,7 +1,8 @@
 """This node's address and the sockets rlft listens on: each binds the node's address, never all interfaces.
 
-Imports only the standard library and Ray's address helper, so every floor of rlft can use it (the actor helpers,
-the stack dumps, the learners' and the weight groups' rendezvous).
+Imports the standard library and Ray's address helper (torch's ``TCPStore`` and psutil only inside the functions
+that use them), so every floor of rlft can use it: the actor helpers, the stack dumps, the learners' and the weight
+groups' rendezvous.
 """
 
 from __future__ import annotations

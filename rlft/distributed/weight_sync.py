@@ -234,13 +234,6 @@ class CollectiveWeightSource(WeightSource, Protocol):
     def open_weight_group(self, num_receivers: int, timeout_s: float) -> tuple[CollectiveSpec, Any]: ...
 
 
-class WeightConsumer(Protocol):
-    """What takes a source's current weights as ``version``: the rollout workers (``RolloutGroup``) and the reference
-    replicas (``ReferenceGroup``). Each asks the source to publish and hands the handle to its actors."""
-
-    def sync_from(self, source: WeightSource, version: int) -> Any: ...
-
-
 class StateDictSource:
     """Weights this process already holds (a state dict), published the way a ``LearnerGroup`` publishes them,
     through the object store: for tests and tools that sync chosen weights into rollout workers."""

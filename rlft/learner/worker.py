@@ -9,9 +9,12 @@ accumulates their gradients, reduces them across ranks and steps the optimizer a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +99,6 @@ def _use_this_environments_ninja() -> None:
     (30-80 s) whenever the processes that load it differ in PATH. Every learner, and ``make warm-caches``, use the
     environment's own.
     """
-    import shutil
-    import sys
-
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if shutil.which("ninja", path=bin_dir) and not path.startswith(bin_dir + os.pathsep):
@@ -114,9 +114,6 @@ def extensions_dir() -> str:
     build the op again (about 40 s) whenever runs alternate between them; one directory per environment keeps each
     build.
     """
-    import hashlib
-    import sys
-
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return os.environ["TORCH_EXTENSIONS_DIR"]
     key = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]

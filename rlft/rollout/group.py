@@ -31,7 +31,7 @@ from rlft.errors import WeightSyncError
 from rlft.rollout.config import RolloutConfig, SamplingConfig
 from rlft.data.samples import Sample
 from rlft.rollout.worker import RolloutWorker
-from rlft.names import Role
+from rlft.names import Role, WeightTransport
 
 _MIB = 2**20
 # Seconds the driver waits beyond the weight group's timeout before naming the peers still running as hung.
@@ -199,7 +199,7 @@ class RolloutGroup:
         ]
         return [row for rows in self.workers.call(calls) for row in rows]
 
-    def sync_from(self, learners: WeightSource, policy_version: int, transport: str | None = None,
+    def sync_from(self, learners: WeightSource, policy_version: int, transport: WeightTransport | None = None,
                   wait_applied: bool = True, rewind: bool = False) -> SyncStats:
         """Have ``learners`` (a ``LearnerGroup``) publish their current weights as ``policy_version`` and every
         worker take them; returns when all workers generate with them. A worker that dies meanwhile is replaced
